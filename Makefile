@@ -1,0 +1,42 @@
+# Two entry points (see README): `make run` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+EXTRAS ?= dev,hf,deepspeed,azure
+# Keep every run's state inside the checkout's ignored folders, never in the user's home.
+export PREFECT_HOME ?= $(CURDIR)/.apt_home/prefect
+export MPLCONFIGDIR ?= $(CURDIR)/.apt_home/matplotlib
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.apt_home/torch_extensions
+
+.PHONY: run test lint format setup clean stack-up stack-down
+
+$(BIN)/apt: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(BIN)/apt
+
+# The main job on the embedded default: no server to start by hand.
+run: $(BIN)/apt
+	$(BIN)/apt pipeline run --preset tiny --output-root runs/default
+
+test: $(BIN)/apt
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(BIN)/apt
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(BIN)/apt
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+stack-up: $(BIN)/apt
+	$(BIN)/python -m deployments.local_stack up
+
+stack-down: $(BIN)/apt
+	$(BIN)/python -m deployments.local_stack down
+
+clean:
+	rm -rf $(VENV) .apt_home runs .pytest_cache .ruff_cache
