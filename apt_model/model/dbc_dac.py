@@ -1,0 +1,229 @@
+"""DBC-DAC gradient stabilisation (spec: ``shared/spec/apt-model.md``, "DBC-DAC").
+
+Dimension-balanced compression + dimension-accompanying compensation, applied to the *accumulated*
+gradients once per optimizer step on a deterministic cadence:
+
+* :meth:`DBCDAC.step` is called between the last ``backward()`` of an optimizer step and
+  ``optimizer.step()``, with ``optimizer_step`` = the 1-based number of that optimizer step (the first
+  update is step 1). It applies when ``cfg.enabled`` and ``optimizer_step % cfg.every_n_steps == 0``, i.e. on
+  steps ``n, 2n, 3n, ...``; on other steps (or when disabled) gradients are left untouched.
+* When it applies: a 2-D gradient with ``>= cfg.min_numel`` elements is cleaned of non-finite values and
+  then replaced by :func:`stabilize`; every other gradient only gets
+  ``nan_to_num(nan=0, posinf=1, neginf=-1)`` (:func:`clean_nonfinite_`).
+
+:func:`stabilize` (``G`` m×n):
+1. ``D = rowsum(G)``; where ``|D| < threshold``: ``threshold · sign(D)`` with ``sign(0) = +1``;
+2. ``Gn = G / D[:, None]``;
+3. ``Gn_r = Q Qᵀ Gn`` with ``Q = orth(Gn Ω)``, ``Ω`` an n×r Gaussian from a seeded generator on the
+   gradient's device, ``r = max(1, ⌊rank_ratio_proj · min(m, n)⌋)`` — an orthogonal projection, so
+   ``‖Gn_r‖_F ≤ ‖Gn‖_F`` and ``rank(Gn_r) = r`` (almost surely);
+4. DAC: ``approx = Gn_r``; ``iterations`` times: ``approx += res_scale · lowrank(Gn − approx, r_res)`` with
+   ``r_res = max(1, ⌊rank_ratio_res · min(m, n)⌋)`` (the residual is taken against the current
+   approximation; with the default ``iterations = 1`` this is exactly ``Gn_r + res_scale · lowrank(R)``);
+5. ``G ← D[:, None] · approx`` (non-finite results of the round trip are cleaned again).
+
+The maths runs in float32 (float64 for float64 gradients). Nothing in it reads values back to the host; the
+generator state advances on every application, and :meth:`DBCDAC.state_dict` saves it for resumption.
+Cost: :attr:`DBCDAC.stats` accumulates the wall time of applications (with ``timing=True`` it
+synchronises the device around them so the number is real), and :func:`time_stabilize` times
+:func:`stabilize` alone on given shapes (for the benchmarks).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from apt_model.config import DBCDACConfig
+
+__all__ = [
+    "DBCDAC",
+    "DBCDACStats",
+    "clean_nonfinite_",
+    "lowrank_project",
+    "rank_for",
+    "stabilize",
+    "time_stabilize",
+]
+
+
+def clean_nonfinite_(grad: Tensor) -> Tensor:
+    """In place: NaN → 0, +inf → 1, −inf → −1."""
+    return torch.nan_to_num_(grad, nan=0.0, posinf=1.0, neginf=-1.0)
+
+
+def rank_for(m: int, n: int, ratio: float) -> int:
+    """``max(1, ⌊ratio · min(m, n)⌋)``."""
+    return max(1, math.floor(ratio * min(m, n)))
+
+
+def lowrank_project(x: Tensor, rank: int, generator: torch.Generator | None = None) -> Tensor:
+    """Randomized range finder: ``Q Qᵀ x`` with ``Q = orth(x Ω)``, ``Ω`` Gaussian ``[n, rank]``."""
+    if x.dim() != 2:
+        raise ValueError(f"lowrank_project needs a 2-D tensor, got shape {tuple(x.shape)}")
+    n = x.shape[1]
+    omega = torch.randn(n, rank, generator=generator, device=x.device, dtype=x.dtype)
+    q, _ = torch.linalg.qr(x @ omega, mode="reduced")
+    return q @ (q.transpose(0, 1) @ x)
+
+
+def stabilize(g: Tensor, cfg: DBCDACConfig, generator: torch.Generator | None = None) -> Tensor:
+    """DBC-DAC of one finite 2-D gradient ``g`` (not modified); returns a new tensor of ``g``'s dtype."""
+    if g.dim() != 2:
+        raise ValueError(f"stabilize needs a 2-D gradient, got shape {tuple(g.shape)}")
+    m, n = g.shape
+    # float64 stays float64 (exactness checks); everything else runs in float32.
+    x = g if g.dtype == torch.float64 else g.float()
+    d = x.sum(dim=1)
+    sign = torch.where(d >= 0, 1.0, -1.0)
+    d = torch.where(d.abs() < cfg.threshold, cfg.threshold * sign, d)
+    gn = x / d[:, None]
+    approx = lowrank_project(gn, rank_for(m, n, cfg.rank_ratio_proj), generator)
+    r_res = rank_for(m, n, cfg.rank_ratio_res)
+    for _ in range(cfg.iterations):
+        approx = approx + cfg.res_scale * lowrank_project(gn - approx, r_res, generator)
+    out = d[:, None] * approx
+    return clean_nonfinite_(out).to(g.dtype)
+
+
+@dataclass
+class DBCDACStats:
+    """Running totals: optimizer steps it applied on, gradients stabilised / only cleaned, seconds spent."""
+
+    applied_steps: int = 0
+    stabilized: int = 0
+    cleaned: int = 0
+    seconds: float = 0.0
+
+
+class DBCDAC:
+    """Applies DBC-DAC to accumulated gradients on a deterministic optimizer-step cadence.
+
+    ``seed`` seeds one ``torch.Generator`` per device (created on first use on that device).
+    """
+
+    def __init__(self, cfg: DBCDACConfig, *, seed: int = 0, timing: bool = False) -> None:
+        self.cfg = cfg
+        self.seed = int(seed)
+        self.timing = timing
+        self.stats = DBCDACStats()
+        self._generators: dict[str, torch.Generator] = {}
+        self._pending_states: dict[str, Tensor] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            if key in self._pending_states:
+                gen.set_state(self._pending_states.pop(key))
+            self._generators[key] = gen
+        return gen
+
+    def should_apply(self, optimizer_step: int) -> bool:
+        """True on optimizer steps ``every_n_steps, 2·every_n_steps, ...`` (1-based) when enabled."""
+        return self.cfg.enabled and optimizer_step >= 1 and optimizer_step % self.cfg.every_n_steps == 0
+
+    def is_target(self, p: Tensor) -> bool:
+        """Whether ``p``'s gradient gets the low-rank stabilisation (rather than only cleaning)."""
+        return p.dim() == 2 and p.numel() >= self.cfg.min_numel
+
+    @torch.no_grad()
+    def step(self, parameters: Iterable[Tensor], optimizer_step: int) -> bool:
+        """Stabilise the gradients of ``parameters`` if ``optimizer_step`` is on the cadence; returns whether it did."""
+        if not self.should_apply(optimizer_step):
+            return False
+        params = [p for p in parameters if p.grad is not None]
+        sync = self.timing and any(p.grad.is_cuda for p in params)  # type: ignore[union-attr]
+        if sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for p in params:
+            grad = p.grad
+            assert grad is not None
+            if grad.is_sparse:
+                clean_nonfinite_(grad._values())
+                self.stats.cleaned += 1
+                continue
+            clean_nonfinite_(grad)
+            if self.is_target(p):
+                grad.copy_(stabilize(grad, self.cfg, self.generator(grad.device)))
+                self.stats.stabilized += 1
+            else:
+                self.stats.cleaned += 1
+        if sync:
+            torch.cuda.synchronize()
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.applied_steps += 1
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Generator states and counters (tensors and primitives only: safe for ``weights_only`` loading)."""
+        states = dict(self._pending_states)
+        states.update({k: g.get_state() for k, g in self._generators.items()})
+        return {
+            "seed": self.seed,
+            "generator_states": states,
+            "stats": {
+                "applied_steps": self.stats.applied_steps,
+                "stabilized": self.stats.stabilized,
+                "cleaned": self.stats.cleaned,
+                "seconds": self.stats.seconds,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = int(state["seed"])
+        self._generators.clear()
+        self._pending_states = {str(k): v for k, v in state.get("generator_states", {}).items()}
+        self.stats = DBCDACStats(**state.get("stats", {}))
+
+
+def time_stabilize(
+    shapes: Sequence[tuple[int, int]],
+    cfg: DBCDACConfig | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    repeats: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Wall time of :func:`stabilize` over random gradients of ``shapes`` (device-synchronised).
+
+    Returns ``{"per_application_s": median seconds to stabilise all shapes once, "all_s": [...], ...}``.
+    """
+    cfg = cfg or DBCDACConfig()
+    device = torch.device(device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    grads = [torch.randn(*s, generator=gen, device=device, dtype=dtype) for s in shapes]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times: list[float] = []
+    for i in range(warmup + repeats):
+        sync()
+        t0 = time.perf_counter()
+        for g in grads:
+            stabilize(g, cfg, gen)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    ordered = sorted(times)
+    return {
+        "per_application_s": ordered[len(ordered) // 2],
+        "all_s": times,
+        "shapes": [list(s) for s in shapes],
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
