@@ -1,0 +1,197 @@
+"""HLBD pairs → padded tensor batches for the seq2seq objective.
+
+* The encoder reads ``src = encode(input)`` truncated to ``max_src_len``; the decoder is teacher-forced on
+  ``tgt_in = [BOS] + out`` and predicts ``tgt_out = out + [EOS]``, where ``out = encode(output)`` truncated to
+  ``max_tgt_len - 1`` tokens, so both decoder sequences fit ``max_tgt_len``. The answer never reaches the encoder.
+* The tokenizer is built from **all** texts of the dataset (train and val, inputs and outputs): its ids depend
+  only on the character set, never on order.
+* Batch order is seeded per epoch (``torch.Generator().manual_seed(seed + epoch)``), so the batches of epoch
+  ``k`` are the same whether or not the run was resumed in between.
+* Padding mode ``"bucket"`` (default): indices are shuffled, cut into chunks of ``bucket_batches`` batches,
+  sorted by length inside each chunk (so a batch holds similar lengths), the batches shuffled again, and each
+  batch padded to its longest row rounded up to a multiple of ``pad_multiple`` (8) — few distinct shapes.
+  Mode ``"fixed"``: every batch is padded to ``(max_src_len, max_tgt_len)`` — one shape, for compiled graphs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PAD_MODES = ("bucket", "fixed")
+
+
+@dataclass(frozen=True)
+class Example:
+    src: tuple[int, ...]
+    out: tuple[int, ...]  # the answer's ids, without BOS/EOS
+
+
+@dataclass
+class Batch:
+    src: torch.Tensor  # [B, Ls] long
+    tgt_in: torch.Tensor  # [B, Lt] long, [BOS] + out
+    tgt_out: torch.Tensor  # [B, Lt] long, out + [EOS]
+    n_tokens: int  # non-pad target tokens
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(
+            self.src.to(device, non_blocking=non_blocking),
+            self.tgt_in.to(device, non_blocking=non_blocking),
+            self.tgt_out.to(device, non_blocking=non_blocking),
+            self.n_tokens,
+        )
+
+    @property
+    def size(self) -> int:
+        return int(self.src.shape[0])
+
+
+def build_tokenizer(pairs: Iterable[Any]) -> Any:
+    """``AptTokenizer.build`` over every input and output text of the dataset (both splits)."""
+    from apt_model.tokenizer import AptTokenizer
+
+    texts: list[str] = []
+    for pair in pairs:
+        texts.append(pair.input)
+        texts.append(pair.output)
+    return AptTokenizer.build(texts)
+
+
+def encode_pairs(
+    pairs: Iterable[Any], tokenizer: Any, *, max_src_len: int, max_tgt_len: int
+) -> list[Example]:
+    examples = []
+    for pair in pairs:
+        src = list(tokenizer.encode(pair.input))[:max_src_len]
+        out = list(tokenizer.encode(pair.output))[: max_tgt_len - 1]
+        if not src:
+            # An empty input would give an all-padding encoder row (attention over nothing); one UNK keeps it defined.
+            src = [tokenizer.unk_id]
+        examples.append(Example(tuple(src), tuple(out)))
+    return examples
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def collate(
+    examples: Sequence[Example],
+    *,
+    pad_id: int,
+    bos_id: int,
+    eos_id: int,
+    src_len: int | None = None,
+    tgt_len: int | None = None,
+    pad_multiple: int = 8,
+    max_src_len: int | None = None,
+    max_tgt_len: int | None = None,
+) -> Batch:
+    """Pad ``examples`` into one batch; lengths fixed when given, else rounded up to ``pad_multiple``
+    (never past ``max_src_len`` / ``max_tgt_len``)."""
+    longest_src = max(len(e.src) for e in examples)
+    longest_tgt = max(len(e.out) for e in examples) + 1
+    if src_len is None:
+        src_len = _round_up(longest_src, pad_multiple)
+        if max_src_len is not None:
+            src_len = max(longest_src, min(src_len, max_src_len))
+    if tgt_len is None:
+        tgt_len = _round_up(longest_tgt, pad_multiple)
+        if max_tgt_len is not None:
+            tgt_len = max(longest_tgt, min(tgt_len, max_tgt_len))
+    if longest_src > src_len or longest_tgt > tgt_len:
+        raise ValueError(
+            f"batch rows ({longest_src}, {longest_tgt}) exceed the padded shape ({src_len}, {tgt_len})"
+        )
+    n = len(examples)
+    src = torch.full((n, src_len), pad_id, dtype=torch.long)
+    tgt_in = torch.full((n, tgt_len), pad_id, dtype=torch.long)
+    tgt_out = torch.full((n, tgt_len), pad_id, dtype=torch.long)
+    n_tokens = 0
+    for i, e in enumerate(examples):
+        src[i, : len(e.src)] = torch.tensor(e.src, dtype=torch.long)
+        k = len(e.out)
+        if k:
+            out = torch.tensor(e.out, dtype=torch.long)
+            tgt_in[i, 1 : k + 1] = out
+            tgt_out[i, :k] = out
+        tgt_in[i, 0] = bos_id
+        tgt_out[i, k] = eos_id
+        n_tokens += k + 1
+    return Batch(src, tgt_in, tgt_out, n_tokens)
+
+
+@dataclass
+class Batcher:
+    """Turns encoded examples into the batches of one epoch (training) or the fixed batches of evaluation."""
+
+    examples: list[Example]
+    batch_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    max_src_len: int
+    max_tgt_len: int
+    seed: int = 42
+    pad_mode: str = "bucket"
+    pad_multiple: int = 8
+    bucket_batches: int = 50
+
+    def __post_init__(self) -> None:
+        if self.pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+    def __len__(self) -> int:
+        return -(-len(self.examples) // self.batch_size)
+
+    def _collate(self, rows: Sequence[Example]) -> Batch:
+        fixed = self.pad_mode == "fixed"
+        return collate(
+            rows,
+            pad_id=self.pad_id,
+            bos_id=self.bos_id,
+            eos_id=self.eos_id,
+            src_len=self.max_src_len if fixed else None,
+            tgt_len=self.max_tgt_len if fixed else None,
+            pad_multiple=self.pad_multiple,
+            max_src_len=self.max_src_len,
+            max_tgt_len=self.max_tgt_len,
+        )
+
+    def _length(self, i: int) -> int:
+        e = self.examples[i]
+        return len(e.src) + len(e.out)
+
+    def epoch_indices(self, epoch: int) -> list[list[int]]:
+        """The row indices of each batch of ``epoch`` (0-based): a pure function of (seed, epoch)."""
+        n = len(self.examples)
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(n, generator=gen).tolist()
+        if self.pad_mode == "bucket":
+            chunk = self.batch_size * self.bucket_batches
+            bucketed: list[int] = []
+            for start in range(0, n, chunk):
+                bucketed.extend(sorted(order[start : start + chunk], key=self._length))  # stable sort
+            order = bucketed
+        batches = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+        if self.pad_mode == "bucket":
+            perm = torch.randperm(len(batches), generator=gen).tolist()
+            batches = [batches[i] for i in perm]
+        return batches
+
+    def epoch(self, epoch: int) -> list[Batch]:
+        return [self._collate([self.examples[i] for i in idx]) for idx in self.epoch_indices(epoch)]
+
+    def eval_batches(self) -> list[Batch]:
+        """Deterministic batches over all examples, sorted by length (evaluation order does not matter)."""
+        order = sorted(range(len(self.examples)), key=self._length)
+        return [
+            self._collate([self.examples[i] for i in order[s : s + self.batch_size]])
+            for s in range(0, len(order), self.batch_size)
+        ]

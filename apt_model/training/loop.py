@@ -1,0 +1,848 @@
+"""The training semantics every backend shares: objective, schedule, accumulation, clipping, DBC-DAC,
+evaluation, NaN policy, checkpoints, report and tracking. The Playground backend *is* this loop; the DeepSpeed
+and Hugging Face backends reuse its pieces (``prepare``, ``compute_loss``, ``evaluate``, ``build_optimizer`` /
+``WarmRestartSchedule``, ``ExperimentReport``, ``checkpoint_state``) so that their runs are comparable.
+
+One optimizer step:
+  1. the micro-batches of an accumulation window (``grad_accum`` batches; the epoch's last, shorter window is
+     stepped too) are run under autocast; each micro-batch's mean CE is scaled by ``n_tokens / window_tokens``,
+     so the accumulated gradient is that of the token-weighted mean over the whole window;
+  2. the learning rate is set from the global step (cosine warm restarts stepped **per optimizer step** with a
+     fractional epoch, plus optional linear warmup — see ``schedule.py``);
+  3. a non-finite window loss (or, without a loss scaler, a non-finite gradient norm) triggers ``nan_policy``:
+     ``"stop"`` writes the report (status ``failed``, the event recorded) and raises ``TrainingDivergedError``
+     naming the step; ``"skip"`` drops the update (the step still counts, so the schedule stays aligned) and
+     counts it in the report;
+  4. fp16 gradients are unscaled; DBC-DAC runs once on the accumulated gradient (``DBCDAC.step`` decides on its
+     cadence); the global gradient norm is clipped to ``clip_grad_norm`` (1.0); AdamW steps.
+
+Precision: ``auto`` is bf16 autocast on CUDA devices that support it, fp16 autocast + ``GradScaler`` on other CUDA
+devices, fp32 on CPU; ``bf16`` on CPU uses CPU autocast; ``fp16`` needs CUDA. ``compile``: ``auto`` compiles the
+model with ``torch.compile(dynamic=False)`` on CUDA only and then pads every batch to one fixed shape
+``(max_src_len, max_tgt_len)`` so the graph is reused; ``on`` compiles on any device; ``off`` never.
+
+Determinism and resume: python ``random``, numpy and torch are seeded from ``TrainConfig.seed`` before the model is
+built; batch order is a pure function of ``(seed, epoch)``; checkpoints (written at epoch ends) carry the model,
+optimizer, scheduler, scaler and RNG states, so a run resumed from epoch ``k`` produces the same per-step losses as
+an uninterrupted one (bit-for-bit on CPU with ``deterministic``). When resuming, the model config comes from the
+checkpoint: a request whose model config differs is refused (``CheckpointError``), as is a different dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from apt_model.backends import TrainRequest, TrainResult
+from apt_model.checkpoint import (
+    FINAL_CHECKPOINT,
+    FINAL_EXPORT,
+    checkpoint_model_config,
+    export_pretrained,
+    load_checkpoint,
+    save_checkpoint,
+)
+from apt_model.config import ModelConfig
+from apt_model.errors import AptError, CheckpointError, ConfigError, DataError
+from apt_model.io import atomic_write_json, sha256_file
+from apt_model.training.batching import PAD_MODES, Batch, Batcher, build_tokenizer, encode_pairs
+from apt_model.training.report import REPORT_FILE, ExperimentReport, json_float
+from apt_model.training.schedule import WarmRestartSchedule, build_optimizer
+from apt_model.training.tracking import METRIC_KEYS, Tracker, flatten_params, resolve_tracking_uri
+
+log = logging.getLogger("apt_model.training")
+
+RESULT_FILE = "train_result.json"
+CHECKPOINT_PATTERN = "checkpoint_epoch_{epoch}.pt"
+
+
+class TrainingDivergedError(AptError):
+    """The loss (or gradient) became NaN/Inf and ``nan_policy`` is ``"stop"``."""
+
+
+# --------------------------------------------------------------------------------------------------- preparation
+
+
+@dataclass
+class Prepared:
+    """Everything validated and loaded before any file is written."""
+
+    dataset: Any  # HLBDDataset
+    dataset_sha256: str
+    tokenizer: Any  # AptTokenizer
+    model_config: ModelConfig  # the effective config (vocab_size = the tokenizer's)
+    train_examples: list[Any]
+    val_examples: list[Any]
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    compiled: bool
+    pad_mode: str
+    resume_state: dict[str, Any] | None = None
+    start_epoch: int = 0
+
+
+def resolve_device(option: str | None) -> torch.device:
+    name = (option or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {option!r} requested but CUDA is not available")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {option!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"device must be auto, cpu or cuda[:N] (got {option!r})")
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if device.type == "cuda":
+        if requested == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if requested == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(
+                "TrainConfig.precision: bf16 is not supported on this CUDA device; use fp16 or auto"
+            )
+        return requested
+    if requested == "fp16":
+        raise ConfigError("TrainConfig.precision: fp16 needs a CUDA device (use auto, fp32 or bf16 on CPU)")
+    return "fp32" if requested == "auto" else requested
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _run_exists(out_dir: Path) -> list[str]:
+    if not out_dir.is_dir():
+        return []
+    found = [p.name for p in (out_dir / REPORT_FILE, out_dir / FINAL_CHECKPOINT) if p.exists()]
+    found += sorted(p.name for p in out_dir.glob("checkpoint_epoch_*.pt"))
+    return found
+
+
+def prepare(request: TrainRequest) -> Prepared:
+    """Validate the request and load data/tokenizer/checkpoint. Raises ``AptError`` (one line); writes nothing."""
+    from apt_model.data import load_dataset
+
+    opts = request.options
+    out_dir = Path(request.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir}: save dir exists and is not a directory")
+    dataset_path = Path(request.dataset)
+    if not dataset_path.is_file():
+        raise DataError(f"{dataset_path}: dataset file not found")
+    for name in ("max_src_len", "max_tgt_len"):
+        value = getattr(request.data, name)
+        if value > request.model.max_len:
+            raise ConfigError(
+                f"DataConfig.{name}={value} exceeds ModelConfig.max_len={request.model.max_len} "
+                "(raise the model's max_len or shorten the data)"
+            )
+    device = resolve_device(opts.get("device"))
+    precision = resolve_precision(request.train.precision, device)
+    compile_opt = request.train.compile
+    compiled = compile_opt == "on" or (compile_opt == "auto" and device.type == "cuda")
+    pad_mode = opts.get("pad") or ("fixed" if compiled else "bucket")
+    if pad_mode not in PAD_MODES:
+        raise ConfigError(f"option pad must be one of {', '.join(PAD_MODES)} (got {pad_mode!r})")
+
+    resume_state = None
+    start_epoch = 0
+    if request.resume is not None:
+        resume_state = load_checkpoint(request.resume)
+        for key in ("optimizer_state", "scheduler_state", "epoch", "global_step", "rng"):
+            if key not in resume_state:
+                raise CheckpointError(
+                    f"{request.resume}: holds no training state ({key} missing); cannot resume"
+                )
+        start_epoch = int(resume_state["epoch"])
+        if request.train.epochs < start_epoch:
+            raise ConfigError(
+                f"TrainConfig.epochs={request.train.epochs} is below the checkpoint's epoch {start_epoch} "
+                f"({request.resume})"
+            )
+    elif not opts.get("overwrite", False):
+        existing = _run_exists(out_dir)
+        if existing:
+            raise ConfigError(
+                f"{out_dir}: save dir already holds a run ({', '.join(existing[:3])}); "
+                "resume it, pick another dir, or pass overwrite"
+            )
+
+    dataset = load_dataset(dataset_path)
+    if not dataset.train:
+        raise DataError(f"{dataset_path}: dataset has no training pairs")
+    dataset_sha = dataset.sha256 or sha256_file(dataset_path)
+
+    if resume_state is not None:
+        ckpt_config = checkpoint_model_config(resume_state, request.resume)
+        requested = request.model.replace(vocab_size=ckpt_config.vocab_size)
+        diff = _config_diff(requested.to_dict(), ckpt_config.to_dict())
+        if diff:
+            raise CheckpointError(
+                f"{request.resume}: checkpoint model config differs from the requested one ({'; '.join(diff[:4])}); "
+                "when resuming, the model config comes from the checkpoint"
+            )
+        if resume_state.get("dataset_sha256") and resume_state["dataset_sha256"] != dataset_sha:
+            raise CheckpointError(
+                f"{request.resume}: checkpoint was trained on dataset sha256 {resume_state['dataset_sha256'][:12]}…, "
+                f"but {dataset_path} has {dataset_sha[:12]}…"
+            )
+        from apt_model.checkpoint import _tokenizer_from_json
+
+        tokenizer = _tokenizer_from_json(resume_state["tokenizer_json"], request.resume)
+        if tokenizer.vocab_size != ckpt_config.vocab_size:
+            raise CheckpointError(
+                f"{request.resume}: tokenizer has {tokenizer.vocab_size} tokens but model_config.vocab_size is "
+                f"{ckpt_config.vocab_size}"
+            )
+        model_config = ckpt_config
+    else:
+        tokenizer = build_tokenizer(dataset.pairs)
+        try:
+            model_config = request.model.replace(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+        except ConfigError as exc:
+            raise ConfigError(f"model config does not fit the tokenizer: {exc}") from None
+
+    enc = dict(max_src_len=request.data.max_src_len, max_tgt_len=request.data.max_tgt_len)
+    return Prepared(
+        dataset=dataset,
+        dataset_sha256=dataset_sha,
+        tokenizer=tokenizer,
+        model_config=model_config,
+        train_examples=encode_pairs(dataset.train, tokenizer, **enc),
+        val_examples=encode_pairs(dataset.val, tokenizer, **enc),
+        device=device,
+        precision=precision,
+        compiled=compiled,
+        pad_mode=pad_mode,
+        resume_state=resume_state,
+        start_epoch=start_epoch,
+    )
+
+
+# ----------------------------------------------------------------------------------------- shared step pieces
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng() -> dict[str, Any]:
+    """RNG states as tensors/lists/primitives (loadable with ``weights_only=True``)."""
+    py = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [
+            str(name),
+            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def compute_loss(model: torch.nn.Module, batch: Batch, *, pad_id: int, label_smoothing: float = 0.0) -> Any:
+    """The objective (``seq2seq_loss``); one indirection so every backend — and tests — share it."""
+    from apt_model.model import seq2seq_loss
+
+    return seq2seq_loss(
+        model, batch.src, batch.tgt_in, batch.tgt_out, pad_id=pad_id, label_smoothing=label_smoothing
+    )
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def backward_window(
+    model: torch.nn.Module,
+    window: list[Batch],
+    *,
+    device: torch.device,
+    precision: str,
+    scaler: Any,
+    pad_id: int,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Backward over one accumulation window; returns the window's token-weighted mean loss (a 0-dim tensor).
+
+    Each micro-batch's mean CE is weighted by its share of the window's target tokens, so the accumulated
+    gradient equals that of one batch holding every row of the window — short last windows included.
+    """
+    n_window = max(sum(b.n_tokens for b in window), 1)
+    loss_acc = torch.zeros((), dtype=torch.float32, device=device)
+    for batch in window:
+        b = batch.to(device, non_blocking=True)
+        with autocast_context(device, precision):
+            out = compute_loss(model, b, pad_id=pad_id, label_smoothing=label_smoothing)
+        weight = batch.n_tokens / n_window
+        scaled = out.loss * weight
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_acc += out.loss.detach().float() * weight
+    return loss_acc
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    batches: list[Batch],
+    *,
+    pad_id: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> dict[str, float | None]:
+    """Teacher-forced validation: token-weighted mean CE and token accuracy over non-pad targets."""
+    if not batches:
+        return {"val_loss": None, "val_token_acc": None}
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = torch.zeros((), dtype=torch.long, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    try:
+        for batch in batches:
+            b = batch.to(device, non_blocking=True)
+            with autocast_context(device, precision):
+                out = compute_loss(model, b, pad_id=pad_id)
+            loss_sum += out.loss.double() * out.n_tokens
+            tokens += out.n_tokens
+            correct += out.n_correct
+    finally:
+        model.train(was_training)
+    n = max(int(tokens.item()), 1)
+    return {"val_loss": float(loss_sum.item()) / n, "val_token_acc": int(correct.item()) / n}
+
+
+def checkpoint_state(
+    *,
+    model: torch.nn.Module,
+    model_config: ModelConfig,
+    request: TrainRequest,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer | None,
+    schedule: WarmRestartSchedule | None,
+    scaler: Any,
+    epoch: int,
+    global_step: int,
+    history: dict[str, Any],
+    dataset_sha256: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "model_config": model_config.to_dict(),
+        "train_config": request.train.to_dict(),
+        "data_config": request.data.to_dict(),
+        "tokenizer_json": tokenizer.to_json(),
+        "model_state": getattr(model, "_orig_mod", model).state_dict(),
+        "optimizer_state": optimizer.state_dict() if optimizer is not None else {},
+        "scheduler_state": schedule.state_dict() if schedule is not None else {},
+        "scaler_state": scaler.state_dict() if scaler is not None else {},
+        "epoch": int(epoch),
+        "global_step": int(global_step),
+        "rng": capture_rng(),
+        "history": history,
+        "dataset_sha256": dataset_sha256,
+    }
+    state.update(extra or {})
+    return state
+
+
+class Progress:
+    """A one-line progress bar on a TTY stderr; otherwise nothing per step (epoch lines go to the log)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self._last = 0.0
+
+    def step(self, epoch: int, epochs: int, i: int, n: int, loss: float, lr: float) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < 0.2 and i < n):
+            return
+        self._last = now
+        width = 24
+        filled = int(width * i / max(n, 1))
+        sys.stderr.write(
+            f"\repoch {epoch}/{epochs} [{'#' * filled}{'.' * (width - filled)}] {i}/{n} loss {loss:.4f} lr {lr:.2e}"
+        )
+        sys.stderr.flush()
+
+    def end_epoch(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool, device: torch.device) -> Iterator[None]:
+    """Deterministic kernels on CUDA. CPU kernels already are (for a fixed thread count), and switching the
+    global flag imports torch's compiler stack (seconds), so CPU runs leave it alone."""
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    # cuBLAS needs this for deterministic GEMMs; effective when set before its first use in the process.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_bench = torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+        torch.backends.cudnn.benchmark = prev_bench
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class _EpochStats:
+    loss_sum: float = 0.0
+    tokens: int = 0
+    grad_norms: list[float] = field(default_factory=list)
+    skipped: int = 0
+
+
+def run_training(
+    request: TrainRequest, *, backend: str = "playground", prepared: Prepared | None = None
+) -> TrainResult:
+    """Train per ``request`` and return the manifest. Validation errors are raised before anything is written."""
+    prep = prepared if prepared is not None else prepare(request)
+    with _deterministic(request.train.deterministic, prep.device):
+        return _Trainer(request, prep, backend).fit()
+
+
+class _Trainer:
+    def __init__(self, request: TrainRequest, prep: Prepared, backend: str) -> None:
+        self.request = request
+        self.prep = prep
+        self.backend = backend
+        self.cfg = request.train
+        self.out_dir = Path(request.out_dir)
+        self.device = prep.device
+        self.tok = prep.tokenizer
+        self.pad_id = prep.model_config.pad_id
+
+    # -- setup -------------------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        from apt_model.model import DBCDAC, APTModel
+
+        cfg, prep = self.cfg, self.prep
+        seed_everything(cfg.seed)
+        self.model = APTModel(prep.model_config).to(self.device)
+        self.model.train()
+        self.step_model: torch.nn.Module = self.model
+        if prep.compiled:
+            self.step_model = torch.compile(self.model, dynamic=False)  # type: ignore[assignment]
+        common = dict(
+            pad_id=self.pad_id,
+            bos_id=self.tok.bos_id,
+            eos_id=self.tok.eos_id,
+            max_src_len=self.request.data.max_src_len,
+            max_tgt_len=self.request.data.max_tgt_len,
+            pad_mode=prep.pad_mode,
+        )
+        self.train_batcher = Batcher(prep.train_examples, cfg.batch_size, seed=cfg.seed, **common)
+        self.eval_batches = Batcher(prep.val_examples, cfg.batch_size, seed=cfg.seed, **common).eval_batches()
+        self.steps_per_epoch = -(-len(self.train_batcher) // cfg.grad_accum)
+        self.optimizer = build_optimizer(self.model, cfg, fused=self.device.type == "cuda")
+        self.schedule = WarmRestartSchedule(self.optimizer, cfg, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=prep.precision == "fp16")
+        self.dbc = DBCDAC(cfg.dbc_dac, seed=cfg.seed) if cfg.dbc_dac.enabled else None
+        self.global_step = 0
+        self.epoch = prep.start_epoch
+        self.train_seconds = 0.0
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+        self.report_path = self.out_dir / REPORT_FILE
+        self.report = ExperimentReport(
+            backend=self.backend,
+            config={
+                "model": prep.model_config.to_dict(),
+                "train": cfg.to_dict(),
+                "data": self.request.data.to_dict(),
+            },
+            dataset={
+                "path": str(self.request.dataset),
+                "sha256": prep.dataset_sha256,
+                "n_train": len(prep.train_examples),
+                "n_val": len(prep.val_examples),
+            },
+            schedule=self.schedule.describe(cfg.epochs),
+            runtime={
+                "device": str(self.device),
+                "precision": prep.precision,
+                "compiled": prep.compiled,
+                "pad_mode": prep.pad_mode,
+                "steps_per_epoch": self.steps_per_epoch,
+                "n_parameters": sum(p.numel() for p in self.params),
+            },
+        )
+        resume_run_id = None
+        if prep.resume_state is not None:
+            self._restore(prep.resume_state)
+            resume_run_id = (prep.resume_state.get("tracking") or {}).get("run_id")
+        uri = resolve_tracking_uri(self.request.tracking_uri, self.out_dir)
+        self.tracker = Tracker(uri, self.request.experiment, run_name=self.out_dir.name)
+        self._resume_run_id = resume_run_id
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        path = self.request.resume
+        try:
+            self.model.load_state_dict(state["model_state"], strict=True)
+            self.optimizer.load_state_dict(state["optimizer_state"])
+            self.schedule.load_state_dict(state["scheduler_state"])
+            if state.get("scaler_state") and self.scaler.is_enabled():
+                self.scaler.load_state_dict(state["scaler_state"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise CheckpointError(f"{path}: cannot restore training state ({first[:200]})") from None
+        if self.dbc is not None and state.get("dbc_dac_state"):
+            self.dbc.load_state_dict(state["dbc_dac_state"])
+        self.global_step = int(state["global_step"])
+        self.epoch = int(state["epoch"])
+        self.report.restore_history(state.get("history") or {})
+        self.report.runtime["resumed_from"].append({"path": str(path), "epoch": self.epoch})
+        if not any(c.get("epoch") == self.epoch for c in self.report.checkpoints) and path is not None:
+            self.report.checkpoints.append(
+                {
+                    "epoch": self.epoch,
+                    "global_step": self.global_step,
+                    "path": str(path),
+                    "sha256": sha256_file(path),
+                }
+            )
+        self.train_seconds = float((state.get("history") or {}).get("train_seconds", 0.0))
+        restore_rng(state["rng"])
+
+    # -- pieces ------------------------------------------------------------------------------------------------
+    def _history(self) -> dict[str, Any]:
+        h = self.report.history()
+        h["train_seconds"] = self.train_seconds
+        return h
+
+    def _state(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {
+            "backend": self.backend,
+            "tracking": {"uri": self.tracker.uri or "", "run_id": self.tracker.run_id or ""},
+        }
+        if self.dbc is not None:
+            extra["dbc_dac_state"] = self.dbc.state_dict()
+        return checkpoint_state(
+            model=self.model,
+            model_config=self.prep.model_config,
+            request=self.request,
+            tokenizer=self.tok,
+            optimizer=self.optimizer,
+            schedule=self.schedule,
+            scaler=self.scaler,
+            epoch=self.epoch,
+            global_step=self.global_step,
+            history=self._history(),
+            dataset_sha256=self.prep.dataset_sha256,
+            extra=extra,
+        )
+
+    def _nan_event(self, loss: float, grad_norm: float | None) -> None:
+        action = self.cfg.nan_policy
+        self.report.nan_events.append(
+            {
+                "epoch": self.epoch + 1,
+                "global_step": self.global_step + 1,
+                "loss": json_float(loss),
+                "grad_norm": json_float(grad_norm),
+                "action": action,
+            }
+        )
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        if action == "stop":
+            msg = (
+                f"non-finite {what} at optimizer step {self.global_step + 1} (epoch {self.epoch + 1}); "
+                "lower the learning rate, use fp32/bf16, or set nan_policy=skip"
+            )
+            self.report.status = "failed"
+            self.report.final = {"error": msg, "global_step": self.global_step + 1, "epoch": self.epoch + 1}
+            self.report.write(self.report_path)
+            self.tracker.end("FAILED")
+            raise TrainingDivergedError(msg)
+        log.warning("non-finite %s at step %d: update skipped", what, self.global_step + 1)
+
+    def _optimizer_step(self, window: list[Batch], stats: _EpochStats) -> float | None:
+        n_window = sum(b.n_tokens for b in window)
+        loss_acc = backward_window(
+            self.step_model,
+            window,
+            device=self.device,
+            precision=self.prep.precision,
+            scaler=self.scaler,
+            pad_id=self.pad_id,
+            label_smoothing=self.cfg.label_smoothing,
+        )
+        self.schedule.set_step(self.global_step)
+        loss = float(loss_acc.item())  # the step's one host sync for the loss (logging + NaN check)
+        if not math.isfinite(loss):
+            self._nan_event(loss, None)
+            self.optimizer.zero_grad(set_to_none=True)
+            stats.skipped += 1
+            return None
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        if self.dbc is not None:
+            # On the accumulated, unscaled gradient, before clipping; DBCDAC counts steps 1-based.
+            self.dbc.step(self.params, self.global_step + 1)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad_norm).item())
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+            self._nan_event(loss, grad_norm)
+            self.optimizer.zero_grad(set_to_none=True)
+            stats.skipped += 1
+            return None
+        self.scaler.step(self.optimizer)  # with the scaler disabled this is optimizer.step()
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if math.isfinite(grad_norm):
+            stats.grad_norms.append(grad_norm)
+        stats.loss_sum += loss * n_window
+        stats.tokens += n_window
+        return loss
+
+    def _train_epoch(self, progress: Progress) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batches = self.train_batcher.epoch(self.epoch)
+        windows = [batches[i : i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
+        stats = _EpochStats()
+        for i, window in enumerate(windows):
+            loss = self._optimizer_step(window, stats)
+            self.global_step += 1
+            if loss is not None and self.global_step % cfg.log_every == 0:
+                self.report.batch_losses.append([self.global_step, loss])
+            progress.step(
+                self.epoch + 1,
+                cfg.epochs,
+                i + 1,
+                len(windows),
+                loss if loss is not None else float("nan"),
+                self.schedule.lr,
+            )
+        progress.end_epoch()
+        self.epoch += 1
+        evaluate_now = self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs
+        val = (
+            evaluate(
+                self.step_model,
+                self.eval_batches,
+                pad_id=self.pad_id,
+                device=self.device,
+                precision=self.prep.precision,
+            )
+            if evaluate_now
+            else {"val_loss": None, "val_token_acc": None}
+        )
+        seconds = time.perf_counter() - t0
+        self.train_seconds += seconds
+        return {
+            "epoch": self.epoch,
+            "train_loss": stats.loss_sum / stats.tokens if stats.tokens else None,
+            "val_loss": val["val_loss"],
+            "val_token_acc": val["val_token_acc"],
+            "lr": self.schedule.lr,
+            "grad_norm": sum(stats.grad_norms) / len(stats.grad_norms) if stats.grad_norms else None,
+            "tokens_per_s": stats.tokens / seconds if seconds > 0 else 0.0,
+            "epoch_seconds": seconds,
+            "global_step": self.global_step,
+            "skipped_steps": stats.skipped,
+        }
+
+    def _dbc_stats(self) -> dict[str, Any] | None:
+        if self.dbc is None:
+            return None
+        st = self.dbc.stats
+        return {
+            "applied_steps": st.applied_steps,
+            "stabilized": st.stabilized,
+            "cleaned": st.cleaned,
+            "seconds": st.seconds,
+            "every_n_steps": self.cfg.dbc_dac.every_n_steps,
+        }
+
+    def _save_epoch_checkpoint(self) -> None:
+        path = self.out_dir / CHECKPOINT_PATTERN.format(epoch=self.epoch)
+        save_checkpoint(path, self._state())
+        self.report.checkpoints.append(
+            {
+                "epoch": self.epoch,
+                "global_step": self.global_step,
+                "path": str(path),
+                "sha256": sha256_file(path),
+            }
+        )
+
+    def _emit(self, row: dict[str, Any]) -> None:
+        log.info(
+            "epoch %d/%d  train_loss %s  val_loss %s  val_acc %s  lr %.3g  %.1fs",
+            row["epoch"],
+            self.cfg.epochs,
+            _fmt(row["train_loss"]),
+            _fmt(row["val_loss"]),
+            _fmt(row["val_token_acc"]),
+            row["lr"],
+            row["epoch_seconds"],
+        )
+        self.tracker.log_metrics({k: row[k] for k in METRIC_KEYS}, step=row["epoch"])
+        if self.request.on_epoch is not None:
+            try:
+                self.request.on_epoch(dict(row))
+            except Exception:  # a progress consumer must not kill training
+                log.warning("on_epoch callback failed", exc_info=True)
+
+    # -- the run -----------------------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        self._setup()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.report.write(self.report_path)
+        params = {
+            **flatten_params("model", self.prep.model_config.to_dict()),
+            **flatten_params("train", self.cfg.to_dict()),
+            **flatten_params("data", self.request.data.to_dict()),
+        }
+        tags = {
+            "backend": self.backend,
+            "dataset_sha256": self.prep.dataset_sha256,
+            "out_dir": str(self.out_dir),
+        }
+        self.tracker.start(params, tags, resume_run_id=self._resume_run_id)
+        progress = Progress(bool(self.request.options.get("progress", True)))
+        try:
+            while self.epoch < self.cfg.epochs:
+                row = self._train_epoch(progress)
+                self.report.add_epoch({**row, "train_loss": json_float(row["train_loss"])})
+                if self.epoch % self.cfg.save_interval == 0:
+                    self._save_epoch_checkpoint()
+                self.report.write(self.report_path)
+                self._emit(row)
+            return self._finish()
+        except TrainingDivergedError:
+            raise
+        except BaseException as exc:
+            self.report.status = "failed"
+            self.report.final = {"error": f"{exc.__class__.__name__}: {exc}".splitlines()[0][:500]}
+            with contextlib.suppress(Exception):
+                self.report.write(self.report_path)
+            self.tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+
+    def _finish(self) -> TrainResult:
+        out = self.out_dir
+        final_ckpt = out / FINAL_CHECKPOINT
+        export_dir = out / FINAL_EXPORT
+        rows = self.report.epochs
+        last = rows[-1] if rows else {}
+        vals = [(r["val_loss"], r["epoch"]) for r in rows if isinstance(r.get("val_loss"), float)]
+        best = min(vals) if vals else (None, None)
+        self.report.status = "finished"
+        self.report.final = {
+            "epochs_completed": self.epoch,
+            "global_step": self.global_step,
+            "train_loss": last.get("train_loss"),
+            "val_loss": last.get("val_loss"),
+            "val_token_acc": last.get("val_token_acc"),
+            "best_val_loss": best[0],
+            "best_epoch": best[1],
+            "skipped_steps": sum(int(r.get("skipped_steps", 0)) for r in rows),
+            "dbc_dac": self._dbc_stats(),
+            "train_seconds": self.train_seconds,
+            "final_model": str(final_ckpt),
+            "export_dir": str(export_dir),
+        }
+        save_checkpoint(final_ckpt, self._state())
+        export_pretrained(
+            export_dir,
+            self.model,
+            self.prep.model_config,
+            self.tok,
+            extra_configs={"train_config": self.cfg.to_dict(), "data_config": self.request.data.to_dict()},
+        )
+        self.report.write(self.report_path)
+        self.tracker.log_artifact(self.report_path)
+        self.tracker.log_artifact(export_dir, artifact_path=FINAL_EXPORT)
+        self.tracker.end("FINISHED")
+        sha = {
+            FINAL_CHECKPOINT: sha256_file(final_ckpt),
+            **{
+                f"{FINAL_EXPORT}/{p.name}": sha256_file(p)
+                for p in sorted(export_dir.iterdir())
+                if p.is_file()
+            },
+        }
+        metrics = {
+            k: float(v)
+            for k, v in self.report.final.items()
+            if k in ("train_loss", "val_loss", "val_token_acc", "best_val_loss", "train_seconds")
+            and isinstance(v, int | float)
+        }
+        checkpoints = [c["path"] for c in self.report.checkpoints]
+        result = TrainResult(
+            backend=self.backend,
+            out_dir=str(out),
+            final_model=str(final_ckpt),
+            export_dir=str(export_dir),
+            report=str(self.report_path),
+            last_checkpoint=checkpoints[-1] if checkpoints else str(final_ckpt),
+            epochs_completed=self.epoch,
+            global_step=self.global_step,
+            metrics=metrics,
+            sha256=sha,
+            mlflow_run_id=self.tracker.run_id,
+            extra={
+                "device": str(self.device),
+                "precision": self.prep.precision,
+                "compiled": self.prep.compiled,
+                "dataset_sha256": self.prep.dataset_sha256,
+                "skipped_steps": self.report.final["skipped_steps"],
+                "tracking_uri": self.tracker.uri,
+                "tracking_error": self.tracker.error,
+            },
+        )
+        atomic_write_json(out / RESULT_FILE, result.to_dict())
+        return result
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)

@@ -1,0 +1,85 @@
+"""Batches: teacher-forcing layout, truncation, padding shapes, seeded per-epoch order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apt_model.data import Pair
+from apt_model.training.batching import Batcher, build_tokenizer, collate, encode_pairs
+
+PAIRS = [
+    Pair(f"{a} + {b} = ?", str(a + b), "arithmetic", "train") for a in range(12) for b in range(0, 60, 7)
+]
+
+
+@pytest.fixture(scope="module")
+def tok():  # type: ignore[no-untyped-def]
+    return build_tokenizer([*PAIRS, Pair("鼠后面是什么生肖？", "牛", "zodiac", "val")])
+
+
+def test_tokenizer_covers_all_texts_and_is_order_independent(tok) -> None:  # type: ignore[no-untyped-def]
+    assert "牛" in tok.vocab and "鼠" in tok.vocab
+    assert build_tokenizer(list(reversed(PAIRS))).to_json() == build_tokenizer(PAIRS).to_json()
+
+
+def test_teacher_forcing_layout(tok) -> None:  # type: ignore[no-untyped-def]
+    pairs = [Pair("1 + 2 = ?", "3", "a", "train"), Pair("11 + 22 = ?", "33", "a", "train")]
+    ex = encode_pairs(pairs, tok, max_src_len=64, max_tgt_len=64)
+    batch = collate(ex, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    assert batch.src.shape == (2, 16)  # longest 11 → rounded up to 8
+    assert batch.tgt_in.shape == batch.tgt_out.shape == (2, 8)
+    assert batch.src[0, :9].tolist() == tok.encode("1 + 2 = ?") and (batch.src[0, 9:] == tok.pad_id).all()
+    three = tok.encode("33")
+    assert batch.tgt_in[1, :3].tolist() == [tok.bos_id, *three]
+    assert batch.tgt_out[1, :3].tolist() == [*three, tok.eos_id]
+    assert (batch.tgt_out[1, 3:] == tok.pad_id).all()
+    assert batch.n_tokens == 2 + 3 == int((batch.tgt_out != tok.pad_id).sum())
+    # the answer never reaches the encoder
+    assert tok.encode("33")[0] not in batch.src[1].tolist() or "3" in "11 + 22 = ?"
+
+
+def test_truncation_keeps_eos_within_max_tgt_len(tok) -> None:  # type: ignore[no-untyped-def]
+    long = [Pair("1" * 50, "2" * 50, "a", "train")]
+    ex = encode_pairs(long, tok, max_src_len=10, max_tgt_len=6)
+    assert len(ex[0].src) == 10 and len(ex[0].out) == 5
+    b = collate(ex, pad_id=0, bos_id=tok.bos_id, eos_id=tok.eos_id, max_src_len=10, max_tgt_len=6)
+    assert b.src.shape == (1, 10) and b.tgt_out.shape == (1, 6)  # rounding capped at the max lengths
+    assert b.tgt_out[0, -1].item() == tok.eos_id
+
+
+def _batcher(tok, mode: str = "bucket", bs: int = 8) -> Batcher:  # type: ignore[no-untyped-def]
+    ex = encode_pairs(PAIRS, tok, max_src_len=20, max_tgt_len=6)
+    return Batcher(ex, bs, tok.pad_id, tok.bos_id, tok.eos_id, 20, 6, seed=3, pad_mode=mode, bucket_batches=4)
+
+
+def test_epoch_order_is_seeded_and_covers_every_example_once(tok) -> None:  # type: ignore[no-untyped-def]
+    b = _batcher(tok)
+    e0, e0_again, e1 = b.epoch_indices(0), b.epoch_indices(0), b.epoch_indices(1)
+    assert e0 == e0_again and e0 != e1
+    assert sorted(i for batch in e0 for i in batch) == list(range(len(PAIRS)))
+    assert len(e0) == len(b) == -(-len(PAIRS) // 8)
+    batches = b.epoch(1)
+    assert all(torch.equal(x.src, y.src) for x, y in zip(batches, b.epoch(1), strict=True))
+
+
+def test_bucketing_reduces_padding(tok) -> None:  # type: ignore[no-untyped-def]
+    def pad_fraction(batches) -> float:  # type: ignore[no-untyped-def]
+        total = sum(x.src.numel() for x in batches)
+        return sum(int((x.src == tok.pad_id).sum()) for x in batches) / total
+
+    ex = encode_pairs(PAIRS, tok, max_src_len=20, max_tgt_len=6)
+    unsorted = [
+        collate([ex[i] for i in idx], pad_id=0, bos_id=2, eos_id=3, pad_multiple=1)
+        for idx in torch.randperm(len(ex), generator=torch.Generator().manual_seed(0)).split(8)
+    ]
+    bucketed = Batcher(ex, 8, 0, 2, 3, 20, 6, seed=0, pad_multiple=1, bucket_batches=100).epoch(0)
+    assert pad_fraction(bucketed) < pad_fraction(unsorted)
+
+
+def test_fixed_padding_gives_one_shape(tok) -> None:  # type: ignore[no-untyped-def]
+    b = _batcher(tok, "fixed")
+    shapes = {(x.src.shape[1], x.tgt_in.shape[1]) for x in b.epoch(0)}
+    assert shapes == {(20, 6)}
+    assert {x.src.shape[1] for x in b.eval_batches()} == {20}
+    assert all(x.src.shape[1] % 8 == 0 for x in _batcher(tok).epoch(0))
