@@ -1,0 +1,280 @@
+"""apt_model.verify: autoregressive decoding, exact/substring scores, collapse, gate, reports."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from apt_model.cli import main
+from apt_model.errors import AptError, ConfigError
+from apt_model.verify import (
+    COLLAPSE_MIN_COUNT,
+    decode_greedy,
+    detect_collapse,
+    evaluate_gate,
+    parse_thresholds,
+    plan_batches,
+    score,
+    select_failures,
+    verify_model,
+    write_report,
+)
+
+ZODIAC = "鼠牛虎兔龙蛇马羊猴鸡狗猪"
+
+
+def write_arith_dataset(path: Path) -> Path:
+    """64 sums + 12 zodiac facts, hardcore format, an explicit val split (every 8th sum, 2 zodiac facts)."""
+    arith = [{"input": f"{a} + {b} = ?", "output": str(a + b)} for a in range(8) for b in range(8)]
+    zodiac = [{"input": f"{z}后面是什么生肖？", "output": ZODIAC[(i + 1) % 12]} for i, z in enumerate(ZODIAC)]
+    val = [r["input"] for i, r in enumerate(arith) if i % 8 == 3] + [zodiac[4]["input"], zodiac[9]["input"]]
+    doc = {
+        "metadata": {"name": "test arithmetic", "splits": {"val": val}},
+        "data": {"arithmetic": arith, "zodiac": zodiac},
+    }
+    path.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A real Playground run (tiny preset, CPU) trained by the CLI; shared by the test modules of a session."""
+    base = tmp_path_factory.getbasetemp() / "apt_checks_tiny_run"
+    run, data = base / "run", base / "arith.json"
+    if (run / "final_model.pt").is_file():
+        return run, data
+    base.mkdir(parents=True, exist_ok=True)
+    write_arith_dataset(data)
+    rc = main(
+        ["train", "--backend", "playground", "--preset", "tiny", "--dataset", str(data), "--save-dir", str(run),
+         "--epochs", "3", "--batch-size", "16", "--gradient-accumulation", "1", "--lr", "3e-3", "--t0", "1",
+         "--t-mult", "2", "--log-every", "1", "--no-tracking", "--no-progress", "--device", "cpu"]
+    )  # fmt: skip
+    assert rc == 0
+    return run, data
+
+
+@pytest.fixture(scope="module")
+def run_and_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return tiny_run(tmp_path_factory)
+
+
+class ConstantModel(torch.nn.Module):
+    """A model whose greedy decoding is always ``answer`` then EOS (the planted "always answers 3" model)."""
+
+    def __init__(self, answer_ids: list[int], eos_id: int) -> None:
+        super().__init__()
+        self.answer = [*answer_ids, eos_id]
+
+    def generate(
+        self, src_ids: torch.Tensor, *, max_new_tokens: int, bos_id: int, eos_id: int
+    ) -> torch.Tensor:
+        row = self.answer[:max_new_tokens]
+        return torch.tensor([row] * src_ids.shape[0], dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------------------ pure functions
+def test_score_normalises_whitespace_and_keeps_substring_beside() -> None:
+    assert score("I love you", "  I   love you ") == (True, True)
+    assert score("46", "460") == (False, True)  # the reference's loose score would count this
+    assert score("46", "4") == (False, False)
+
+
+def test_collapse_rule_boundaries() -> None:
+    n = 60
+    expected = [str(i) for i in range(n)]
+    # 30 % of predictions, 18 prompts: below the count floor → not collapsed.
+    small = detect_collapse(["3"] * 18 + [str(i) for i in range(18, n)], expected)
+    assert small["answer"] == "3" and not small["collapsed"]
+    # Same answer for 20 of 60 prompts (33 %), wrong for all but one → collapsed.
+    big = detect_collapse(["3"] * 20 + expected[20:], expected)
+    assert (
+        big["collapsed"]
+        and big["count"] == COLLAPSE_MIN_COUNT
+        and big["share"] == pytest.approx(20 / 60, abs=1e-3)
+    )
+    # The same answer, but it is the right answer for most of those prompts → not collapsed.
+    right = detect_collapse(["3"] * 30, ["3"] * 25 + ["4"] * 5)
+    assert not right["collapsed"] and right["wrong_share"] == pytest.approx(5 / 30, abs=1e-3)
+
+
+def test_gate_and_thresholds() -> None:
+    overall = {"exact": 0.5}
+    modules = {"a": {"exact": 0.9}, "b": {"exact": 0.2}}
+    gate = evaluate_gate({"a": 0.8, "b": 0.5, "overall": 0.6}, overall, modules)
+    assert not gate["passed"]
+    assert [m["key"] for m in gate["missed"]] == ["b", "overall"]
+    assert evaluate_gate({}, overall, modules) == {
+        "passed": True,
+        "missed": [],
+        "thresholds": {},
+        "metric": "exact",
+    }
+    assert parse_thresholds(["a=0.5"], min_overall=0.3) == {"a": 0.5, "overall": 0.3}
+    for bad in (["a"], ["a=x"], ["a=1.5"], ["=0.3"]):
+        with pytest.raises(ConfigError):
+            parse_thresholds(bad)
+
+
+def test_plan_batches_never_mixes_prompt_lengths() -> None:
+    lengths = [3, 5, 3, 3, 5, 4]
+    limits = [9, 2, 1, 5, 3, 4]
+    batches = plan_batches(lengths, limits, batch_size=2)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for b in batches:
+        assert len({lengths[i] for i in b}) == 1 and len(b) <= 2
+    assert batches[0] == [2, 3]  # length 3, sorted by limit
+
+
+def test_select_failures_round_robin_and_worst_first() -> None:
+    rows = [
+        {"module": "a", "input": "q1", "expected": "abc", "got": "abd", "exact": False},
+        {"module": "a", "input": "q2", "expected": "abc", "got": "xyz", "exact": False},
+        {"module": "b", "input": "q3", "expected": "1", "got": "2", "exact": False},
+        {"module": "b", "input": "q4", "expected": "1", "got": "1", "exact": True},
+    ]
+    out = select_failures(rows, limit=3)
+    assert [f["input"] for f in out] == ["q2", "q3", "q1"]
+
+
+# ------------------------------------------------------------------------------------------- with a trained model
+def test_decoding_is_autoregressive_greedy(run_and_data: tuple[Path, Path]) -> None:
+    """decode_greedy must equal a naive greedy loop over model.forward on the growing prefix."""
+    from apt_model.checkpoint import load_model
+    from apt_model.data import load_dataset
+
+    run, data = run_and_data
+    loaded = load_model(run)
+    tok, model = loaded.tokenizer, loaded.model
+    prompts = [p.input for p in load_dataset(data).pairs[:6]]
+    got, truncated = decode_greedy(model, tok, prompts, max_new_tokens=6, batch_size=4)
+    assert truncated == 0
+    for prompt, answer in zip(prompts, got, strict=True):
+        src = torch.tensor([tok.encode(prompt)])
+        prefix, out = [tok.bos_id], []
+        with torch.no_grad():
+            for _ in range(6):
+                nxt = int(model(src, torch.tensor([prefix]))[0, -1].argmax())
+                if nxt == tok.eos_id:
+                    break
+                out.append(nxt)
+                prefix.append(nxt)
+        assert answer == tok.decode(out)
+
+
+def test_verify_end_to_end_cli(
+    run_and_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, data = run_and_data
+    out = tmp_path / "ver"
+    rc = main(["verify", "--model", str(run), "--dataset", str(data), "--out", str(out)])
+    assert rc == 0
+    rep = json.loads((out / "verification_report.json").read_text(encoding="utf-8"))
+    md = (out / "verification_report.md").read_text(encoding="utf-8")
+    assert rep["split"] == "val" and rep["overall"]["n"] == 10
+    assert {m: v["n"] for m, v in rep["modules"].items()} == {"arithmetic": 8, "zodiac": 2}
+    assert rep["overall"]["exact_count"] == sum(v["exact_count"] for v in rep["modules"].values())
+    assert rep["overall"]["exact"] <= rep["overall"]["substring"]
+    assert rep["gate"] == {"passed": True, "missed": [], "thresholds": {}, "metric": "exact"}
+    assert "| arithmetic | 8 |" in md and "## Worst failures" in md
+    assert "verified 10 val pairs" in capsys.readouterr().out
+
+
+def test_batch_size_does_not_change_answers(run_and_data: tuple[Path, Path]) -> None:
+    run, data = run_and_data
+    a = verify_model(run, data, split="all", batch_size=1)
+    b = verify_model(run, data, split="all", batch_size=512)
+    assert a.modules == b.modules and a.collapse == b.collapse and a.failures == b.failures
+
+
+def test_planted_constant_model_is_flagged_as_collapsed(
+    run_and_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from apt_model.checkpoint import load_model
+    from apt_model.diagnose import diagnose
+
+    run, data = run_and_data
+    tok = load_model(run).tokenizer
+    planted = SimpleNamespace(model=ConstantModel(tok.encode("3"), tok.eos_id), tokenizer=tok, config=None,
+                              source="always-3")  # fmt: skip
+    report = verify_model(planted, data, split="all")
+    c = report.collapse
+    assert c["collapsed"] and c["answer"] == "3" and c["count"] == 76 and c["share"] == 1.0
+    # "3" is right for 0+3, 1+2, 2+1, 3+0 only.
+    assert report.modules["arithmetic"]["exact_count"] == 4
+    assert c["wrong_share"] == pytest.approx(72 / 76, abs=1e-3)
+    assert "arithmetic" in c["modules"]
+    paths = write_report(report, tmp_path)
+    assert "Mode collapse" in paths["markdown"].read_text(encoding="utf-8")
+    findings = diagnose(verification=paths["json"], environment=False)
+    assert [f.check for f in findings if f.severity == "error"] == ["verify.collapse"]
+
+
+def test_gate_cli_exit_codes(run_and_data: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    run, data = run_and_data
+    exact = verify_model(run, data).overall["exact"]
+    if exact == 1.0:
+        pytest.skip("the tiny model is perfect on val; a 100 % gate cannot be missed")
+    assert main(["verify", "--model", str(run), "--dataset", str(data), "--min-overall", "1.0"]) == 0
+    assert "warning: verification gate missed: overall" in capsys.readouterr().err
+    rc = main(
+        ["verify", "--model", str(run), "--dataset", str(data), "--min-overall", "1.0", "--fail-on-gate"]
+    )
+    assert rc == 3 and "error: verification gate missed" in capsys.readouterr().err
+    assert (
+        main(["verify", "--model", str(run), "--dataset", str(data), "--min-overall", "0", "--fail-on-gate"])
+        == 0
+    )
+
+
+def test_bad_inputs_fail_before_work(run_and_data: tuple[Path, Path], tmp_path: Path) -> None:
+    run, data = run_and_data
+    with pytest.raises(AptError, match=r"model (path )?not found"):
+        verify_model(tmp_path / "nope.pt", data)
+    with pytest.raises(AptError, match="dataset file not found"):
+        verify_model(run, tmp_path / "nope.json")
+    with pytest.raises(ConfigError, match="unknown module"):
+        verify_model(run, data, thresholds={"geometry": 0.5})
+    with pytest.raises(ConfigError, match="--sample"):
+        verify_model(run, data, sample=0)
+    with pytest.raises(ConfigError, match="--split"):
+        verify_model(run, data, split="test")
+
+
+def test_sample_is_seeded(run_and_data: tuple[Path, Path]) -> None:
+    run, data = run_and_data
+    a = verify_model(run, data, split="all", sample=20, seed=1)
+    b = verify_model(run, data, split="all", sample=20, seed=1)
+    assert a.overall["n"] == 20 and a.modules == b.modules
+
+
+@pytest.mark.slow
+def test_verify_5000_pairs_under_60s(run_and_data: tuple[Path, Path], tmp_path: Path) -> None:
+    """Acceptance: 5,000 pairs with the tiny model verify in < 60 s on this CPU — the CLI-trained one, and (the
+    upper bound) an untrained one of the same shape that never emits EOS, so every prompt decodes to its limit."""
+    from apt_model.checkpoint import export_pretrained, load_model
+    from apt_model.config import model_preset
+    from apt_model.model import APTModel
+
+    run, _ = run_and_data
+    rows = [{"input": f"{a} + {b} = ?", "output": str(a + b)} for a in range(100) for b in range(50)]
+    big = tmp_path / "big.json"
+    big.write_text(
+        json.dumps({"metadata": {"splits": {"val": []}}, "data": {"arithmetic": rows}}), encoding="utf-8"
+    )
+    tok = load_model(run).tokenizer
+    torch.manual_seed(0)
+    cfg = model_preset("tiny", vocab_size=tok.vocab_size)
+    untrained = export_pretrained(tmp_path / "untrained", APTModel(cfg), cfg, tok)
+    for model in (run, untrained):
+        started = time.perf_counter()
+        report = verify_model(model, big, split="all")
+        elapsed = time.perf_counter() - started
+        assert report.overall["n"] == 5000
+        assert elapsed < 60, f"verification of 5000 pairs with {model} took {elapsed:.1f} s"
+        if model == untrained:  # it really decoded: no prompt stopped at once
+            assert report.collapse["top"] and all(answer for answer, _ in report.collapse["top"])
