@@ -139,6 +139,33 @@ register(
         "one local GPU (or CPU): cosine warm restarts, mixed precision, accumulation, DBC-DAC",
     )
 )
+register(
+    BackendSpec(
+        "deepspeed",
+        "apt_model.backends.deepspeed_backend:DeepSpeedBackend",
+        "several GPUs (or CPU processes): ZeRO 1/2/3, CPU offload, fp16/bf16, sharded data",
+        requires=("deepspeed",),
+        extra="deepspeed",
+    )
+)
+register(
+    BackendSpec(
+        "huggingface",
+        "apt_model.backends.huggingface:HuggingFaceBackend",
+        "transformers Trainer: TensorBoard, W&B, early stopping, Hub upload, DeepSpeed via the Trainer",
+        requires=("transformers", "accelerate"),
+        extra="hf",
+    )
+)
+register(
+    BackendSpec(
+        "azure",
+        "apt_model.backends.azure:AzureBackend",
+        "Azure ML: managed compute cluster, command and sweep jobs, MLflow tracking, follow and fetch",
+        requires=("azure.ai.ml", "azure.identity"),
+        extra="azure",
+    )
+)
 
 
 def get_backend(name: str) -> Backend:

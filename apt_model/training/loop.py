@@ -58,6 +58,7 @@ from apt_model.config import ModelConfig
 from apt_model.errors import AptError, CheckpointError, ConfigError, DataError
 from apt_model.io import atomic_write_json, sha256_file
 from apt_model.training.batching import PAD_MODES, Batch, Batcher, build_tokenizer, encode_pairs
+from apt_model.training.fastpath import TrainStep
 from apt_model.training.report import REPORT_FILE, ExperimentReport, json_float
 from apt_model.training.schedule import WarmRestartSchedule, build_optimizer
 from apt_model.training.tracking import METRIC_KEYS, Tracker, flatten_params, resolve_tracking_uri
@@ -290,34 +291,6 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def backward_window(
-    model: torch.nn.Module,
-    window: list[Batch],
-    *,
-    device: torch.device,
-    precision: str,
-    scaler: Any,
-    pad_id: int,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """Backward over one accumulation window; returns the window's token-weighted mean loss (a 0-dim tensor).
-
-    Each micro-batch's mean CE is weighted by its share of the window's target tokens, so the accumulated
-    gradient equals that of one batch holding every row of the window — short last windows included.
-    """
-    n_window = max(sum(b.n_tokens for b in window), 1)
-    loss_acc = torch.zeros((), dtype=torch.float32, device=device)
-    for batch in window:
-        b = batch.to(device, non_blocking=True)
-        with autocast_context(device, precision):
-            out = compute_loss(model, b, pad_id=pad_id, label_smoothing=label_smoothing)
-        weight = batch.n_tokens / n_window
-        scaled = out.loss * weight
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        loss_acc += out.loss.detach().float() * weight
-    return loss_acc
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -468,9 +441,6 @@ class _Trainer:
         seed_everything(cfg.seed)
         self.model = APTModel(prep.model_config).to(self.device)
         self.model.train()
-        self.step_model: torch.nn.Module = self.model
-        if prep.compiled:
-            self.step_model = torch.compile(self.model, dynamic=False)  # type: ignore[assignment]
         common = dict(
             pad_id=self.pad_id,
             bos_id=self.tok.bos_id,
@@ -486,6 +456,17 @@ class _Trainer:
         self.schedule = WarmRestartSchedule(self.optimizer, cfg, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=prep.precision == "fp16")
         self.dbc = DBCDAC(cfg.dbc_dac, seed=cfg.seed) if cfg.dbc_dac.enabled else None
+        self.stepper = TrainStep(
+            self.model,
+            cfg,
+            optimizer=self.optimizer,
+            device=self.device,
+            precision=prep.precision,
+            pad_id=self.pad_id,
+            compiled=prep.compiled,
+            scaler=self.scaler,
+            dbc=self.dbc,
+        )
         self.global_step = 0
         self.epoch = prep.start_epoch
         self.train_seconds = 0.0
@@ -605,42 +586,18 @@ class _Trainer:
         log.warning("non-finite %s at step %d: update skipped", what, self.global_step + 1)
 
     def _optimizer_step(self, window: list[Batch], stats: _EpochStats) -> float | None:
-        n_window = sum(b.n_tokens for b in window)
-        loss_acc = backward_window(
-            self.step_model,
-            window,
-            device=self.device,
-            precision=self.prep.precision,
-            scaler=self.scaler,
-            pad_id=self.pad_id,
-            label_smoothing=self.cfg.label_smoothing,
-        )
         self.schedule.set_step(self.global_step)
-        loss = float(loss_acc.item())  # the step's one host sync for the loss (logging + NaN check)
-        if not math.isfinite(loss):
-            self._nan_event(loss, None)
-            self.optimizer.zero_grad(set_to_none=True)
+        out = self.stepper(window, self.global_step + 1)
+        if not out.applied:
+            self._nan_event(out.loss, out.grad_norm if math.isfinite(out.loss) else None)
             stats.skipped += 1
             return None
-        if self.scaler.is_enabled():
-            self.scaler.unscale_(self.optimizer)
-        if self.dbc is not None:
-            # On the accumulated, unscaled gradient, before clipping; DBCDAC counts steps 1-based.
-            self.dbc.step(self.params, self.global_step + 1)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad_norm).item())
-        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-            self._nan_event(loss, grad_norm)
-            self.optimizer.zero_grad(set_to_none=True)
-            stats.skipped += 1
-            return None
-        self.scaler.step(self.optimizer)  # with the scaler disabled this is optimizer.step()
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if math.isfinite(grad_norm):
-            stats.grad_norms.append(grad_norm)
-        stats.loss_sum += loss * n_window
+        if math.isfinite(out.grad_norm):
+            stats.grad_norms.append(out.grad_norm)
+        n_window = sum(b.n_tokens for b in window)
+        stats.loss_sum += out.loss * n_window
         stats.tokens += n_window
-        return loss
+        return out.loss
 
     def _train_epoch(self, progress: Progress) -> dict[str, Any]:
         cfg = self.cfg
@@ -666,7 +623,7 @@ class _Trainer:
         evaluate_now = self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs
         val = (
             evaluate(
-                self.step_model,
+                self.model,
                 self.eval_batches,
                 pad_id=self.pad_id,
                 device=self.device,

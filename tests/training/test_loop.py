@@ -15,6 +15,7 @@ from apt_model.config import DataConfig, TrainConfig, model_preset
 from apt_model.errors import CheckpointError, ConfigError, DataError
 from apt_model.training import loop
 from apt_model.training.batching import Batcher, collate
+from apt_model.training.fastpath import TrainStep
 from apt_model.training.report import read_report
 
 ZODIAC = "鼠牛虎兔龙蛇马羊猴鸡狗猪"
@@ -122,11 +123,14 @@ def test_accumulated_gradient_equals_one_big_batch(tmp_path: Path) -> None:
     del b
     torch.manual_seed(0)
     model = APTModel(prep.model_config.replace(dropout=0.0))
-    kw = dict(device=torch.device("cpu"), precision="fp32", scaler=None, pad_id=0)
-    loss_acc = loop.backward_window(model, window, **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    stepper = TrainStep(
+        model, TrainConfig(), optimizer=opt, device=torch.device("cpu"), precision="fp32", pad_id=0
+    )
+    loss_acc = stepper.backward(window)
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    loss_big = loop.backward_window(model, [big], **kw)
+    loss_big = stepper.backward([big])
     assert loss_acc.item() == pytest.approx(loss_big.item(), rel=1e-5)
     for g, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
