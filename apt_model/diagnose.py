@@ -550,15 +550,6 @@ def expected_lr(
     return lr
 
 
-def _restart_epochs(t0: int, t_mult: int, epochs: int) -> list[int]:
-    out, boundary, period = [], t0, t0
-    while boundary < epochs:
-        out.append(boundary)
-        period *= t_mult
-        boundary += period
-    return out
-
-
 def check_run(
     report: dict[str, Any],
     *,
@@ -887,8 +878,10 @@ def _check_schedule(report: dict[str, Any], epochs: list[dict[str, Any]]) -> lis
                 "and restored on resume",
             )
         )
+    from apt_model.training.schedule import restart_epochs
+
     planned = int(tcfg.get("epochs", len(epochs)) or len(epochs))
-    want = _restart_epochs(t0, t_mult, planned)
+    want = restart_epochs(t0, t_mult, planned)
     got = sched.get("restart_epochs")
     if isinstance(got, list) and got != want:
         out.append(

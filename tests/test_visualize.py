@@ -21,46 +21,10 @@ from apt_model.visualize import (
     watch,
 )
 
-ZODIAC = "鼠牛虎兔龙蛇马羊猴鸡狗猪"
-
 
 @pytest.fixture(autouse=True)
 def _mpl_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path_factory.getbasetemp() / "mplconfig"))
-
-
-def write_arith_dataset(path: Path) -> Path:
-    arith = [{"input": f"{a} + {b} = ?", "output": str(a + b)} for a in range(8) for b in range(8)]
-    zodiac = [{"input": f"{z}后面是什么生肖？", "output": ZODIAC[(i + 1) % 12]} for i, z in enumerate(ZODIAC)]
-    val = [r["input"] for i, r in enumerate(arith) if i % 8 == 3] + [zodiac[4]["input"], zodiac[9]["input"]]
-    doc = {
-        "metadata": {"name": "test arithmetic", "splits": {"val": val}},
-        "data": {"arithmetic": arith, "zodiac": zodiac},
-    }
-    path.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
-    return path
-
-
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A real Playground run (tiny preset, CPU) trained by the CLI; shared by the test modules of a session."""
-    base = tmp_path_factory.getbasetemp() / "apt_checks_tiny_run"
-    run, data = base / "run", base / "arith.json"
-    if (run / "final_model.pt").is_file():
-        return run, data
-    base.mkdir(parents=True, exist_ok=True)
-    write_arith_dataset(data)
-    rc = main(
-        ["train", "--backend", "playground", "--preset", "tiny", "--dataset", str(data), "--save-dir", str(run),
-         "--epochs", "3", "--batch-size", "16", "--gradient-accumulation", "1", "--lr", "3e-3", "--t0", "1",
-         "--t-mult", "2", "--log-every", "1", "--no-tracking", "--no-progress", "--device", "cpu"]
-    )  # fmt: skip
-    assert rc == 0
-    return run, data
-
-
-@pytest.fixture(scope="module")
-def run_and_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return tiny_run(tmp_path_factory)
 
 
 def axes_by_gid(fig):  # type: ignore[no-untyped-def]
