@@ -65,6 +65,7 @@ class Tracker:
         self.run_id: str | None = None
         self.error: str | None = None
         self._client: Any = None
+        self._owns_run = True  # False when logging into a run a hosting service created (MLFLOW_RUN_ID)
 
     @property
     def active(self) -> bool:
@@ -84,17 +85,31 @@ class Tracker:
         self, params: dict[str, str], tags: dict[str, str], resume_run_id: str | None = None
     ) -> str | None:
         def _start() -> str:
+            from mlflow.entities import Param
             from mlflow.tracking import MlflowClient
 
             client = MlflowClient(tracking_uri=self.uri)
+            self._client = client
+
+            def log_params(run_id: str) -> None:
+                items = list(params.items())
+                for i in range(0, len(items), 100):  # log_batch caps at 100 params per call
+                    client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+
             if resume_run_id:
                 try:
                     run = client.get_run(resume_run_id)
                     client.update_run(run.info.run_id, status="RUNNING")
-                    self._client = client
                     return run.info.run_id
                 except Exception:
                     log.info("MLflow run %s not found in %s; starting a new run", resume_run_id, self.uri)
+            hosted = os.environ.get("MLFLOW_RUN_ID")
+            if hosted:
+                # A hosted job (Azure ML sets MLFLOW_RUN_ID per job and sweep trial): log into that run, so the
+                # service sees the metrics it ranks trials by; the service owns its lifecycle.
+                self._owns_run = False
+                log_params(hosted)
+                return hosted
             exp = client.get_experiment_by_name(self.experiment)
             if exp is None:
                 location = None
@@ -104,12 +119,7 @@ class Tracker:
             else:
                 exp_id = exp.experiment_id
             run = client.create_run(exp_id, run_name=self.run_name, tags=tags)
-            self._client = client
-            items = list(params.items())
-            from mlflow.entities import Param
-
-            for i in range(0, len(items), 100):  # log_batch caps at 100 params per call
-                client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+            log_params(run.info.run_id)
             return run.info.run_id
 
         self.run_id = self._guard("start", _start)
@@ -143,5 +153,5 @@ class Tracker:
             self._guard("log_artifact", _log)
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.run_id:
+        if self.run_id and self._owns_run:
             self._guard("end", lambda: self._client.set_terminated(self.run_id, status=status))

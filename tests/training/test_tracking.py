@@ -39,3 +39,21 @@ def test_broken_tracking_warns_and_switches_off(caplog: pytest.LogCaptureFixture
 def test_disabled_tracker_does_nothing() -> None:
     t = Tracker(None, "apt")
     assert t.start({}, {}) is None and not t.active and t.error is None
+
+
+@pytest.mark.slow
+def test_hosted_run_id_is_used_and_left_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Azure ML sets MLFLOW_RUN_ID per job/trial: metrics must land on that run, whose lifecycle the service owns."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    hosted = client.create_run(client.create_experiment("hosted")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", hosted)
+    tracker = Tracker(uri, "apt")
+    assert tracker.start({"lr": "0.1"}, {}) == hosted
+    tracker.log_metrics({"val_loss": 1.5}, step=1)
+    tracker.end("FINISHED")
+    run = client.get_run(hosted)
+    assert run.data.metrics["val_loss"] == 1.5 and run.data.params["lr"] == "0.1"
+    assert run.info.status == "RUNNING"  # not terminated by us
