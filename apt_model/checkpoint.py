@@ -20,6 +20,7 @@ and checks that the tokenizer's vocabulary size equals the model config's ``voca
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +234,9 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
             raise CheckpointError(f"{source / CONFIG_JSON}: cannot read ({exc.__class__.__name__})") from None
         if not isinstance(raw, dict):
             raise CheckpointError(f"{source / CONFIG_JSON}: expected a JSON object")
+        if raw.get("model_type") == "apt":
+            # A transformers-format export (apt_model.hf) carries its keys beside the native ones: keep ours.
+            raw = {k: raw[k] for k in (f.name for f in dataclasses.fields(ModelConfig)) if k in raw}
         raw = {k: v for k, v in raw.items() if k not in ("format", "format_version")}
         try:
             config = ModelConfig.from_dict(raw)
