@@ -277,12 +277,11 @@ def build_request(args: argparse.Namespace) -> tuple[TrainRequest, Backend]:
     backend = get_backend(args.backend)
     _check_foreign_flags(args, getattr(args, "_parser_defaults", {}))
     options = dict(backend.options_from_args(args))
-    if args.backend == "playground":
-        # Loop options the playground backend understands; other backends get only their own flags.
-        if args.no_progress:
-            options["progress"] = False
-        if args.overwrite:
-            options["overwrite"] = True
+    # Options of the shared training loop (training.loop.prepare), which every backend runs through.
+    if args.no_progress:
+        options["progress"] = False
+    if args.overwrite:
+        options["overwrite"] = True
     out_dir = args.save_dir if args.save_dir is not None else Path(f"hlbd_{args.backend}")
     tracking = "none" if args.no_tracking else args.tracking_uri
     request = TrainRequest(

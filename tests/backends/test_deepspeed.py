@@ -1,0 +1,390 @@
+"""DeepSpeed backend on CPU (DS_ACCELERATOR=cpu, gloo): 2-process ZeRO-2 train + exact resume + export, ZeRO-3
+train + export, world-size-1 ZeRO-1 parity with the Playground (DBC-DAC on every step), flags and refusals.
+
+Launches cost ~25-40 s each on a 2-core machine (torchrun + DeepSpeed import per rank), so the runs are shared
+through module-scoped fixtures: ZeRO-2 (2 ranks) once uninterrupted and once resumed from its epoch-1 checkpoint,
+ZeRO-3 (2 ranks) once, ZeRO-1 (1 rank) once beside an in-process Playground run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+from apt_model.backends import TrainRequest, TrainResult, get_backend
+from apt_model.backends.deepspeed_backend import (
+    DeepSpeedBackend,
+    TrainingCancelled,
+    check_checkpoint_files,
+    resolve_plan,
+)
+from apt_model.config import DataConfig, DBCDACConfig, TrainConfig, model_preset
+from apt_model.errors import CheckpointError, ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with pytest.MonkeyPatch.context() as mp:
+        # First start compiles DeepSpeed's small CPU comm extension; keep an existing cache (the Makefile's).
+        if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+            mp.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.mktemp("torch_extensions")))
+        mp.setenv("MLFLOW_TRACKING_URI", "none")
+        # In-process Playground runs: one thread (two on a 2-core machine contend badly in DBC-DAC's QR).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield tmp_path_factory.mktemp("ds")
+        finally:
+            torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(env: Path) -> Path:
+    """A small slice of a generated hardcore dataset (24 pairs per module)."""
+    from apt_model.data import generate
+
+    doc = generate("hardcore", seed=0, size="small")
+    data = {module: pairs[:24] for module, pairs in doc["data"].items()}
+    path = env / "hlbd_small.json"
+    path.write_text(json.dumps({"metadata": {"name": "ds-test"}, "data": data}, ensure_ascii=False), "utf-8")
+    return path
+
+
+def _train(**kw: Any) -> TrainConfig:
+    base = dict(epochs=2, batch_size=8, grad_accum=2, lr=3e-3, save_interval=1, log_every=1, precision="fp32")
+    base["dbc_dac"] = DBCDACConfig(enabled=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def _request(dataset: Path, out_dir: Path, train: TrainConfig | None = None, **options: Any) -> TrainRequest:
+    return TrainRequest(
+        model=model_preset("tiny"),
+        train=train or _train(),
+        data=DataConfig(max_src_len=32, max_tgt_len=16),
+        dataset=dataset,
+        out_dir=out_dir,
+        tracking_uri="none",
+        options=options,
+    )
+
+
+def _run(request: TrainRequest) -> TrainResult:
+    backend = get_backend("deepspeed")
+    backend.validate(request)
+    return backend.train(request)
+
+
+def _report(result: TrainResult) -> dict[str, Any]:
+    return json.loads(Path(result.report).read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def zero2(dataset: Path, env: Path) -> dict[str, Any]:
+    epochs: list[dict[str, Any]] = []
+    full_req = _request(dataset, env / "z2_full", num_gpus=2, zero_stage=2)
+    full_req.on_epoch = epochs.append
+    full = _run(full_req)
+    resumed = _run(
+        _request(
+            dataset,
+            env / "z2_resumed",
+            num_gpus=2,
+            zero_stage=2,
+            load_checkpoint=str(env / "z2_full/checkpoint_epoch_1"),
+        )
+    )
+    return {"full": full, "resumed": resumed, "epochs": epochs}
+
+
+# ------------------------------------------------------------------------------------------------ fast checks
+
+
+def test_flags_options_and_light_listing() -> None:
+    backend = DeepSpeedBackend()
+    parser = argparse.ArgumentParser()
+    backend.add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--num-gpus",
+            "2",
+            "--zero-stage",
+            "3",
+            "--cpu-offload",
+            "--bf16",
+            "--train-batch-size",
+            "64",
+            "--load-checkpoint",
+            "run/checkpoint_epoch_5",
+            "--hostfile",
+            "hosts",
+        ]
+    )
+    assert backend.options_from_args(args) == {
+        "num_gpus": 2, "zero_stage": 3, "cpu_offload": True, "bf16": True, "train_batch_size": 64,
+        "load_checkpoint": "run/checkpoint_epoch_5", "hostfile": "hosts",
+    }  # fmt: skip
+    assert backend.options_from_args(parser.parse_args([])) == {}
+    # Listing backends (and importing this backend) must not import DeepSpeed.
+    code = (
+        "import sys; from apt_model.backends import describe_backends, get_backend; describe_backends(); "
+        "import apt_model.backends.deepspeed_backend; get_backend('deepspeed'); "
+        "assert 'deepspeed' not in sys.modules, 'deepspeed imported'"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+
+
+def test_generated_config(tmp_path: Path) -> None:
+    req = _request(tmp_path / "d.json", tmp_path / "run", _train(batch_size=4, grad_accum=4), zero_stage=2,
+                   train_batch_size=32, num_gpus=2, cpu_offload=True)  # fmt: skip
+    plan = resolve_plan(req)
+    cfg = plan.config
+    assert (plan.micro_batch, plan.grad_accum, plan.world_size) == (4, 4, 2)
+    assert cfg["train_batch_size"] == 32 and cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["gradient_accumulation_steps"] == 4 and cfg["gradient_clipping"] == 1.0
+    assert cfg["zero_optimization"]["stage"] == 2
+    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "offload_param" not in cfg["zero_optimization"]
+    stage3 = resolve_plan(
+        _request(tmp_path / "d.json", tmp_path / "r", zero_stage=3, cpu_offload=True)
+    ).config
+    assert stage3["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert "fp16" not in stage3 and "bf16" not in stage3  # fp32 on CPU
+    from apt_model.backends.deepspeed_backend import build_ds_config
+
+    fp16 = build_ds_config(zero_stage=2, offload=False, precision="fp16", micro_batch=2, grad_accum=1,
+                           world_size=8, clip_grad_norm=1.0)["fp16"]  # fmt: skip
+    assert fp16["enabled"] and fp16["loss_scale"] == 0 and fp16["loss_scale_window"] == 1000
+    # A user config: batch keys reconciled, clipping filled in, optimizer sections refused.
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"train_batch_size": 64, "gradient_accumulation_steps": 4,
+                                "zero_optimization": {"stage": 1}}))  # fmt: skip
+    plan = resolve_plan(_request(tmp_path / "d.json", tmp_path / "r", deepspeed_config=str(user), num_gpus=2))
+    assert (plan.micro_batch, plan.grad_accum, plan.zero_stage) == (8, 4, 1)
+    assert plan.config["gradient_clipping"] == 1.0
+    user.write_text(json.dumps({"optimizer": {"type": "Adam"}, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="optimizer"):
+        resolve_plan(_request(tmp_path / "d.json", tmp_path / "r", deepspeed_config=str(user)))
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        resolve_plan(_request(tmp_path / "d.json", tmp_path / "r", fp16=True))
+    with pytest.raises(ConfigError, match="slots=N"):
+        hosts = tmp_path / "hosts"
+        hosts.write_text("node1 slots=two\n")
+        resolve_plan(_request(tmp_path / "d.json", tmp_path / "r", hostfile=str(hosts)))
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--zero-stage", "4"], "--zero-stage must be 1, 2 or 3"),
+        (["--zero-stage", "1", "--cpu-offload"], "CPU offload needs ZeRO stage 2 or 3"),
+        (
+            ["--num-gpus", "2", "--train-batch-size", "10", "--gradient-accumulation", "2"],
+            "not divisible by GPUs",
+        ),
+        (["--num-gpus", "100000"], "this machine has"),
+    ],
+)
+def test_bad_flags_exit_2_before_anything(
+    flags: list[str],
+    match: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from apt_model.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "none")
+    data = tmp_path / "d.json"
+    data.write_text(
+        json.dumps({"metadata": {"name": "t"}, "data": {"m": [{"input": "a", "output": "b"}] * 4}})
+    )
+    save = tmp_path / "out"
+    argv = [
+        "train",
+        "--backend",
+        "deepspeed",
+        "--dataset",
+        str(data),
+        "--save-dir",
+        str(save),
+        "--preset",
+        "tiny",
+    ]
+    assert main([*argv, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+    assert not save.exists()
+
+
+def test_timeout_kills_the_process_group(dataset: Path, env: Path) -> None:
+    out = env / "killed"
+    req = _request(dataset, out, num_gpus=2, zero_stage=2, timeout=4)
+    t0 = time.monotonic()
+    with pytest.raises(TrainingCancelled, match="timeout"):
+        _run(req)
+    assert time.monotonic() - t0 < 30
+    marker = str((out / "request.json").resolve())
+    time.sleep(0.5)
+    alive = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmd:
+                alive.append(cmd)
+    assert not alive, alive
+
+
+# ------------------------------------------------------------------------------------------------ real runs
+
+
+@pytest.mark.slow
+def test_zero2_trains_saves_and_exports(zero2: dict[str, Any], dataset: Path) -> None:
+    from apt_model.checkpoint import load_model
+    from apt_model.verify import verify_model
+
+    full: TrainResult = zero2["full"]
+    out = Path(full.out_dir)
+    assert full.backend == "deepspeed" and full.epochs_completed == 2
+    assert full.extra["world_size"] == 2 and full.extra["zero_stage"] == 2
+    assert json.loads((out / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == 2
+    assert json.loads((out / "request.json").read_text())["dataset"] == str(dataset)
+    for epoch in (1, 2):
+        ckpt = out / f"checkpoint_epoch_{epoch}"
+        names = {p.name for p in ckpt.iterdir()}
+        # ZeRO shards of BOTH ranks, plus our state.
+        assert {
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        } <= names
+        assert {"tokenizer_state.json", "apt_state.pt", "rng_rank0.pt", "rng_rank1.pt"} <= names
+    report = _report(full)
+    assert report["backend"] == "deepspeed" and report["status"] == "finished"
+    assert [r["epoch"] for r in report["epochs"]] == [1, 2]
+    assert [r["epoch"] for r in zero2["epochs"]] == [1, 2]  # on_epoch crossed the process boundary
+    assert report["epochs"][1]["train_loss"] < report["epochs"][0]["train_loss"]
+    loaded = load_model(full.final_model)
+    assert loaded.config.d_model == 32
+    verified = verify_model(full.export_dir, dataset, sample=20)
+    assert 0 < verified.overall["n"] <= 20 and 0.0 <= verified.overall["exact"] <= 1.0
+
+
+@pytest.mark.slow
+def test_zero2_resume_is_exact(zero2: dict[str, Any]) -> None:
+    full, resumed = _report(zero2["full"]), _report(zero2["resumed"])
+    steps_per_epoch = full["runtime"]["steps_per_epoch"]
+    assert resumed["runtime"]["resumed_from"][0]["epoch"] == 1
+    assert [r["epoch"] for r in resumed["epochs"]] == [1, 2]
+    tail_full = [loss for step, loss in full["batch_losses"] if step > steps_per_epoch]
+    tail_res = [loss for step, loss in resumed["batch_losses"] if step > steps_per_epoch]
+    assert len(tail_full) == steps_per_epoch and len(tail_res) == steps_per_epoch
+    assert tail_res == pytest.approx(tail_full, abs=1e-5)
+    assert resumed["epochs"][1]["val_loss"] == pytest.approx(full["epochs"][1]["val_loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero_to_fp32_script_matches_export(zero2: dict[str, Any], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    out = Path(zero2["full"].out_dir)
+    target = tmp_path / "consolidated"
+    # DeepSpeed's own script, run as __main__ in a fresh process (mlflow hidden: DeepSpeed imports it for seconds).
+    argv = [
+        str(out / "zero_to_fp32.py"),
+        str(out),
+        str(target),
+        "-t",
+        "checkpoint_epoch_2",
+        "--safe_serialization",
+    ]
+    code = (
+        "import runpy, sys; sys.modules['mlflow'] = None; "
+        f"sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
+    theirs = load_file(str(next(target.glob("*.safetensors"))))
+    ours = load_file(str(Path(zero2["full"].export_dir) / "model.safetensors"))
+    shared = set(theirs) & set(ours)
+    assert len(shared) >= len(ours) - 1  # safetensors drops one name of the tied embedding/projection
+    for key in shared:
+        assert torch.equal(theirs[key], ours[key]), key
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_different_model_or_an_unsafe_file(
+    zero2: dict[str, Any], dataset: Path, env: Path
+) -> None:
+    ckpt = Path(zero2["full"].out_dir) / "checkpoint_epoch_1"
+    req = _request(dataset, env / "z2_bad", num_gpus=2, zero_stage=2, load_checkpoint=str(ckpt))
+    req.model = model_preset("tiny", d_ff=128)
+    with pytest.raises(CheckpointError, match="model config differs"):
+        DeepSpeedBackend().validate(req)
+    with pytest.raises(CheckpointError, match="ranks"):
+        DeepSpeedBackend().validate(_request(dataset, env / "z2_bad", num_gpus=1, zero_stage=2,
+                                             load_checkpoint=str(ckpt)))  # fmt: skip
+    bad = env / "tampered"
+    bad.mkdir()
+    torch.save({"x": argparse.ArgumentParser}, bad / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match="safe loader"):
+        check_checkpoint_files(bad)
+    assert not (env / "z2_bad").exists()
+
+
+@pytest.mark.slow
+def test_zero3_trains_saves_and_exports(dataset: Path, env: Path) -> None:
+    from apt_model.verify import verify_model
+
+    result = _run(_request(dataset, env / "z3", _train(epochs=1), num_gpus=2, zero_stage=3))
+    ckpt = Path(result.last_checkpoint)
+    assert (
+        ckpt.name == "checkpoint_epoch_1" and (ckpt / "zero_pp_rank_1_mp_rank_00_model_states.pt").is_file()
+    )
+    assert result.extra["zero_stage"] == 3
+    verified = verify_model(result.final_model, dataset, sample=20)
+    assert 0 < verified.overall["n"] <= 20 and 0.0 <= verified.overall["exact"] <= 1.0
+
+
+@pytest.mark.slow
+def test_world_size_1_matches_playground_with_dbc_dac(dataset: Path, env: Path) -> None:
+    """ZeRO-1 at world size 1 vs the Playground, same seed, fp32 CPU, DBC-DAC applied on every step."""
+    dbc = DBCDACConfig(every_n_steps=1, min_numel=256)
+    train = _train(dbc_dac=dbc)
+    play = get_backend("playground").train(
+        _request(dataset, env / "parity_play", train, device="cpu", pad="bucket", progress=False)
+    )
+    plain = get_backend("playground").train(
+        _request(dataset, env / "parity_plain", _train(), device="cpu", pad="bucket", progress=False)
+    )
+    ds = _run(_request(dataset, env / "parity_ds", train, num_gpus=1, zero_stage=1))
+    a, b = _report(play)["batch_losses"], _report(ds)["batch_losses"]
+    assert [s for s, _ in a] == [s for s, _ in b] and len(a) > 4
+    assert [x for _, x in b] == pytest.approx([x for _, x in a], abs=1e-3)
+    # DBC-DAC matters on these steps, so the match above shows DeepSpeed's update used the stabilised gradient.
+    c = _report(plain)["batch_losses"]
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, c, strict=True)) > 1e-3
+    assert (
+        _report(ds)["final"]["dbc_dac"]["stabilized"] == _report(play)["final"]["dbc_dac"]["stabilized"] > 0
+    )
