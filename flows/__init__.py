@@ -1,0 +1,1 @@
+"""Prefect flows. `flows.pipeline:apt` is the flow behind `apt/full-pipeline` and `apt/retrain`."""
