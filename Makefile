@@ -20,9 +20,11 @@ setup: $(BIN)/apt
 
 # The main job on the embedded default: no server to start by hand.
 run: $(BIN)/apt
+	mkdir -p "$(PREFECT_HOME)" "$(MPLCONFIGDIR)"
 	$(BIN)/apt pipeline run --preset tiny --output-root runs/default
 
 test: $(BIN)/apt
+	mkdir -p "$(PREFECT_HOME)" "$(MPLCONFIGDIR)" "$(TORCH_EXTENSIONS_DIR)"
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apt_model.io import atomic_write_json, dumps_json, sha256_file
+from apt_model.io import atomic_write_json, dumps_json, replace_dir, sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
@@ -208,17 +208,9 @@ class Cache:
             "meta": dict(meta),
         }
         atomic_write_json(built_dir / MANIFEST, manifest)
-        target = entry.dir
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            # Swap out the stale entry; the lock keeps other builders out, and readers look up under the lock.
-            old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            os.replace(target, old)
-            os.replace(built_dir, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(built_dir, target)
-        _fsync_dir(target.parent)
+        entry.dir.parent.mkdir(parents=True, exist_ok=True)
+        # Swaps out a stale entry in one step; the lock keeps other builders out.
+        replace_dir(built_dir, entry.dir)
         return manifest
 
     def get_or_build(
@@ -280,12 +272,3 @@ def _is_locked(entry: CacheEntry) -> bool:
         return False
     finally:
         os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

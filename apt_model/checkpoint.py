@@ -21,7 +21,10 @@ and checks that the tokenizer's vocabulary size equals the model config's ``voca
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,7 +80,17 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     _check_safe(state, "state")
     target = Path(path)
     with atomic_path(target) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as exc:
+            # torch's writer reports a short write (full disk, quota) as "unexpected pos N vs M": say what it is.
+            if "unexpected pos" not in str(exc):
+                raise
+            full = shutil.disk_usage(tmp.parent).free < (64 << 20)
+            code = errno.ENOSPC if full else errno.EIO
+            raise OSError(
+                code, f"{os.strerror(code)} (short write while saving the checkpoint)", str(target)
+            ) from exc
     return target
 
 
@@ -198,10 +211,18 @@ def resolve_model_path(path: str | Path) -> Path:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The ``checkpoint_epoch_{N}.pt`` of ``run_dir`` with the highest N (what a retried run resumes from)."""
+    """The checkpoint of ``run_dir`` with the highest epoch N (what a retried run resumes from).
+
+    ``checkpoint_epoch_{N}.pt`` files (Playground) and ``checkpoint_epoch_{N}/`` folders (DeepSpeed, published
+    by a rename once every rank has written) both count; temporary files of interrupted writes never match.
+    """
     best: tuple[int, Path] | None = None
-    for p in Path(run_dir).glob("checkpoint_epoch_*.pt"):
-        suffix = p.stem.removeprefix("checkpoint_epoch_")
+    for p in Path(run_dir).glob("checkpoint_epoch_*"):
+        suffix = p.name.removeprefix("checkpoint_epoch_")
+        if p.is_file() and suffix.endswith(".pt"):
+            suffix = suffix[: -len(".pt")]
+        elif not p.is_dir():
+            continue
         if suffix.isdigit() and (best is None or int(suffix) > best[0]):
             best = (int(suffix), p)
     return best[1] if best else None

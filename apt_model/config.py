@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -26,10 +27,15 @@ class _Config:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> Self:
-        data = dict(data or {})
-        if not isinstance(data, dict):
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Self:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
             raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+        data = dict(data)
+        bad_keys = [k for k in data if not isinstance(k, str)]
+        if bad_keys:
+            raise ConfigError(f"{cls.__name__}: field names must be strings (got {bad_keys[0]!r})")
         known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - set(known))
         if unknown:
@@ -37,7 +43,7 @@ class _Config:
         kwargs: dict[str, Any] = {}
         for name, value in data.items():
             nested = _nested_config_type(known[name])
-            kwargs[name] = nested.from_dict(value) if nested and isinstance(value, dict) else value
+            kwargs[name] = nested.from_dict(value) if nested and isinstance(value, Mapping) else value
         try:
             return cls(**kwargs)
         except TypeError as exc:  # pragma: no cover - guarded by the unknown-field check
@@ -93,7 +99,9 @@ class _Config:
                 raise ConfigError(f"{type(self).__name__}.{f.name}: expected an integer (got {value!r})")
             if expected == "float":
                 if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                    raise ConfigError(f"{type(self).__name__}.{f.name}: expected a finite number (got {value!r})")
+                    raise ConfigError(
+                        f"{type(self).__name__}.{f.name}: expected a finite number (got {value!r})"
+                    )
                 object.__setattr__(self, f.name, float(value))
             if expected == "str" and not isinstance(value, str):
                 raise ConfigError(f"{type(self).__name__}.{f.name}: expected a string (got {value!r})")
@@ -125,7 +133,16 @@ class ModelConfig(_Config):
 
     def __post_init__(self) -> None:
         self._check_types()
-        for name in ("vocab_size", "d_model", "n_encoder_layers", "n_decoder_layers", "n_heads", "d_ff", "sr_ratio", "max_len"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_encoder_layers",
+            "n_decoder_layers",
+            "n_heads",
+            "d_ff",
+            "sr_ratio",
+            "max_len",
+        ):
             self._check(getattr(self, name) > 0, name, "must be positive")
         self._check(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model}")
         self._check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
@@ -145,9 +162,13 @@ class ModelConfig(_Config):
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Tests and CI: 2 layers, width 32.
-    "tiny": dict(d_model=32, n_encoder_layers=2, n_decoder_layers=2, n_heads=4, d_ff=64, dropout=0.0, max_len=128),
+    "tiny": dict(
+        d_model=32, n_encoder_layers=2, n_decoder_layers=2, n_heads=4, d_ff=64, dropout=0.0, max_len=128
+    ),
     # The guide's Playground config.
-    "playground": dict(d_model=256, n_encoder_layers=6, n_decoder_layers=6, n_heads=8, d_ff=1024, max_len=256),
+    "playground": dict(
+        d_model=256, n_encoder_layers=6, n_decoder_layers=6, n_heads=8, d_ff=1024, max_len=256
+    ),
     # The reference implementation's defaults.
     "reference": dict(),
 }
@@ -229,8 +250,12 @@ class TrainConfig(_Config):
     dbc_dac: DBCDACConfig = field(default_factory=DBCDACConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.dbc_dac, dict):
+        if isinstance(self.dbc_dac, Mapping):
             self.dbc_dac = DBCDACConfig.from_dict(self.dbc_dac)
+        if not isinstance(self.dbc_dac, DBCDACConfig):
+            raise ConfigError(
+                f"TrainConfig.dbc_dac: expected a mapping of DBC-DAC settings (got {self.dbc_dac!r})"
+            )
         self._check_types()
         self._check(self.epochs >= 1, "epochs", "must be >= 1")
         self._check(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -243,7 +268,11 @@ class TrainConfig(_Config):
         self._check(self.clip_grad_norm > 0, "clip_grad_norm", "must be positive")
         self._check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         self._check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        self._check(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "must be auto, fp32, bf16 or fp16")
+        self._check(
+            self.precision in ("auto", "fp32", "bf16", "fp16"),
+            "precision",
+            "must be auto, fp32, bf16 or fp16",
+        )
         self._check(self.save_interval >= 1, "save_interval", "must be >= 1")
         self._check(self.eval_every >= 1, "eval_every", "must be >= 1")
         self._check(self.compile in ("auto", "on", "off"), "compile", "must be auto, on or off")

@@ -8,11 +8,14 @@ previous version intact.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,17 +52,49 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EPERM):  # kernel or filesystem without the flag
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(src: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Make directory ``src`` become ``target``, replacing an existing ``target`` as a whole.
+
+    Where the kernel can, the two are exchanged in one step, so a crash leaves either the old or the new
+    directory at ``target``, never neither. Elsewhere the old one is renamed aside first; a crash between the
+    two renames leaves it beside the target as ``.{name}.old-*``.
+    """
+    src, target = Path(src), Path(target)
+    if not target.exists():
+        os.replace(src, target)
+    elif _exchange(src, target):
+        shutil.rmtree(src, ignore_errors=True)  # src now holds the old directory
+    else:
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(target, old)
+        os.replace(src, target)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(target.parent)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.states import Completed
 
 from apt_model.cache import cache_key, code_version
+from apt_model.checkpoint import latest_checkpoint
 from apt_model.errors import ConfigError
 from apt_model.io import atomic_write_json
 from apt_model.pipeline_params import PipelineParams
@@ -38,22 +38,10 @@ from tasks.train_child import EPOCH_PREFIX, RESULT_FILE
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PID_FILE = "train.pid"
 REQUEST_FILE = "train_request.json"
-_CKPT = re.compile(r"^checkpoint_epoch_(\d+)\.pt$")
 
 
 class TrainingCrashed(RuntimeError):
     """The training process died or failed for a reason that may not recur: the stage is retried (and resumes)."""
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The ``checkpoint_epoch_N.pt`` with the largest N, or None."""
-    best: tuple[int, Path] | None = None
-    if directory.is_dir():
-        for p in directory.iterdir():
-            m = _CKPT.match(p.name)
-            if m and p.is_file() and (best is None or int(m.group(1)) > best[0]):
-                best = (int(m.group(1)), p)
-    return best[1] if best else None
 
 
 def train_key(

@@ -8,6 +8,7 @@ handlers validate their inputs first.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,9 @@ from apt_model.errors import AptError
 
 # Order is the order of `apt --help`.
 COMMAND_MODULES = ("data", "train", "verify", "diagnose", "visualize", "monitor", "pipeline")
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +58,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # Storage failures mid-run (full disk, quota, read-only or failing filesystem) are the user's to fix:
+        # say which file and why, in one line. Atomic writes have left the previous files intact.
+        if exc.errno not in _STORAGE_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc} (previous outputs are intact)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

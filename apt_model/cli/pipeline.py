@@ -85,6 +85,8 @@ def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MPLCONFIGDIR", str(REPO_ROOT / ".apt_home" / "matplotlib"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    for var in ("PREFECT_HOME", "MPLCONFIGDIR"):  # Prefect does not create missing parents of its home
+        Path(os.environ[var]).expanduser().mkdir(parents=True, exist_ok=True)
     where = os.environ.get("PREFECT_API_URL") or "embedded (ephemeral Prefect API, SQLite)"
     print(
         f"apt pipeline: backend {params.backend}, preset {params.preset}, {params.epochs} epochs; Prefect: {where}"

@@ -195,6 +195,15 @@ def _load_config_file(path: Path) -> dict[str, Any]:
     return {k: dict(v or {}) for k, v in data.items()}
 
 
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    """A copy of ``value`` if it is a mapping (or empty); a clear error otherwise — never a TypeError."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what}: expected a mapping (got {type(value).__name__})")
+    return dict(value)
+
+
 def _explicit(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
     return {
         field: getattr(args, dest) for dest, field in mapping.items() if getattr(args, dest, None) is not None
@@ -256,15 +265,15 @@ def build_request(args: argparse.Namespace) -> tuple[TrainRequest, Backend]:
                     f"{args.resume}: requested model config differs from the checkpoint's ({'; '.join(diff[:3])}); "
                     "when resuming the model config comes from the checkpoint — drop --preset/model flags"
                 )
-        train_base = dict(state.get("train_config") or {})
-        data_base = dict(state.get("data_config") or {})
+        train_base = _mapping(state.get("train_config"), f"{args.resume}: train_config")
+        data_base = _mapping(state.get("data_config"), f"{args.resume}: data_config")
     else:
         model = model_preset(preset or DEFAULT_PRESET, **model_over)
 
     train_dict = {**train_base, **sections.get("train", {}), **_explicit(args, TRAIN_FLAGS)}
     if args.deterministic:
         train_dict["deterministic"] = True
-    dbc = dict(train_dict.get("dbc_dac") or {})
+    dbc = _mapping(train_dict.get("dbc_dac"), "train.dbc_dac")
     if args.no_dbc_dac:
         dbc["enabled"] = False
     if args.dbc_dac_every is not None:

@@ -130,6 +130,8 @@ def _read_json(p: Path, name: str) -> tuple[Any, bytes]:
         ) from None
     except RecursionError:
         raise DataError(f"{name}: JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal past Python's int-conversion limit
+        raise DataError(f"{name}: unreadable JSON value ({str(exc).splitlines()[0]})") from None
 
 
 def dataset_sha256(path: str | os.PathLike[str]) -> str:

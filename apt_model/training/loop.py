@@ -31,6 +31,7 @@ checkpoint: a request whose model config differs is refused (``CheckpointError``
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -136,6 +137,32 @@ def _run_exists(out_dir: Path) -> list[str]:
     return found
 
 
+def verify_recorded_sha256(checkpoint: Path) -> None:
+    """Refuse a checkpoint whose content differs from the sha256 its run recorded when writing it.
+
+    torch does not checksum tensor data, so a flipped bit would otherwise load silently. The record is the
+    ``checkpoints`` list of the ``experiment_report.json`` beside it; a checkpoint without a record (copied
+    elsewhere, or from another tool) is not refused.
+    """
+    report_path = checkpoint.parent / REPORT_FILE
+    if not checkpoint.is_file() or not report_path.is_file():
+        return
+    try:
+        entries = json.loads(report_path.read_text(encoding="utf-8")).get("checkpoints") or []
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable report is diagnose's business; the checkpoint's own checks still run
+    recorded = [
+        e.get("sha256")
+        for e in entries
+        if isinstance(e, dict) and e.get("sha256") and Path(str(e.get("path", ""))).name == checkpoint.name
+    ]
+    if recorded and sha256_file(checkpoint) != recorded[-1]:
+        raise CheckpointError(
+            f"{checkpoint}: content does not match the sha256 recorded in {report_path.name} "
+            f"({recorded[-1][:12]}…); the file is corrupted — resume from an earlier checkpoint"
+        )
+
+
 def prepare(request: TrainRequest) -> Prepared:
     """Validate the request and load data/tokenizer/checkpoint. Raises ``AptError`` (one line); writes nothing."""
     from apt_model.data import load_dataset
@@ -165,6 +192,7 @@ def prepare(request: TrainRequest) -> Prepared:
     resume_state = None
     start_epoch = 0
     if request.resume is not None:
+        verify_recorded_sha256(Path(request.resume))
         resume_state = load_checkpoint(request.resume)
         for key in ("optimizer_state", "scheduler_state", "epoch", "global_step", "rng"):
             if key not in resume_state:

@@ -208,6 +208,27 @@ def test_retrain_continues_from_champion(live_stack):
     assert summary["promotion"]["outcome"] in ("promoted", "rejected")
 
 
+def test_deepspeed_deployment_runs_on_two_cpu_processes(live_stack):
+    """The `full-pipeline-deepspeed` deployment through the stack's multi-GPU pool: 2 gloo processes on CPU."""
+    run_id = live_stack.run_deployment(
+        "apt/full-pipeline-deepspeed",
+        preset="tiny",
+        epochs=1,
+        batch_size=16,
+        verify_sample=20,
+        backend_options={"num_gpus": 2, "zero_stage": 2},
+    )
+    fr = live_stack.wait(run_id)
+    assert fr["state"]["type"] == "COMPLETED", fr["state"]
+    tasks = _by_name(live_stack.task_runs(run_id))
+    assert set(tasks) >= STAGES and all(tasks[s]["state"]["type"] == "COMPLETED" for s in STAGES)
+    summary = live_stack.result_summary(run_id)
+    report = json.loads((Path(summary["train"]["dir"]) / "experiment_report.json").read_text())
+    assert report["backend"] == "deepspeed" and report["status"] == "finished"
+    assert report["runtime"]["world_size"] == 2 and report["runtime"]["zero_stage"] == 2
+    assert summary["verification"]["overall"]["n"] == 20  # the consolidated export verified
+
+
 def test_stack_up_is_idempotent(live_stack):
     again = live_stack.stack_cmd(
         "up", "--output-root", str(live_stack.output_root), "--workers", "apt-local-gpu"
