@@ -21,7 +21,7 @@ setup: $(BIN)/apt
 # The main job on the embedded default: no server to start by hand.
 run: $(BIN)/apt
 	mkdir -p "$(PREFECT_HOME)" "$(MPLCONFIGDIR)"
-	$(BIN)/apt pipeline run --preset tiny --output-root runs/default
+	$(BIN)/apt pipeline run --preset tiny --param lr=0.003 --output-root runs/default
 
 test: $(BIN)/apt
 	mkdir -p "$(PREFECT_HOME)" "$(MPLCONFIGDIR)" "$(TORCH_EXTENSIONS_DIR)"

@@ -644,33 +644,14 @@ class Worker:
                 "deepspeed_config": self.ds_config,
             },
         )
-        rows = self.report.epochs
-        last = rows[-1] if rows else {}
-        vals = [(r["val_loss"], r["epoch"]) for r in rows if isinstance(r.get("val_loss"), float)]
-        best = min(vals) if vals else (None, None)
-        self.report.status = "finished"
-        self.report.final = {
-            "epochs_completed": self.epoch,
-            "global_step": self.global_step,
-            "train_loss": last.get("train_loss"),
-            "val_loss": last.get("val_loss"),
-            "val_token_acc": last.get("val_token_acc"),
-            "best_val_loss": best[0],
-            "best_epoch": best[1],
-            "skipped_steps": sum(int(r.get("skipped_steps", 0)) for r in rows),
-            "dbc_dac": None
-            if self.dbc is None
-            else {
-                "applied_steps": self.dbc.stats.applied_steps,
-                "stabilized": self.dbc.stats.stabilized,
-                "cleaned": self.dbc.stats.cleaned,
-                "seconds": self.dbc.stats.seconds,
-                "every_n_steps": self.cfg.dbc_dac.every_n_steps,
-            },
-            "train_seconds": self.train_seconds,
-            "final_model": str(export_dir),
-            "export_dir": str(export_dir),
-        }
+        self.report.finish(
+            epochs_completed=self.epoch,
+            global_step=self.global_step,
+            dbc_dac=self.dbc.summary() if self.dbc is not None else None,
+            train_seconds=self.train_seconds,
+            final_model=str(export_dir),
+            export_dir=str(export_dir),
+        )
         self.report.write(self.report_path)
         self.tracker.log_artifact(self.report_path)
         self.tracker.log_artifact(export_dir, artifact_path=FINAL_EXPORT)

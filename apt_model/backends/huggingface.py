@@ -1234,38 +1234,14 @@ class _Reporter:
         self.report.write(self.path)
 
     def finalize(self, final_ckpt: Path, export_dir: Path) -> None:
-        rows = self.report.epochs
-        last = rows[-1] if rows else {}
-        vals = [(r["val_loss"], r["epoch"]) for r in rows if isinstance(r.get("val_loss"), float)]
-        best = min(vals) if vals else (None, None)
-        self.report.status = "finished"
-        self.report.final = {
-            "epochs_completed": len(rows),
-            "global_step": int(self.trainer.state.global_step),
-            "train_loss": last.get("train_loss"),
-            "val_loss": last.get("val_loss"),
-            "val_token_acc": last.get("val_token_acc"),
-            "best_val_loss": best[0],
-            "best_epoch": best[1],
-            "skipped_steps": sum(int(r.get("skipped_steps", 0)) for r in rows),
-            "dbc_dac": self._dbc_stats(),
-            "train_seconds": self.train_seconds,
-            "final_model": str(final_ckpt),
-            "export_dir": str(export_dir),
-        }
-
-    def _dbc_stats(self) -> dict[str, Any] | None:
-        dbc = self.run.dbc
-        if dbc is None:
-            return None
-        st = dbc.stats
-        return {
-            "applied_steps": st.applied_steps,
-            "stabilized": st.stabilized,
-            "cleaned": st.cleaned,
-            "seconds": st.seconds,
-            "every_n_steps": self.cfg.dbc_dac.every_n_steps,
-        }
+        self.report.finish(
+            epochs_completed=len(self.report.epochs),
+            global_step=int(self.trainer.state.global_step),
+            dbc_dac=self.run.dbc.summary() if self.run.dbc is not None else None,
+            train_seconds=self.train_seconds,
+            final_model=str(final_ckpt),
+            export_dir=str(export_dir),
+        )
 
     def fail(self, exc: BaseException) -> None:
         if not self.run.is_main:

@@ -164,6 +164,17 @@ class DBCDAC:
         self.stats.applied_steps += 1
         return True
 
+    def summary(self) -> dict[str, Any]:
+        """What the run report records about DBC-DAC: its cadence and running totals."""
+        st = self.stats
+        return {
+            "applied_steps": st.applied_steps,
+            "stabilized": st.stabilized,
+            "cleaned": st.cleaned,
+            "seconds": st.seconds,
+            "every_n_steps": self.cfg.every_n_steps,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """Generator states and counters (tensors and primitives only: safe for ``weights_only`` loading)."""
         states = dict(self._pending_states)

@@ -675,18 +675,6 @@ class _Trainer:
             "skipped_steps": stats.skipped,
         }
 
-    def _dbc_stats(self) -> dict[str, Any] | None:
-        if self.dbc is None:
-            return None
-        st = self.dbc.stats
-        return {
-            "applied_steps": st.applied_steps,
-            "stabilized": st.stabilized,
-            "cleaned": st.cleaned,
-            "seconds": st.seconds,
-            "every_n_steps": self.cfg.dbc_dac.every_n_steps,
-        }
-
     def _save_epoch_checkpoint(self) -> None:
         path = self.out_dir / CHECKPOINT_PATTERN.format(epoch=self.epoch)
         save_checkpoint(path, self._state())
@@ -757,25 +745,14 @@ class _Trainer:
         out = self.out_dir
         final_ckpt = out / FINAL_CHECKPOINT
         export_dir = out / FINAL_EXPORT
-        rows = self.report.epochs
-        last = rows[-1] if rows else {}
-        vals = [(r["val_loss"], r["epoch"]) for r in rows if isinstance(r.get("val_loss"), float)]
-        best = min(vals) if vals else (None, None)
-        self.report.status = "finished"
-        self.report.final = {
-            "epochs_completed": self.epoch,
-            "global_step": self.global_step,
-            "train_loss": last.get("train_loss"),
-            "val_loss": last.get("val_loss"),
-            "val_token_acc": last.get("val_token_acc"),
-            "best_val_loss": best[0],
-            "best_epoch": best[1],
-            "skipped_steps": sum(int(r.get("skipped_steps", 0)) for r in rows),
-            "dbc_dac": self._dbc_stats(),
-            "train_seconds": self.train_seconds,
-            "final_model": str(final_ckpt),
-            "export_dir": str(export_dir),
-        }
+        self.report.finish(
+            epochs_completed=self.epoch,
+            global_step=self.global_step,
+            dbc_dac=self.dbc.summary() if self.dbc is not None else None,
+            train_seconds=self.train_seconds,
+            final_model=str(final_ckpt),
+            export_dir=str(export_dir),
+        )
         save_checkpoint(final_ckpt, self._state())
         export_pretrained(
             export_dir,

@@ -104,6 +104,24 @@ class ExperimentReport:
             raise ValueError(f"epoch row lacks {missing}")
         self.epochs.append({k: row[k] for k in EPOCH_KEYS})
 
+    def finish(self, **fields: Any) -> None:
+        """Mark the run finished; ``final`` gets the last epoch's metrics, the best validation loss and the
+        skipped-step total (derived from the epoch rows), plus the trainer's own ``fields``."""
+        rows = self.epochs
+        last = rows[-1] if rows else {}
+        vals = [(r["val_loss"], r["epoch"]) for r in rows if isinstance(r.get("val_loss"), float)]
+        best_loss, best_epoch = min(vals) if vals else (None, None)
+        self.status = "finished"
+        self.final = {
+            "train_loss": last.get("train_loss"),
+            "val_loss": last.get("val_loss"),
+            "val_token_acc": last.get("val_token_acc"),
+            "best_val_loss": best_loss,
+            "best_epoch": best_epoch,
+            "skipped_steps": sum(int(r.get("skipped_steps", 0)) for r in rows),
+            **fields,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,
