@@ -142,11 +142,29 @@ def register(subparsers: Any) -> None:
         except Exception:  # a backend whose module cannot import still shows in --list-backends
             owned[name] = set()
             continue
-        before = {id(a) for a in p._actions}
-        backend.add_arguments(p.add_argument_group(f"{name} backend"))  # type: ignore[arg-type]
-        owned[name] = {a.dest for a in p._actions if id(a) not in before} - common
+        owned[name] = _declared_dests(backend, p.add_argument_group(f"{name} backend")) - common
     defaults = {a.dest: a.default for a in p._actions}
     p.set_defaults(handler=run, _backend_dests=owned, _parser_defaults=defaults)
+
+
+def _declared_dests(backend: Backend, group: argparse._ArgumentGroup) -> set[str]:
+    """The dests ``backend.add_arguments`` declares, recorded as it declares them.
+
+    Several backends may declare the same flag (``--fp16``); with ``conflict_handler="resolve"`` the later one
+    replaces the earlier action, so ownership cannot be read off the parser's action list afterwards (an
+    ``id()`` comparison even breaks when the new action reuses the freed one's address).
+    """
+    declared: set[str] = set()
+    add = group.add_argument
+
+    def recording_add(*args: Any, **kwargs: Any) -> argparse.Action:
+        action = add(*args, **kwargs)
+        declared.add(action.dest)
+        return action
+
+    group.add_argument = recording_add  # type: ignore[method-assign]
+    backend.add_arguments(group)  # type: ignore[arg-type]
+    return declared
 
 
 def _list_backends() -> int:
