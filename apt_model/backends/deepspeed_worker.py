@@ -552,20 +552,10 @@ class Worker:
 
     # -- the run -----------------------------------------------------------------------------------------------
     def _emit(self, row: dict[str, Any]) -> None:
-        from apt_model.training.tracking import METRIC_KEYS
+        from apt_model.training.loop import emit_epoch
 
-        fmt = lambda x: f"{x:.4f}" if isinstance(x, float) else str(x)  # noqa: E731
-        log.info(
-            "epoch %d/%d  train_loss %s  val_loss %s  val_acc %s  lr %.3g  %.1fs",
-            row["epoch"],
-            self.cfg.epochs,
-            fmt(row["train_loss"]),
-            fmt(row["val_loss"]),
-            fmt(row["val_token_acc"]),
-            row["lr"],
-            row["epoch_seconds"],
-        )
-        self.tracker.log_metrics({k: row[k] for k in METRIC_KEYS}, step=row["epoch"])
+        # on_epoch lives in the launching process: the row crosses back as an EPOCH_LINE on stdout.
+        emit_epoch(row, epochs=self.cfg.epochs, tracker=self.tracker, on_epoch=None)
         print(EPOCH_LINE + json.dumps(row, default=str), flush=True)
 
     def run(self) -> TrainResult | None:

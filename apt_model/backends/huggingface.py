@@ -1186,30 +1186,14 @@ class _Reporter:
             self._commit(row)
 
     def _commit(self, row: dict[str, Any]) -> None:
-        from apt_model.training.loop import _fmt
+        from apt_model.training.loop import emit_epoch
         from apt_model.training.report import json_float
-        from apt_model.training.tracking import METRIC_KEYS
 
         self.report.add_epoch({**row, "train_loss": json_float(row["train_loss"])})
         if not self.run.is_main:
             return
         self.report.write(self.path)
-        log.info(
-            "epoch %d/%d  train_loss %s  val_loss %s  val_acc %s  lr %.3g  %.1fs",
-            row["epoch"],
-            self.cfg.epochs,
-            _fmt(row["train_loss"]),
-            _fmt(row["val_loss"]),
-            _fmt(row["val_token_acc"]),
-            row["lr"],
-            row["epoch_seconds"],
-        )
-        self.tracker.log_metrics({k: row[k] for k in METRIC_KEYS}, step=row["epoch"])
-        if self.run.request.on_epoch is not None:
-            try:
-                self.run.request.on_epoch(dict(row))
-            except Exception:  # a progress consumer must not kill training
-                log.warning("on_epoch callback failed", exc_info=True)
+        emit_epoch(row, epochs=self.cfg.epochs, tracker=self.tracker, on_epoch=self.run.request.on_epoch)
 
     def checkpoint_saved(self, folder: Path) -> None:
         from apt_model.io import atomic_write_json, sha256_file

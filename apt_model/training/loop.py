@@ -38,7 +38,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -688,22 +688,7 @@ class _Trainer:
         )
 
     def _emit(self, row: dict[str, Any]) -> None:
-        log.info(
-            "epoch %d/%d  train_loss %s  val_loss %s  val_acc %s  lr %.3g  %.1fs",
-            row["epoch"],
-            self.cfg.epochs,
-            _fmt(row["train_loss"]),
-            _fmt(row["val_loss"]),
-            _fmt(row["val_token_acc"]),
-            row["lr"],
-            row["epoch_seconds"],
-        )
-        self.tracker.log_metrics({k: row[k] for k in METRIC_KEYS}, step=row["epoch"])
-        if self.request.on_epoch is not None:
-            try:
-                self.request.on_epoch(dict(row))
-            except Exception:  # a progress consumer must not kill training
-                log.warning("on_epoch callback failed", exc_info=True)
+        emit_epoch(row, epochs=self.cfg.epochs, tracker=self.tracker, on_epoch=self.request.on_epoch)
 
     # -- the run -----------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -804,6 +789,28 @@ class _Trainer:
         )
         atomic_write_json(out / RESULT_FILE, result.to_dict())
         return result
+
+
+def emit_epoch(
+    row: dict[str, Any], *, epochs: int, tracker: Tracker, on_epoch: Callable[[dict[str, Any]], None] | None
+) -> None:
+    """What every backend does with a finished epoch's row: one log line, MLflow metrics, the progress callback."""
+    log.info(
+        "epoch %d/%d  train_loss %s  val_loss %s  val_acc %s  lr %.3g  %.1fs",
+        row["epoch"],
+        epochs,
+        _fmt(row["train_loss"]),
+        _fmt(row["val_loss"]),
+        _fmt(row["val_token_acc"]),
+        row["lr"],
+        row["epoch_seconds"],
+    )
+    tracker.log_metrics({k: row[k] for k in METRIC_KEYS}, step=row["epoch"])
+    if on_epoch is not None:
+        try:
+            on_epoch(dict(row))
+        except Exception:  # a progress consumer must not kill training
+            log.warning("on_epoch callback failed", exc_info=True)
 
 
 def _fmt(x: Any) -> str:
