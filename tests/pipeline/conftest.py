@@ -38,6 +38,8 @@ class LiveStack:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "MPLCONFIGDIR": str(home / "mpl"),
             "PYTHONPATH": str(REPO),
+            # Workers poll every 10 s by default: each of the ~10 runs here would wait ~5 s for pick-up.
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
         }
         self.env.pop("MLFLOW_TRACKING_URI", None)
         self.http = httpx.Client(base_url=self.api, timeout=30)
