@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -588,6 +589,33 @@ def launch_command(plan: DSPlan, request_path: Path, master_port: int) -> list[s
     ]
 
 
+def prebuild_cpu_comm(env: dict[str, str], timeout_s: float = 900) -> None:
+    """Build DeepSpeed's CPU communication extension in one process before the ranks start.
+
+    On its first use each rank JIT-compiles ``deepspeed_shm_comm`` into ``TORCH_EXTENSIONS_DIR`` under a file lock;
+    with several ranks starting together one can hold the lock while blocked in process-group set-up that waits
+    for the other, which waits for the lock — a deadlock seen on a fresh extensions folder. Once built, this only
+    loads the cached library.
+    """
+    code = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise TrainingCancelled(
+            f"timeout: building DeepSpeed's CPU communication extension took over {timeout_s:.0f} s"
+        ) from None
+    if done.returncode != 0:
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ConfigError(f"cannot build DeepSpeed's CPU communication extension: {last[0]}")
+
+
 def launch_env(plan: DSPlan) -> dict[str, str]:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
@@ -759,7 +787,15 @@ class DeepSpeedBackend:
             plan.grad_accum,
             plan.train_batch_size,
         )
-        self._run(cmd, launch_env(plan), request)
+        env = launch_env(plan)
+        if not plan.cuda and plan.world_size > 1:
+            budget = request.options.get("timeout")
+            started = time.monotonic()
+            prebuild_cpu_comm(env, timeout_s=float(budget) if budget else 900.0)
+            if budget:  # the build counts against the run's timeout
+                left = max(0.001, float(budget) - (time.monotonic() - started))
+                request = dataclasses.replace(request, options={**request.options, "timeout": left})
+        self._run(cmd, env, request)
         from apt_model.training.loop import RESULT_FILE
 
         result_path = out_dir / RESULT_FILE
