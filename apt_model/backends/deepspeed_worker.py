@@ -278,19 +278,11 @@ class Worker:
         self.train_seconds = 0.0
 
         self.report_path = self.out_dir / REPORT_FILE
-        self.report = ExperimentReport(
-            backend="deepspeed",
-            config={
-                "model": prep.model_config.to_dict(),
-                "train": cfg.to_dict(),
-                "data": self.request.data.to_dict(),
-            },
-            dataset={
-                "path": str(self.request.dataset),
-                "sha256": prep.dataset_sha256,
-                "n_train": len(prep.train_examples),
-                "n_val": len(prep.val_examples),
-            },
+        self.report = ExperimentReport.for_run(
+            "deepspeed",
+            prep,
+            self.request,
+            cfg,
             schedule=self.schedule.describe(cfg.epochs),
             runtime={
                 "device": f"{self.device.type} × {self.world}",

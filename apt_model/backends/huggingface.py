@@ -968,19 +968,11 @@ class _Reporter:
         self.path = run.out_dir / REPORT_FILE
         prep = run.prep
         schedule = self._describe_schedule()
-        self.report = ExperimentReport(
-            backend=NAME,
-            config={
-                "model": prep.model_config.to_dict(),
-                "train": self.cfg.to_dict(),
-                "data": run.request.data.to_dict(),
-            },
-            dataset={
-                "path": str(run.request.dataset),
-                "sha256": prep.dataset_sha256,
-                "n_train": len(prep.train_examples),
-                "n_val": len(prep.val_examples),
-            },
+        self.report = ExperimentReport.for_run(
+            NAME,
+            prep,
+            run.request,
+            self.cfg,
             schedule=schedule,
             runtime={
                 "device": str(self.trainer.args.device),

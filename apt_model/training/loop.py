@@ -501,19 +501,11 @@ class _Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
         self.report_path = self.out_dir / REPORT_FILE
-        self.report = ExperimentReport(
-            backend=self.backend,
-            config={
-                "model": prep.model_config.to_dict(),
-                "train": cfg.to_dict(),
-                "data": self.request.data.to_dict(),
-            },
-            dataset={
-                "path": str(self.request.dataset),
-                "sha256": prep.dataset_sha256,
-                "n_train": len(prep.train_examples),
-                "n_val": len(prep.val_examples),
-            },
+        self.report = ExperimentReport.for_run(
+            self.backend,
+            prep,
+            self.request,
+            cfg,
             schedule=self.schedule.describe(cfg.epochs),
             runtime={
                 "device": str(self.device),

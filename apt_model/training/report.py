@@ -104,6 +104,35 @@ class ExperimentReport:
             raise ValueError(f"epoch row lacks {missing}")
         self.epochs.append({k: row[k] for k in EPOCH_KEYS})
 
+    @classmethod
+    def for_run(
+        cls,
+        backend: str,
+        prep: Any,
+        request: Any,
+        train: Any,
+        *,
+        schedule: dict[str, Any],
+        runtime: dict[str, Any],
+    ) -> ExperimentReport:
+        """The report of a run: configs and dataset from the validated ``Prepared`` and its ``TrainRequest``."""
+        return cls(
+            backend=backend,
+            config={
+                "model": prep.model_config.to_dict(),
+                "train": train.to_dict(),
+                "data": request.data.to_dict(),
+            },
+            dataset={
+                "path": str(request.dataset),
+                "sha256": prep.dataset_sha256,
+                "n_train": len(prep.train_examples),
+                "n_val": len(prep.val_examples),
+            },
+            schedule=schedule,
+            runtime=runtime,
+        )
+
     def finish(self, **fields: Any) -> None:
         """Mark the run finished; ``final`` gets the last epoch's metrics, the best validation loss and the
         skipped-step total (derived from the epoch rows), plus the trainer's own ``fields``."""
