@@ -14,7 +14,7 @@ gradients once per optimizer step on a deterministic cadence:
 :func:`stabilize` (``G`` m×n):
 1. ``D = rowsum(G)``; where ``|D| < threshold``: ``threshold · sign(D)`` with ``sign(0) = +1``;
 2. ``Gn = G / D[:, None]``;
-3. ``Gn_r = Q Qᵀ Gn`` with ``Q = orth(Gn Ω)``, ``Ω`` an n×r Gaussian from a seeded generator on the
+3. ``Gn_r = Q Qᵀ Gn`` with ``Q = orth(Gn Ω)`` (:func:`orthonormal_basis`, CholeskyQR), ``Ω`` an n×r Gaussian from a seeded generator on the
    gradient's device, ``r = max(1, ⌊rank_ratio_proj · min(m, n)⌋)`` — an orthogonal projection, so
    ``‖Gn_r‖_F ≤ ‖Gn‖_F`` and ``rank(Gn_r) = r`` (almost surely);
 4. DAC: ``approx = Gn_r``; ``iterations`` times: ``approx += res_scale · lowrank(Gn − approx, r_res)`` with
@@ -31,6 +31,7 @@ synchronises the device around them so the number is real), and :func:`time_stab
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -47,8 +48,10 @@ __all__ = [
     "DBCDACStats",
     "clean_nonfinite_",
     "lowrank_project",
+    "orthonormal_basis",
     "rank_for",
     "stabilize",
+    "stabilize_batch",
     "time_stabilize",
 ]
 
@@ -63,32 +66,74 @@ def rank_for(m: int, n: int, ratio: float) -> int:
     return max(1, math.floor(ratio * min(m, n)))
 
 
+def orthonormal_basis(y: Tensor) -> Tensor:
+    """An orthonormal basis ``Q`` of the column span of ``y`` (``[..., m, r]``, batched), ``Q Qᵀ`` its projector.
+
+    Shifted CholeskyQR, then CholeskyQR twice more, with the Gram matrices in float64: a handful of batched
+    matmuls, one batched Cholesky and one batched triangular solve per pass. That is far cheaper on a GPU than a
+    Householder QR per matrix (cuSOLVER's ``geqrf`` runs ~r dependent small kernels for each matrix), and it never
+    reads a value back to the host. The small diagonal shift keeps the Cholesky defined for rank-deficient ``y``
+    (an all-zero gradient, an embedding gradient touching few rows); with it ``QᵀQ ⪯ I``, so ``Q Qᵀ`` remains a
+    contraction and the projection can never grow a norm.
+    """
+    r = y.shape[-1]
+    q = y.double()
+    eye = torch.eye(r, dtype=torch.float64, device=y.device)
+    tiny = torch.finfo(torch.float64).tiny
+    # The first shift absorbs the conditioning that fp32 data cannot resolve anyway; the next two passes
+    # restore orthogonality to float64 round-off.
+    for rel_shift in (1e-13, 1e-15, 1e-15):
+        gram = q.mT @ q
+        trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+        gram = gram + (rel_shift * trace + tiny)[..., None, None] * eye
+        chol, _ = torch.linalg.cholesky_ex(gram)  # info is not checked: that would be a host sync
+        q = torch.linalg.solve_triangular(chol, q.mT, upper=False).mT
+    return q.to(y.dtype)
+
+
 def lowrank_project(x: Tensor, rank: int, generator: torch.Generator | None = None) -> Tensor:
-    """Randomized range finder: ``Q Qᵀ x`` with ``Q = orth(x Ω)``, ``Ω`` Gaussian ``[n, rank]``."""
-    if x.dim() != 2:
-        raise ValueError(f"lowrank_project needs a 2-D tensor, got shape {tuple(x.shape)}")
-    n = x.shape[1]
-    omega = torch.randn(n, rank, generator=generator, device=x.device, dtype=x.dtype)
-    q, _ = torch.linalg.qr(x @ omega, mode="reduced")
-    return q @ (q.transpose(0, 1) @ x)
+    """Randomized range finder: ``Q Qᵀ x`` with ``Q = orth(x Ω)``, ``Ω`` Gaussian ``[n, rank]``.
+
+    ``x`` is one matrix ``[m, n]`` or a batch ``[k, m, n]`` (one ``Ω`` per matrix, drawn in one call).
+    """
+    if x.dim() not in (2, 3):
+        raise ValueError(
+            f"lowrank_project needs a 2-D tensor (or a batch of them), got shape {tuple(x.shape)}"
+        )
+    n = x.shape[-1]
+    omega = torch.randn(*x.shape[:-2], n, rank, generator=generator, device=x.device, dtype=x.dtype)
+    q = orthonormal_basis(x @ omega)
+    return q @ (q.mT @ x)
 
 
 def stabilize(g: Tensor, cfg: DBCDACConfig, generator: torch.Generator | None = None) -> Tensor:
     """DBC-DAC of one finite 2-D gradient ``g`` (not modified); returns a new tensor of ``g``'s dtype."""
     if g.dim() != 2:
         raise ValueError(f"stabilize needs a 2-D gradient, got shape {tuple(g.shape)}")
-    m, n = g.shape
+    return stabilize_batch(g.unsqueeze(0), cfg, generator)[0]
+
+
+def stabilize_batch(g: Tensor, cfg: DBCDACConfig, generator: torch.Generator | None = None) -> Tensor:
+    """DBC-DAC of ``k`` same-shape gradients ``g`` ``[k, m, n]`` at once (``g`` is not modified).
+
+    Batching the matrices of one shape (every layer's ``in_proj``, every ``ff1`` …) turns ~90 small
+    factorizations per application into a few batched ones, which is what keeps DBC-DAC's cost on a GPU to a
+    small share of the step.
+    """
+    if g.dim() != 3:
+        raise ValueError(f"stabilize_batch needs [k, m, n] gradients, got shape {tuple(g.shape)}")
+    _, m, n = g.shape
     # float64 stays float64 (exactness checks); everything else runs in float32.
     x = g if g.dtype == torch.float64 else g.float()
-    d = x.sum(dim=1)
+    d = x.sum(dim=-1)
     sign = torch.where(d >= 0, 1.0, -1.0)
     d = torch.where(d.abs() < cfg.threshold, cfg.threshold * sign, d)
-    gn = x / d[:, None]
+    gn = x / d[..., None]
     approx = lowrank_project(gn, rank_for(m, n, cfg.rank_ratio_proj), generator)
     r_res = rank_for(m, n, cfg.rank_ratio_res)
     for _ in range(cfg.iterations):
         approx = approx + cfg.res_scale * lowrank_project(gn - approx, r_res, generator)
-    out = d[:, None] * approx
+    out = d[..., None] * approx
     return clean_nonfinite_(out).to(g.dtype)
 
 
@@ -145,6 +190,8 @@ class DBCDAC:
         if sync:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
+        # Same-shape targets are stabilised as one batch, groups in first-appearance order (deterministic).
+        groups: dict[tuple[torch.Size, torch.dtype, torch.device], list[Tensor]] = {}
         for p in params:
             grad = p.grad
             assert grad is not None
@@ -154,10 +201,13 @@ class DBCDAC:
                 continue
             clean_nonfinite_(grad)
             if self.is_target(p):
-                grad.copy_(stabilize(grad, self.cfg, self.generator(grad.device)))
-                self.stats.stabilized += 1
+                groups.setdefault((grad.shape, grad.dtype, grad.device), []).append(grad)
             else:
                 self.stats.cleaned += 1
+        for (_, _, device), grads in groups.items():
+            out = stabilize_batch(torch.stack(grads), self.cfg, self.generator(device))
+            torch._foreach_copy_(grads, list(out.unbind(0)))
+            self.stats.stabilized += len(grads)
         if sync:
             torch.cuda.synchronize()
         self.stats.seconds += time.perf_counter() - t0
@@ -207,15 +257,18 @@ def time_stabilize(
     warmup: int = 1,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Wall time of :func:`stabilize` over random gradients of ``shapes`` (device-synchronised).
+    """Wall time of one DBC-DAC application to random gradients of ``shapes`` (device-synchronised).
 
-    Returns ``{"per_application_s": median seconds to stabilise all shapes once, "all_s": [...], ...}``.
+    The gradients go through :meth:`DBCDAC.step` (same-shape batching included), as in training. Returns ``{"per_application_s": median seconds to stabilise all shapes once, "all_s": [...], ...}``.
     """
     cfg = cfg or DBCDACConfig()
     device = torch.device(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    grads = [torch.randn(*s, generator=gen, device=device, dtype=dtype) for s in shapes]
+    params = [torch.nn.Parameter(torch.zeros(*s, device=device, dtype=dtype)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(*p.shape, generator=gen, device=device, dtype=dtype)
+    dbc = DBCDAC(dataclasses.replace(cfg, enabled=True, every_n_steps=1, min_numel=1), seed=seed)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -225,8 +278,7 @@ def time_stabilize(
     for i in range(warmup + repeats):
         sync()
         t0 = time.perf_counter()
-        for g in grads:
-            stabilize(g, cfg, gen)
+        dbc.step(params, optimizer_step=1)
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)

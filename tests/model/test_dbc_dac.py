@@ -8,8 +8,10 @@ from apt_model.model.dbc_dac import (
     DBCDAC,
     clean_nonfinite_,
     lowrank_project,
+    orthonormal_basis,
     rank_for,
     stabilize,
+    stabilize_batch,
     time_stabilize,
 )
 
@@ -100,7 +102,8 @@ def test_bf16_gradient() -> None:
 def _model_with_grads(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(60, 50), nn.Linear(50, 3))
-    model(torch.randn(4, 60)).sum().backward()
+    # 64 rows: the first layer's gradient has rank 50, well above DBC-DAC's rank, so stabilising changes it.
+    model(torch.randn(64, 60)).sum().backward()
     return model
 
 
@@ -161,6 +164,45 @@ def test_deterministic_and_resumable() -> None:
     c.load_state_dict(state)
     assert torch.equal(run(a, 2), run(c, 2))
     assert not torch.equal(first_a, run(a, 3))  # the generator advances
+
+
+def test_batched_stabilize_matches_one_matrix_at_a_time() -> None:
+    """Stacking same-shape gradients changes nothing but speed: each slice equals its own ``stabilize``."""
+    cfg = DBCDACConfig(rank_ratio_proj=0.2, rank_ratio_res=0.1)
+    grads = torch.randn(3, 40, 30, generator=_gen(11))
+    batched = stabilize_batch(grads, cfg, _gen(12))
+    # The batch draws its Gaussians in one call per projection: replay the same draws one matrix at a time.
+    gen = _gen(12)
+    omegas = (
+        torch.randn(3, 30, 6, generator=gen),
+        torch.randn(3, 30, 3, generator=gen),
+    )  # ranks 0.2·30, 0.1·30
+    for i in range(3):
+        x = grads[i]
+        d = x.sum(1)
+        gn = x / d[:, None]
+        q = torch.linalg.qr(gn @ omegas[0][i]).Q
+        approx = q @ (q.T @ gn)
+        q = torch.linalg.qr((gn - approx) @ omegas[1][i]).Q
+        approx = approx + cfg.res_scale * q @ (q.T @ (gn - approx))
+        torch.testing.assert_close(batched[i], d[:, None] * approx, rtol=1e-4, atol=1e-5)
+
+
+def test_orthonormal_basis_is_orthonormal_and_a_contraction_when_rank_deficient() -> None:
+    y = torch.randn(5, 200, 12, generator=_gen(13), dtype=torch.float64)
+    q = orthonormal_basis(y)
+    torch.testing.assert_close(
+        q.mT @ q, torch.eye(12, dtype=torch.float64).expand(5, 12, 12), atol=1e-10, rtol=0
+    )
+    proj_y = q @ (q.mT @ y)
+    torch.testing.assert_close(proj_y, y, atol=1e-9, rtol=1e-9)
+    deficient = y.clone()
+    deficient[:, :, 6:] = 0.0  # rank 6 of 12, and an all-zero matrix
+    deficient[0] = 0.0
+    qd = orthonormal_basis(deficient)
+    assert torch.isfinite(qd).all() and torch.equal(qd[0], torch.zeros_like(qd[0]))
+    assert float(torch.linalg.matrix_norm(qd.mT @ qd, ord=2).max()) <= 1.0 + 1e-12
+    torch.testing.assert_close(qd @ (qd.mT @ deficient), deficient, atol=1e-9, rtol=1e-9)
 
 
 def test_clean_nonfinite_and_timing() -> None:
