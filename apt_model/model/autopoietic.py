@@ -35,6 +35,7 @@ __all__ = [
     "autopoietic_probs",
     "autopoietic_transform",
     "batched_quantile",
+    "element_mlp",
     "masked_softmax",
 ]
 
@@ -58,6 +59,17 @@ def batched_quantile(x: Tensor, qs: tuple[float, ...]) -> list[Tensor]:
         v_lo = srt[:, lo]
         out.append(v_lo + frac * (srt[:, hi] - v_lo) if frac > 0.0 else v_lo)
     return out
+
+
+def element_mlp(a0: Tensor, w1: Tensor, b1: Tensor, w2: Tensor) -> Tensor:
+    """Step 4 without its output bias: ``Σ_j w2_j · relu(clamp(a0 · w1_j + b1_j, −5, 5))`` for every element.
+
+    Written as an elementwise product summed over ``h`` rather than a matmul, so that ``torch.compile`` fuses it
+    into one reduction that never materialises the ``[B, Lq, Lk, h]`` hidden tensor, and recomputes it in the
+    backward. A matmul would push that tensor (``h`` times the size of the scores) through memory both ways.
+    """
+    hidden = torch.relu(torch.clamp(a0.unsqueeze(-1) * w1[:, 0] + b1, -5.0, 5.0))
+    return (hidden * w2[0]).sum(dim=-1)
 
 
 def _per_b(x: Tensor) -> Tensor:
@@ -95,9 +107,8 @@ def autopoietic_transform(
     # 3. e is a constant of the config, not a parameter
     e = min(max(eps, 0.05), 0.8)
     a0 = torch.clamp(torch.clamp(m, -8.0, 8.0) * e, -10.0, 10.0)
-    # 4. per-element MLP 1 → h → 1; hidden [B, Lq, Lk, h], reduced over h by a matmul
-    hidden = torch.relu(torch.clamp(a0.unsqueeze(-1) * w1[:, 0] + b1, -5.0, 5.0))
-    a = torch.clamp(torch.matmul(hidden, w2[0]) + b2[0], -5.0, 5.0)
+    # 4. per-element MLP 1 → h → 1
+    a = torch.clamp(element_mlp(a0, w1, b1, w2) + b2[0], -5.0, 5.0)
     # 5. bounded Taylor-like gate; masked positions use the neutral 1
     tay = torch.clamp(1.0 + 2.5 * a, 0.5, 1.5)
     if masked is not None:
