@@ -372,7 +372,22 @@ class Worker:
         for (p, g), proxy in zip(pairs, proxies, strict=True):
             assert proxy.grad is not None
             value = proxy.grad * scale if scale != 1.0 else proxy.grad
-            safe_set_full_grad(p, value.to(g.dtype))
+            safe_set_full_grad(p, self._zero3_full_value(p, value.to(g.dtype)))
+
+    def _zero3_full_value(self, param: torch.nn.Parameter, value: torch.Tensor) -> torch.Tensor:
+        """``value`` as DeepSpeed's ZeRO-3 ``set_fp32_grad_for_param`` needs it: flat, padded to world × partition.
+
+        It slices ``[rank · part, (rank + 1) · part)`` of the flat value without padding it first, so a parameter
+        smaller than the world (``tau``, a 1-element bias) fails on the last ranks with "start + length exceeds
+        dimension size" (seen with CPU offload). Padding with zeros only fills the partition's padding.
+        """
+        if not hasattr(param, "ds_id") or param.grad is not None:
+            return value
+        need = param.ds_tensor.numel() * self.world
+        flat = value.flatten()
+        if flat.numel() < need:
+            flat = torch.nn.functional.pad(flat, (0, need - flat.numel()))
+        return flat
 
     def _nan_event(self, loss: float) -> None:
         from apt_model.training.loop import TrainingDivergedError
