@@ -14,7 +14,9 @@ Variants (each measured at every batch size):
 
 Timing: warm-up steps excluded (compilation, graph capture, allocator), then `--repeats` timed windows of
 `--steps` steps each, CUDA events around each window; the median window gives ms/step. Peak memory is
-`torch.cuda.max_memory_allocated` during the timed windows of that variant alone.
+`torch.cuda.max_memory_allocated` from the start of that variant's warm-up (CUDA-graph pools included) to the end of
+its timed windows; `reserved_gib` is what the caching allocator held. apt-fast-nodbc reuses apt-fast's compiled step
+with DBC-DAC switched off, so the two differ in DBC-DAC alone.
 
 Usage:
   python bench/train_step.py --out bench/results/train_step.json            # GPU: the full table
@@ -102,6 +104,7 @@ def build_apt_step(variant: str, device: torch.device, vocab: int, max_len: int,
         counter["step"] += 1
         return out.loss
 
+    run_step.stepper = stepper  # type: ignore[attr-defined]
     return run_step, sum(p.numel() for p in model.parameters())
 
 
@@ -152,6 +155,9 @@ def build_bart_step(device: torch.device, vocab: int, max_len: int):
 def measure(
     step_fn, batch: dict, device: torch.device, warmup: int, steps: int, repeats: int
 ) -> dict[str, Any]:
+    if device.type == "cuda":
+        # Before warm-up: CUDA-graph pools are allocated while graphs are recorded, and they count.
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(warmup):
         loss = step_fn(batch)
@@ -184,6 +190,23 @@ def measure(
     }
 
 
+def profile_steps(step_fn, batch: dict, device: torch.device, out_dir: Path, tag: str, steps: int = 5) -> str:
+    """Kernel-level profile of a few steps (variants without CUDA graphs: graphs hide their kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step_fn(batch)
+        _sync(device)
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=45, max_name_column_width=90)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"profile_{tag}.txt"
+    path.write_text(f"{steps} steps of {tag}\n{table}\n")
+    return str(path)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -195,16 +218,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for batch_size in args.batch:
         batch = make_batch(batch_size, args.src_len, args.tgt_len, args.vocab, device, seed=batch_size)
         tokens = batch_size * (args.src_len + args.tgt_len)
+        fast_step = None
         for variant in args.variants:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if variant == "bart-bf16":
                 step_fn, n_params = build_bart_step(device, args.vocab, max_len)
+            elif variant == "apt-fast-nodbc" and fast_step is not None:
+                # The very same compiled step as apt-fast with DBC-DAC switched off, so the difference between
+                # the two rows is DBC-DAC alone (and no second compilation is paid).
+                step_fn, n_params = fast_step
+                step_fn.stepper.dbc = None
             else:
                 graphs = False if variant.endswith("nographs") else None
                 step_fn, n_params = build_apt_step(variant, device, args.vocab, max_len, graphs)
+                if variant == "apt-fast":
+                    fast_step = (step_fn, n_params)
             r = measure(step_fn, batch, device, args.warmup, args.steps, args.repeats)
+            if args.profile and variant not in ("apt-fast", "apt-fast-nodbc", "plain-fast"):
+                r["profile"] = profile_steps(step_fn, batch, device, args.profile, f"{variant}_B{batch_size}")
             r.update(
                 variant=variant,
                 batch=batch_size,
@@ -222,6 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 flush=True,
             )
             del step_fn
+        del fast_step
     return _summary(args, device, results)
 
 
@@ -277,6 +311,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--profile", type=Path, help="folder for kernel profiles of the variants measured without CUDA graphs"
+    )
     return p.parse_args(argv)
 
 

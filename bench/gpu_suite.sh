@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU measurements behind BENCHMARKS.md, as run on the lent GPU machine (see ../shared/device/deepspeed.md for
+# carrying the wheels DeepSpeed needs). Usage: bench/gpu_suite.sh OUT_DIR PART
+#   PART=single  — GPU 0: transform micro-benchmark, the step table (B=256, B=16), batch-64 memory + profile;
+#                  GPU 1 (if present) meanwhile: the HLBD quality runs.
+#   PART=deepspeed — ZeRO-2 bf16 scaling at 1 and 2 GPUs (4 where there are 4), ZeRO-3 + offload train + resume.
+# OUT_DIR receives a handful of files (the device tool brings back at most 8); runs and checkpoints stay in /tmp.
+set -uo pipefail
+out=${1:?output folder}
+part=${2:?single or deepspeed}
+work=/tmp/apt_gpu_work
+mkdir -p "$out" "$work"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+log="$out/log_$part.txt"
+{ nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } | tee "$log"
+
+if [[ $part == single ]]; then
+  ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+  if (( ngpu > 1 )); then
+    (
+      for cfg in "A --batch-size 128 --lr 1e-3 --warmup-steps 300 --epochs 150" \
+                 "B --batch-size 64 --lr 5e-4 --warmup-steps 300 --epochs 70" \
+                 "C --batch-size 128 --lr 1e-3 --warmup-steps 300 --epochs 310 --label-smoothing 0.05"; do
+        set -- $cfg
+        tag=$1; shift
+        CUDA_VISIBLE_DEVICES=1 timeout 280 python3 bench/quality_run.py --out "$work/quality" --tag "$tag" -- \
+          --max-src-len 40 --max-tgt-len 24 --eval-every 10 --save-interval 1000 "$@" \
+          > "$work/quality_$tag.log" 2>&1
+        echo "quality $tag rc=$?" >> "$work/quality_summary.txt"
+        # One JSON and one log for all quality runs so far (rewritten after each run: a cut-short call keeps them).
+        python3 -c 'import json, sys, pathlib; print(json.dumps([json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*/quality.json"))], indent=1))' \
+          "$work/quality" > "$out/quality.json"
+        tail -n 60 "$work"/quality_summary.txt "$work"/quality_*.log > "$out/quality_log.txt"
+      done
+    ) &
+    quality_pid=$!
+  fi
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 120 python3 bench/transform.py --out "$out/transform.json" 2>&1 | tee -a "$log"
+  timeout 330 python3 bench/train_step.py --batch 256 16 --variants bart-bf16 apt-fast apt-fast-nodbc plain-fast \
+    --warmup 8 --steps 20 --repeats 3 --out "$out/train_step.json" 2>&1 | tee -a "$log"
+  timeout 150 python3 bench/train_step.py --batch 64 --variants apt-fast apt-fast-nographs --warmup 5 --steps 20 \
+    --repeats 2 --profile "$out" --out "$out/batch64.json" 2>&1 | tee -a "$log"
+  [[ -n ${quality_pid:-} ]] && wait "$quality_pid"
+fi
+
+if [[ $part == deepspeed ]]; then
+  unset CUDA_VISIBLE_DEVICES
+  timeout 560 python3 bench/deepspeed_scaling.py --gpus 1 2 4 --micro 64 --epochs 3 --workdir "$work/ds" \
+    --out "$out/deepspeed_scaling.json" 2>&1 | tee -a "$log"
+fi

@@ -1,0 +1,114 @@
+"""HLBD learning-quality run: the commands a user types, timed, with per-module exact match on train and val.
+
+Steps (each a subprocess of the `apt` CLI, exactly as users run it):
+  1. `apt data generate --kind hardcore --seed 42` (the default HLBD Hardcore data);
+  2. `apt train --backend playground --preset playground …` (the guide's model size; our tunables are flags);
+  3. `apt verify --split train` and `--split val` on the final model (greedy decoding, exact match).
+
+Writes `quality.json` (commands, wall times, the training report's epoch timings, per-module exact match) under
+`--out`, rewritten after every step, so a run cut short still leaves what it measured.
+
+Usage:
+  python bench/quality_run.py --out /tmp/q -- --batch-size 128 --lr 1e-3 --epochs 150
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def apt(*args: str) -> list[str]:
+    return [sys.executable, "-m", "apt_model.cli", *args]
+
+
+def run_step(name: str, argv: list[str], report: dict[str, Any], out: Path, log: Path) -> None:
+    started = time.perf_counter()
+    with log.open("a") as fh:
+        fh.write(f"\n$ {' '.join(argv)}\n")
+        fh.flush()
+        proc = subprocess.run(argv, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, text=True)
+    report["steps"].append(
+        {
+            "name": name,
+            "argv": argv[2:],
+            "seconds": round(time.perf_counter() - started, 2),
+            "rc": proc.returncode,
+        }
+    )
+    (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed (exit {proc.returncode}); see {log}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tag", default="run")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="extra `apt train` flags, after --")
+    args = p.parse_args(argv)
+    extra = [a for a in args.train_args if a != "--"]
+    out = args.out / args.tag
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "log.txt"
+    data = out / "hardcore.json"
+    run_dir = out / "run"
+    report: dict[str, Any] = {"tag": args.tag, "train_args": extra, "steps": []}
+    env_note = {k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES",) if k in os.environ}
+    report["env"] = env_note
+
+    run_step(
+        "generate",
+        apt("data", "generate", "--kind", "hardcore", "--seed", "42", "--out", str(data)),
+        report,
+        out,
+        log,
+    )
+    train = apt(
+        "train", "--backend", "playground", "--preset", "playground", "--dataset", str(data),
+        "--save-dir", str(run_dir), "--overwrite", "--no-tracking", "--no-progress", "--device", args.device, *extra,
+    )  # fmt: skip
+    run_step("train", train, report, out, log)
+    exp = json.loads((run_dir / "experiment_report.json").read_text())
+    epochs = exp.get("epochs") or exp.get("history") or []
+    report["train_report"] = {
+        "epochs": len(epochs),
+        "epoch_seconds_sum": round(sum(float(e.get("epoch_seconds", 0.0)) for e in epochs), 2),
+        "final_train_loss": epochs[-1].get("train_loss") if epochs else None,
+        "final_val_loss": epochs[-1].get("val_loss") if epochs else None,
+        "final_val_token_acc": epochs[-1].get("val_token_acc") if epochs else None,
+        "status": exp.get("status"),
+    }
+    for split in ("train", "val"):
+        vdir = out / f"verify_{split}"
+        verify = apt(
+            "verify", "--model", str(run_dir), "--dataset", str(data), "--split", split,
+            "--device", args.device, "--batch-size", "512", "--out", str(vdir),
+        )  # fmt: skip
+        run_step(f"verify_{split}", verify, report, out, log)
+        vr = json.loads((vdir / "verification_report.json").read_text())
+        report[f"exact_{split}"] = {
+            "overall": vr["overall"]["exact"],
+            "modules": {m: v["exact"] for m, v in vr["modules"].items()},
+            "n": vr["overall"]["n"],
+        }
+        (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        json.dumps(
+            {k: report[k] for k in ("tag", "steps", "train_report", "exact_train", "exact_val")}, indent=1
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Forward + backward time of the autopoietic transform alone, compiled, on one card.
+
+Measures `apt_model.model.autopoietic.autopoietic_probs` on scores `[B, 8, 64, 64]` (the Playground shape, causal
+mask) against the same transform whose step-4 MLP is a matmul over the hidden dim (the formulation the library
+used before; kept here only as the comparison). Also times the plain softmax of the same scores, the floor any
+attention pays. CUDA events, warm-up excluded, median of repeats.
+
+Usage: python bench/transform.py --out bench/results/transform.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from apt_model.model import autopoietic
+from apt_model.model.attention import causal_mask
+
+
+def _matmul_element_mlp(a0, w1, b1, w2):
+    """Step 4 as ``matmul(hidden, w2)``: materialises the [B, Lq, Lk, h] hidden tensor."""
+    hidden = torch.relu(torch.clamp(a0.unsqueeze(-1) * w1[:, 0] + b1, -5.0, 5.0))
+    return torch.matmul(hidden, w2[0])
+
+
+def _softmax_only(scores, masked, tau, w1, b1, w2, b2, *, eps):
+    return autopoietic.masked_softmax(scores, masked).to(scores.dtype)
+
+
+def time_fn(fn, args: tuple, device: torch.device, warmup: int, iters: int, repeats: int) -> float:
+    params = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def once() -> None:
+        out = fn(*args, eps=1e-6)
+        out.float().square().sum().backward()
+        for p in params:
+            p.grad = None
+
+    for _ in range(warmup):
+        once()
+    torch.cuda.synchronize(device)
+    windows = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            once()
+        end.record()
+        end.synchronize()
+        windows.append(start.elapsed_time(end) / iters)
+    return statistics.median(windows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[16, 256])
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    device = torch.device("cuda")
+    mod = autopoietic.AutopoieticTransform(args.hidden).to(device)
+    weights = (mod.tau, mod.w1, mod.b1, mod.w2, mod.b2)
+    library_mlp = autopoietic.element_mlp
+    variants = {  # name: (function, step-4 implementation in place while it is traced and timed)
+        "library (sum over h)": (autopoietic.autopoietic_probs, library_mlp),
+        "matmul over h": (autopoietic.autopoietic_probs, _matmul_element_mlp),
+        "softmax only": (_softmax_only, library_mlp),
+    }
+    results: list[dict[str, Any]] = []
+    for b in args.batch:
+        g = torch.Generator(device=device).manual_seed(b)
+        scores = torch.randn(b, 8, 64, 64, device=device, generator=g, dtype=torch.bfloat16) * 3
+        masked = causal_mask(64, 64, device).unsqueeze(0)
+        scores = scores.masked_fill(masked.unsqueeze(1), float("-inf")).requires_grad_(True)
+        for name, (fn, mlp) in variants.items():
+            compiled = torch.compile(fn, dynamic=False)
+            autopoietic.element_mlp = mlp
+            try:
+                ms = time_fn(
+                    compiled, (scores, masked, *weights), device, args.warmup, args.iters, args.repeats
+                )
+            finally:
+                autopoietic.element_mlp = library_mlp
+            results.append({"batch": b, "variant": name, "ms_fwd_bwd": ms})
+            print(f"B={b:<4} {name:<22} {ms:7.3f} ms fwd+bwd", flush=True)
+            torch._dynamo.reset()
+    report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "results": results}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
