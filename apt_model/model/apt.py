@@ -154,7 +154,10 @@ class APTModel(nn.Module):
             raise DataError(f"{name} has length 0")
 
     def _embed(self, ids: Tensor) -> Tensor:
-        x = self.embedding(ids) + self.pos_encoding[: ids.shape[1]]
+        x = self.embedding(ids)
+        # In the parameters' dtype: DeepSpeed's bf16/fp16 modes cast parameters but not this buffer, and a float32
+        # sum would then meet bf16 weights in the first projection.
+        x = x + self.pos_encoding[: ids.shape[1]].to(x.dtype)
         return self.dropout(x)
 
     def encode(self, src_ids: Tensor) -> tuple[Tensor, Tensor]:

@@ -231,3 +231,15 @@ def test_input_errors() -> None:
         model(src[:2], tgt)
     with pytest.raises(ConfigError):
         APTModel({"d_model": 8})  # type: ignore[arg-type]
+
+
+def test_forward_with_bf16_parameters_and_float32_buffers() -> None:
+    """DeepSpeed's bf16 mode casts parameters only; the float32 position buffer must not leak into the matmuls."""
+    model = APTModel(model_preset("tiny", vocab_size=40))
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    assert model.pos_encoding.dtype == torch.float32
+    src = torch.randint(4, 40, (2, 7))
+    tgt = torch.randint(4, 40, (2, 5))
+    logits = model(src, tgt)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
