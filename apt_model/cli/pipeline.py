@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from apt_model.errors import ConfigError
-from apt_model.pipeline_params import PipelineParams, parse_cli_value, parse_params
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def collect_params(args: argparse.Namespace) -> dict[str, Any]:
+    # Imported here: the parameter model needs pydantic, which `apt train`/`apt data` on a bare GPU host lack.
+    from apt_model.pipeline_params import parse_cli_value
+
     values: dict[str, Any] = {}
     for item in args.param:
         key, sep, raw = item.partition("=")
@@ -73,6 +75,8 @@ def collect_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from apt_model.pipeline_params import PipelineParams, parse_params
+
     if args.list_params:
         for name, f in PipelineParams.model_fields.items():
             print(f"{name:22} default {f.get_default(call_default_factory=True)!r:24} {f.description or ''}")

@@ -134,3 +134,18 @@ def test_subprocess_same_seed_byte_identical_other_seed_differs(tmp_path: Path) 
     proc = _run("data", "generate", "--kind", "nope", "--out", str(tmp_path / "x.json"))
     assert proc.returncode == 2 and proc.stderr.startswith("error: --kind") and proc.stderr.count("\n") == 1
     assert not (tmp_path / "x.json").exists()
+
+
+def test_cli_imports_no_pipeline_or_tracking_stack() -> None:
+    """`apt train`/`apt data`/`apt verify` run on hosts with only torch (a bare GPU machine): the CLI's import
+    must not pull pydantic, Prefect, MLflow, DeepSpeed or transformers in."""
+    heavy = ("pydantic", "prefect", "mlflow", "deepspeed", "transformers", "azure")
+    code = (
+        "import sys, apt_model.cli, apt_model.cli.train, apt_model.cli.verify; "
+        f"loaded = [m for m in {heavy!r} if m in sys.modules]; "
+        "assert not loaded, loaded"
+    )
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}
+    )
