@@ -31,7 +31,8 @@ if [[ $part == single ]]; then
         # One JSON and one log for all quality runs so far (rewritten after each run: a cut-short call keeps them).
         python3 -c 'import json, sys, pathlib; print(json.dumps([json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*/quality.json"))], indent=1))' \
           "$work/quality" > "$out/quality.json"
-        tail -n 60 "$work"/quality_summary.txt "$work"/quality_*.log > "$out/quality_log.txt"
+        # The runs' own logs (the train command's output holds the error when one fails).
+        tail -n 40 "$work"/quality_summary.txt "$work"/quality_*.log "$work"/quality/*/log.txt > "$out/quality_log.txt"
       done
     ) &
     quality_pid=$!
