@@ -1,9 +1,10 @@
-"""DeepSpeed backend on CPU (DS_ACCELERATOR=cpu, gloo): 2-process ZeRO-2 train + exact resume + export, ZeRO-3
-train + export, world-size-1 ZeRO-1 parity with the Playground (DBC-DAC on every step), flags and refusals.
+"""DeepSpeed backend on CPU (DS_ACCELERATOR=cpu, gloo): 2-process ZeRO-1, ZeRO-2 and ZeRO-3 (with CPU offload and
+DBC-DAC) train + exact resume + export, world-size-1 ZeRO-1 parity with the Playground (DBC-DAC on every step),
+flags and refusals.
 
-Launches cost ~25-40 s each on a 2-core machine (torchrun + DeepSpeed import per rank), so the runs are shared
-through module-scoped fixtures: ZeRO-2 (2 ranks) once uninterrupted and once resumed from its epoch-1 checkpoint,
-ZeRO-3 (2 ranks) once, ZeRO-1 (1 rank) once beside an in-process Playground run.
+Launches cost ~15-40 s each on a 2-core machine (torchrun + DeepSpeed import per rank), so the runs are shared
+through module-scoped fixtures: each stage (2 ranks) once uninterrupted and once resumed from its epoch-1
+checkpoint, and ZeRO-1 (1 rank) once beside an in-process Playground run.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from apt_model.backends.deepspeed_backend import (
 )
 from apt_model.config import DataConfig, DBCDACConfig, TrainConfig, model_preset
 from apt_model.errors import CheckpointError, ConfigError
+
+# One xdist worker runs this whole group (`make test` uses -n 2 --dist loadgroup): see pyproject.toml.
+pytestmark = pytest.mark.xdist_group("deepspeed")
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,22 +96,42 @@ def _report(result: TrainResult) -> dict[str, Any]:
     return json.loads(Path(result.report).read_text(encoding="utf-8"))
 
 
-@pytest.fixture(scope="module")
-def zero2(dataset: Path, env: Path) -> dict[str, Any]:
+def _full_and_resumed(
+    dataset: Path, env: Path, name: str, train: TrainConfig, **options: Any
+) -> dict[str, Any]:
+    """Two epochs uninterrupted, then a second run resumed from the first one's epoch-1 checkpoint."""
     epochs: list[dict[str, Any]] = []
-    full_req = _request(dataset, env / "z2_full", num_gpus=2, zero_stage=2)
+    full_req = _request(dataset, env / f"{name}_full", train, **options)
     full_req.on_epoch = epochs.append
     full = _run(full_req)
     resumed = _run(
         _request(
             dataset,
-            env / "z2_resumed",
-            num_gpus=2,
-            zero_stage=2,
-            load_checkpoint=str(env / "z2_full/checkpoint_epoch_1"),
+            env / f"{name}_resumed",
+            train,
+            load_checkpoint=str(env / f"{name}_full/checkpoint_epoch_1"),
+            **options,
         )
     )
     return {"full": full, "resumed": resumed, "epochs": epochs}
+
+
+@pytest.fixture(scope="module")
+def zero1(dataset: Path, env: Path) -> dict[str, Any]:
+    return _full_and_resumed(dataset, env, "z1", _train(), num_gpus=2, zero_stage=1)
+
+
+@pytest.fixture(scope="module")
+def zero2(dataset: Path, env: Path) -> dict[str, Any]:
+    return _full_and_resumed(dataset, env, "z2", _train(), num_gpus=2, zero_stage=2)
+
+
+@pytest.fixture(scope="module")
+def zero3(dataset: Path, env: Path) -> dict[str, Any]:
+    # Parameter and optimizer offload, and DBC-DAC on every step: its full-gradient write-back is the part of
+    # ZeRO-3 that broke for 1-element parameters (tau, the MLP's output bias) under offload.
+    train = _train(dbc_dac=DBCDACConfig(every_n_steps=1, min_numel=256))
+    return _full_and_resumed(dataset, env, "z3", train, num_gpus=2, zero_stage=3, cpu_offload=True)
 
 
 # ------------------------------------------------------------------------------------------------ fast checks
@@ -288,8 +312,11 @@ def test_zero2_trains_saves_and_exports(zero2: dict[str, Any], dataset: Path) ->
 
 
 @pytest.mark.slow
-def test_zero2_resume_is_exact(zero2: dict[str, Any]) -> None:
-    full, resumed = _report(zero2["full"]), _report(zero2["resumed"])
+@pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
+def test_resume_is_exact(stage: str, request: pytest.FixtureRequest) -> None:
+    """2 ranks: the losses after ``--load-checkpoint checkpoint_epoch_1`` equal the uninterrupted run's."""
+    runs = request.getfixturevalue(stage)
+    full, resumed = _report(runs["full"]), _report(runs["resumed"])
     steps_per_epoch = full["runtime"]["steps_per_epoch"]
     assert resumed["runtime"]["resumed_from"][0]["epoch"] == 1
     assert [r["epoch"] for r in resumed["epochs"]] == [1, 2]
@@ -298,6 +325,7 @@ def test_zero2_resume_is_exact(zero2: dict[str, Any]) -> None:
     assert len(tail_full) == steps_per_epoch and len(tail_res) == steps_per_epoch
     assert tail_res == pytest.approx(tail_full, abs=1e-5)
     assert resumed["epochs"][1]["val_loss"] == pytest.approx(full["epochs"][1]["val_loss"], abs=1e-5)
+    assert runs["resumed"].extra["world_size"] == 2
 
 
 @pytest.mark.slow
@@ -354,15 +382,22 @@ def test_resume_refuses_a_different_model_or_an_unsafe_file(
 
 
 @pytest.mark.slow
-def test_zero3_trains_saves_and_exports(dataset: Path, env: Path) -> None:
+@pytest.mark.parametrize("stage", ["zero1", "zero3"])
+def test_zero1_and_zero3_train_save_and_export(
+    stage: str, request: pytest.FixtureRequest, dataset: Path
+) -> None:
     from apt_model.verify import verify_model
 
-    result = _run(_request(dataset, env / "z3", _train(epochs=1), num_gpus=2, zero_stage=3))
+    result: TrainResult = request.getfixturevalue(stage)["full"]
     ckpt = Path(result.last_checkpoint)
-    assert (
-        ckpt.name == "checkpoint_epoch_1" and (ckpt / "zero_pp_rank_1_mp_rank_00_model_states.pt").is_file()
-    )
-    assert result.extra["zero_stage"] == 3
+    assert ckpt.name == "checkpoint_epoch_2"
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= {
+        p.name for p in ckpt.iterdir()
+    }
+    assert result.extra["zero_stage"] == int(stage[-1]) and result.extra["world_size"] == 2
+    if stage == "zero3":
+        assert result.extra["offload"] is True
+        assert _report(result)["final"]["dbc_dac"]["applied_steps"] == result.global_step
     verified = verify_model(result.final_model, dataset, sample=20)
     assert 0 < verified.overall["n"] <= 20 and 0.0 <= verified.overall["exact"] <= 1.0
 
