@@ -26,8 +26,12 @@ def test_tiny_preset_halves_its_first_epoch_loss_on_default_hardcore(tmp_path: P
         result = run_training(
             TrainRequest(
                 model=model_preset("tiny"),
-                train=TrainConfig(epochs=2, batch_size=64, grad_accum=1, lr=3e-3, min_lr=3e-4, log_every=1),
-                data=DataConfig(max_src_len=64, max_tgt_len=32),
+                # The usual post-LN recipe: one epoch of linear warm-up (40 steps of 128), then the cosine schedule.
+                train=TrainConfig(
+                    epochs=5, batch_size=128, grad_accum=1, lr=5e-3, min_lr=5e-4, warmup_steps=40, log_every=1
+                ),
+                # The longest default-Hardcore input is 34 tokens and the longest answer 17 (+ BOS/EOS).
+                data=DataConfig(max_src_len=40, max_tgt_len=24),
                 dataset=dataset,
                 out_dir=tmp_path / "run",
                 tracking_uri="none",
@@ -39,10 +43,9 @@ def test_tiny_preset_halves_its_first_epoch_loss_on_default_hardcore(tmp_path: P
         torch.set_num_threads(threads)
     rep = read_report(result.report)
     assert rep["dataset"]["n_train"] + rep["dataset"]["n_val"] >= 5000
-    # "First-epoch value": the loss the first epoch starts from (mean of its first 5 optimizer steps).
-    first = sum(loss for _, loss in rep["batch_losses"][:5]) / 5
+    # "First-epoch value": the first epoch's training loss, i.e. its mean over every step of epoch 1.
     losses = [row["train_loss"] for row in rep["epochs"]]
-    assert losses[-1] < 0.5 * first, (first, losses)
-    assert losses[1] < losses[0]
-    assert rep["epochs"][-1]["val_token_acc"] > 0.25  # well above chance over a vocabulary of hundreds
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
+    assert rep["epochs"][-1]["val_token_acc"] > 0.3  # well above chance over a vocabulary of hundreds
     assert elapsed < 60, f"training took {elapsed:.0f}s"
