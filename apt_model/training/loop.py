@@ -320,6 +320,7 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 
 @torch.no_grad()
+@torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     batches: list[Batch],
