@@ -69,6 +69,9 @@ class Stack:
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             PREFECT_SERVER_API_HOST=self.host,
             PREFECT_SERVER_API_PORT=str(self.port),
+            # Concurrency leases in the database folder, not the server's memory: a restarted server would otherwise
+            # forget the training's lease on the apt-gpu slot while the slot count stays taken, for ever.
+            PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="prefect.server.concurrency.lease_storage.filesystem",
             APT_REPO_ROOT=str(REPO_ROOT),
             APT_OUTPUT_ROOT=str(self.output_root or (REPO_ROOT / "runs" / "stack")),
             MPLCONFIGDIR=env.get("MPLCONFIGDIR", str(self.home / "matplotlib")),
@@ -228,6 +231,62 @@ def ensure_pools_and_limits(stack: Stack) -> list[str]:
     return done
 
 
+ZOMBIE_AUTOMATION = "apt-crash-zombie-flow-runs"
+
+
+def zombie_automation(crashed_after_s: int) -> dict[str, Any]:
+    """Prefect's zombie-flow automation: no flow-run event ``crashed_after_s`` after a heartbeat → Crashed."""
+    return {
+        "name": ZOMBIE_AUTOMATION,
+        "description": "Marks a flow run Crashed when its heartbeats stop (its worker or machine was lost).",
+        "enabled": True,
+        "trigger": {
+            "type": "event",
+            "posture": "Proactive",
+            "match": {"prefect.resource.id": "prefect.flow-run.*"},
+            "after": ["prefect.flow-run.heartbeat"],
+            "expect": ["prefect.flow-run.*"],
+            "for_each": ["prefect.resource.id"],
+            "threshold": 1,
+            "within": crashed_after_s,
+        },
+        "actions": [
+            {
+                "type": "change-flow-run-state",
+                "state": "CRASHED",
+                "message": "Flow run marked as crashed due to missing heartbeats.",
+            }
+        ],
+    }
+
+
+def ensure_zombie_automation(stack: Stack) -> str:
+    """Create the zombie-run automation, or update it if its settings changed; leave an identical one alone.
+
+    Never delete and re-create it on every ``up``: the automation's pending state (which runs sent a heartbeat and
+    are awaited) would go with it, and a run lost just before ``up`` restarts its worker would never be marked.
+    """
+    import httpx
+
+    spec = load_pool_definitions().get("zombie_runs") or {}
+    after = int(os.environ.get("APT_ZOMBIE_AFTER_S") or spec.get("crashed_after_s", 90))
+    wanted = zombie_automation(after)
+    with httpx.Client(base_url=stack.api_url, timeout=30) as http:
+        found = [a for a in http.post("/automations/filter", json={}).raise_for_status().json()]
+        mine = [a for a in found if a["name"] == ZOMBIE_AUTOMATION]
+        for extra in mine[1:]:
+            http.delete(f"/automations/{extra['id']}").raise_for_status()
+        if not mine:
+            http.post("/automations/", json=wanted).raise_for_status()
+            verb = "created"
+        elif float(mine[0]["trigger"].get("within", 0)) != after or not mine[0]["enabled"]:
+            http.put(f"/automations/{mine[0]['id']}", json=wanted).raise_for_status()
+            verb = "updated"
+        else:
+            verb = "unchanged"
+    return f"automation {ZOMBIE_AUTOMATION} {verb}: flow runs silent for {after} s after a heartbeat become Crashed"
+
+
 def deploy(stack: Stack) -> str:
     result = _prefect_cli(stack, "--no-prompt", "deploy", "--all", check=False)
     if result.returncode != 0:
@@ -250,6 +309,7 @@ def up(stack: Stack) -> list[str]:
     stack.prefect_home.mkdir(parents=True, exist_ok=True)
     steps = [f"server {start_server(stack)} on {stack.api_url}"]
     steps += ensure_pools_and_limits(stack)
+    steps.append(ensure_zombie_automation(stack))
     steps.append(deploy(stack))
     steps += [start_worker(stack, pool) for pool in stack.workers]
     (stack.state_dir / "stack.json").write_text(
@@ -313,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.action == "pools":
         for line in ensure_pools_and_limits(stack):
             print(line)
+        print(ensure_zombie_automation(stack))
     else:
         print(json.dumps(status(stack), indent=2))
     return 0

@@ -38,6 +38,11 @@ from tasks.train_child import EPOCH_PREFIX, RESULT_FILE
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PID_FILE = "train.pid"
 REQUEST_FILE = "train_request.json"
+# The ``apt-gpu`` slot is a lease the flow process renews (every 3/4 of it). When that process dies without
+# releasing it (worker or machine lost, SIGKILL), the server frees the slot only once the lease expires: Prefect's
+# default of 300 s held every retry and every other training on the host for up to 5 minutes. 60 s is the
+# server's minimum.
+GPU_LEASE_S = 60
 
 
 class TrainingCrashed(RuntimeError):
@@ -311,7 +316,10 @@ def train_model(params: PipelineParams, data: dict[str, Any], champion: dict[str
     @contextlib.contextmanager
     def gpu_slot() -> Iterator[None]:
         logger.info("waiting for a slot of the %r concurrency limit", GPU_LIMIT)
-        with concurrency(GPU_LIMIT, occupy=1, strict=True):
+        # A failed renewal (server restarted or unreachable for a while) must not kill hours of training.
+        with concurrency(
+            GPU_LIMIT, occupy=1, strict=True, lease_duration=GPU_LEASE_S, raise_on_lease_renewal_failure=False
+        ):
             logger.info("holding %r; starting the training process", GPU_LIMIT)
             yield
 

@@ -18,6 +18,23 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
+# Recognisable fake credentials in the environment of the server and the workers (so of every flow run and
+# training process). tests/pipeline/test_pipeline_secrets.py checks that none of them reaches Prefect (parameters,
+# states, logs, artifacts, events) or a file under the stack's folders. Each value holds its own 20 random hex
+# digits, so a hit names the secret that leaked. Constants: pytest loads this file as module ``conftest`` and a test
+# importing ``tests.pipeline.conftest`` gets a second copy, which must hold the same values.
+PLANTED_SECRETS = {
+    "AZURE_CLIENT_SECRET": "azcs~Pl4nted.ab0896e4418f04a91fb7.Q9",
+    "HF_TOKEN": "hf_PlantedTok36359bb224626b0db791",
+    "HF_HUB_TOKEN": "hf_PlantedHubdf915602b32d05fdeb36",
+    "WANDB_API_KEY": "wandbplanted00b38a48215f86bb589e",
+    "AZURE_STORAGE_CONNECTION_STRING": (
+        "DefaultEndpointsProtocol=https;AccountName=aptplanted;"
+        "AccountKey=Pl4nted+Key/c1ad64299703dc723840==;EndpointSuffix=core.windows.net"
+    ),
+    "MLFLOW_TRACKING_PASSWORD": "mlflow-planted-pw-d0a326f743857b2550c6",
+}
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -40,6 +57,10 @@ class LiveStack:
             "PYTHONPATH": str(REPO),
             # Workers poll every 10 s by default: each of the ~10 runs here would wait ~5 s for pick-up.
             "PREFECT_WORKER_QUERY_SECONDS": "2",
+            # The stack's zombie-run automation (deployments/work_pools.yaml: 90 s) sooner, for the crash test;
+            # still twice the 30 s heartbeat, so a busy CI host is not mistaken for a dead one.
+            "APT_ZOMBIE_AFTER_S": "60",
+            **PLANTED_SECRETS,
         }
         self.env.pop("MLFLOW_TRACKING_URI", None)
         self.http = httpx.Client(base_url=self.api, timeout=30)
