@@ -818,7 +818,7 @@ def _make_trainer_class() -> type:
 
         # -- data ----------------------------------------------------------------------------------------------
         def _collate(self, rows: list[Any]) -> dict[str, Any]:
-            b: Batch = self.apt_batcher._collate(rows)
+            b: Batch = self.apt_batcher.collate(rows)
             return {
                 "input_ids": b.src,
                 "decoder_input_ids": b.tgt_in,

@@ -150,7 +150,8 @@ class Batcher:
     def __len__(self) -> int:
         return -(-len(self.examples) // self.batch_size)
 
-    def _collate(self, rows: Sequence[Example]) -> Batch:
+    def collate(self, rows: Sequence[Example]) -> Batch:
+        """One batch of ``rows`` padded this batcher's way (the module's :func:`collate` with its settings)."""
         fixed = self.pad_mode == "fixed"
         return collate(
             rows,
@@ -186,12 +187,12 @@ class Batcher:
         return batches
 
     def epoch(self, epoch: int) -> list[Batch]:
-        return [self._collate([self.examples[i] for i in idx]) for idx in self.epoch_indices(epoch)]
+        return [self.collate([self.examples[i] for i in idx]) for idx in self.epoch_indices(epoch)]
 
     def eval_batches(self) -> list[Batch]:
         """Deterministic batches over all examples, sorted by length (evaluation order does not matter)."""
         order = sorted(range(len(self.examples)), key=self._length)
         return [
-            self._collate([self.examples[i] for i in order[s : s + self.batch_size]])
+            self.collate([self.examples[i] for i in order[s : s + self.batch_size]])
             for s in range(0, len(order), self.batch_size)
         ]
