@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -46,6 +47,6 @@ def test_tiny_preset_halves_its_first_epoch_loss_on_default_hardcore(tmp_path: P
     # "First-epoch value": the first epoch's training loss, i.e. its mean over every step of epoch 1.
     losses = [row["train_loss"] for row in rep["epochs"]]
     assert losses[-1] < 0.5 * losses[0], losses
-    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
+    assert all(b < a for a, b in itertools.pairwise(losses)), losses
     assert rep["epochs"][-1]["val_token_acc"] > 0.3  # well above chance over a vocabulary of hundreds
     assert elapsed < 60, f"training took {elapsed:.0f}s"
