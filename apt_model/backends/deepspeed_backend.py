@@ -589,6 +589,33 @@ def launch_command(plan: DSPlan, request_path: Path, master_port: int) -> list[s
     ]
 
 
+SHM_COMM_EXTENSION = "deepspeed_shm_comm"
+
+
+def _extension_build_dir(name: str, env: dict[str, str]) -> Path:
+    """Where torch builds (and locks) extension ``name`` for a process started with ``env``."""
+    from torch.utils import cpp_extension
+
+    root = env.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root) / name
+    return Path(cpp_extension._get_build_directory(name, verbose=False))
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):  # type: ignore[no-untyped-def]
+    """An flock held for the block: the kernel drops it if this process dies, so it can never go stale."""
+    import fcntl
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def prebuild_cpu_comm(env: dict[str, str], timeout_s: float = 900) -> None:
     """Build DeepSpeed's CPU communication extension in one process before the ranks start.
 
@@ -596,21 +623,32 @@ def prebuild_cpu_comm(env: dict[str, str], timeout_s: float = 900) -> None:
     with several ranks starting together one can hold the lock while blocked in process-group set-up that waits
     for the other, which waits for the lock — a deadlock seen on a fresh extensions folder. Once built, this only
     loads the cached library.
+
+    torch's lock is a plain file that only its holder removes. A build killed by our timeout would leave it behind
+    and every later build or load would wait for ever (seen when two test workers shared a fresh folder), so
+    prebuilds are serialised by an flock, and a lock file that appeared during a build we killed is removed.
     """
     code = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)"
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", code],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise TrainingCancelled(
-            f"timeout: building DeepSpeed's CPU communication extension took over {timeout_s:.0f} s"
-        ) from None
+    build_dir = _extension_build_dir(SHM_COMM_EXTENSION, env)
+    torch_lock = build_dir / "lock"
+    with _exclusive(build_dir.parent / f".{SHM_COMM_EXTENSION}.apt.lock"):
+        lock_was_there = torch_lock.exists()
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", code],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            # subprocess.run has killed the builder; the lock it held would block every later build.
+            if not lock_was_there:
+                torch_lock.unlink(missing_ok=True)
+            raise TrainingCancelled(
+                f"timeout: building DeepSpeed's CPU communication extension took over {timeout_s:.0f} s"
+            ) from None
     if done.returncode != 0:
         last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ConfigError(f"cannot build DeepSpeed's CPU communication extension: {last[0]}")

@@ -257,12 +257,17 @@ def test_bad_flags_exit_2_before_anything(
 
 
 def test_timeout_kills_the_process_group(dataset: Path, env: Path) -> None:
+    from apt_model.backends.deepspeed_backend import SHM_COMM_EXTENSION, _extension_build_dir
+
     out = env / "killed"
     req = _request(dataset, out, num_gpus=2, zero_stage=2, timeout=4)
     t0 = time.monotonic()
     with pytest.raises(TrainingCancelled, match="timeout"):
         _run(req)
     assert time.monotonic() - t0 < 30
+    # Killed while building or loading DeepSpeed's CPU extension: torch's build lock must not be left behind, or
+    # every later DeepSpeed start would wait for it for ever.
+    assert not (_extension_build_dir(SHM_COMM_EXTENSION, dict(os.environ)) / "lock").exists()
     marker = str((out / "request.json").resolve())
     time.sleep(0.5)
     alive = []
