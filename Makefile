@@ -26,7 +26,7 @@ run: $(BIN)/apt
 test: $(BIN)/apt
 	mkdir -p "$(PREFECT_HOME)" "$(MPLCONFIGDIR)" "$(TORCH_EXTENSIONS_DIR)"
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 lint: $(BIN)/apt
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -28,9 +28,6 @@ from apt_model.checkpoint import load_model
 from apt_model.config import DataConfig, TrainConfig, model_preset
 from apt_model.errors import ConfigError
 
-# One xdist worker runs this whole group (`make test` uses -n 2 --dist loadgroup): see pyproject.toml.
-pytestmark = pytest.mark.xdist_group("azure")
-
 SECRETS = {
     "AZURE_CLIENT_SECRET": "s3cr3t-client-VALUE-9f8e7d",
     "AZURE_CLIENT_ID": "0c1d2e3f-cafe-4bad-beef-client000001",

@@ -34,9 +34,6 @@ from apt_model.backends.deepspeed_backend import (
 from apt_model.config import DataConfig, DBCDACConfig, TrainConfig, model_preset
 from apt_model.errors import CheckpointError, ConfigError
 
-# One xdist worker runs this whole group (`make test` uses -n 2 --dist loadgroup): see pyproject.toml.
-pytestmark = pytest.mark.xdist_group("deepspeed")
-
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -20,9 +20,6 @@ from apt_model.backends import Backend, TrainRequest, get_backend
 from apt_model.config import DataConfig, TrainConfig, model_preset
 from apt_model.errors import AptError, CheckpointError, ConfigError
 
-# One xdist worker runs this whole group (`make test` uses -n 2 --dist loadgroup): see pyproject.toml.
-pytestmark = pytest.mark.xdist_group("hf_trainer")
-
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 20
 

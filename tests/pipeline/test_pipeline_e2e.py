@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.xdist_group("live_stack"), pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 # One epoch of the tiny model on the small set; verification on a sample keeps the non-training stages short.
 # Three epochs so that training dominates the first run's wall time (the cached rerun must take <= 1/5 of it).

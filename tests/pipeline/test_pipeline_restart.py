@@ -38,7 +38,7 @@ import pytest
 from tasks.common import GPU_LIMIT
 from tasks.train import GPU_LEASE_S
 
-pytestmark = [pytest.mark.xdist_group("live_stack"), pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # Own dataset and training seeds: no other test builds these cache entries, so the first attempt really generates
 # the data and really trains, with a checkpoint after every epoch.

@@ -24,7 +24,7 @@ import pytest
 
 from tests.pipeline.conftest import PLANTED_SECRETS
 
-pytestmark = [pytest.mark.xdist_group("live_stack"), pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # A cheap run, only when the session has no completed full-pipeline run yet (e.g. this file runs alone).
 CHEAP = {

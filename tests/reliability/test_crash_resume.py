@@ -28,9 +28,6 @@ from tests.reliability.helpers import (
     wait_for,
 )
 
-# One xdist worker runs this whole group (`make test` uses -n 2 --dist loadgroup): see pyproject.toml.
-pytestmark = pytest.mark.xdist_group("deepspeed")
-
 EPOCHS = 4
 
 

@@ -39,6 +39,7 @@ def test_server_command_binds_loopback_by_default(
     monkeypatch.setattr(ls, "_spawn", fake_spawn)
     monkeypatch.setattr(ls, "_healthy", lambda stack, timeout_s=2.0: bool(spawned))
     monkeypatch.setattr(ls, "ensure_pools_and_limits", lambda stack: [])
+    monkeypatch.setattr(ls, "ensure_zombie_automation", lambda stack: "automation")
     monkeypatch.setattr(ls, "deploy", lambda stack: "deployed")
     argv = ["up", "--home", str(tmp_path), "--port", "4999", "--workers", "apt-local-gpu"]
     assert ls.main(argv + (["--host", argv_host] if argv_host else [])) == 0
