@@ -90,9 +90,11 @@ def collate(
     pad_multiple: int = 8,
     max_src_len: int | None = None,
     max_tgt_len: int | None = None,
+    rows: int | None = None,
 ) -> Batch:
     """Pad ``examples`` into one batch; lengths fixed when given, else rounded up to ``pad_multiple``
-    (never past ``max_src_len`` / ``max_tgt_len``)."""
+    (never past ``max_src_len`` / ``max_tgt_len``). With ``rows``, all-padding rows fill the batch up to that many
+    rows: they hold no target token, so they change neither the loss nor its gradient."""
     longest_src = max(len(e.src) for e in examples)
     longest_tgt = max(len(e.out) for e in examples) + 1
     if src_len is None:
@@ -107,7 +109,7 @@ def collate(
         raise ValueError(
             f"batch rows ({longest_src}, {longest_tgt}) exceed the padded shape ({src_len}, {tgt_len})"
         )
-    n = len(examples)
+    n = max(len(examples), rows or 0)
     src = torch.full((n, src_len), pad_id, dtype=torch.long)
     tgt_in = torch.full((n, tgt_len), pad_id, dtype=torch.long)
     tgt_out = torch.full((n, tgt_len), pad_id, dtype=torch.long)
@@ -163,6 +165,9 @@ class Batcher:
             pad_multiple=self.pad_multiple,
             max_src_len=self.max_src_len,
             max_tgt_len=self.max_tgt_len,
+            # Fixed shapes are for compiled steps and CUDA graphs: a short last batch would otherwise be a new
+            # shape, i.e. a second compilation and a second graph.
+            rows=self.batch_size if fixed else None,
         )
 
     def _length(self, i: int) -> int:

@@ -11,7 +11,8 @@ The fast path (``compiled=True``; ``TrainConfig.compile`` ``auto`` picks it on C
 so the transform's elementwise ops and per-matrix reductions fuse into a few kernels. On CUDA it also uses CUDA
 graphs (``mode="reduce-overhead"``), which removes the launch overhead that dominates small batches; shapes must
 repeat for the graphs to be reused, so the loop pads every batch to one fixed ``(max_src_len, max_tgt_len)`` when
-compiled. There is no ``max-autotune``: its GEMM search costs minutes of start-up for little gain at these sizes.
+compiled, and fills a short last batch with all-padding rows (no target tokens, so no effect on loss or gradient)
+rather than presenting a new batch size, which would cost a second compilation and a second graph. There is no ``max-autotune``: its GEMM search costs minutes of start-up for little gain at these sizes.
 """
 
 from __future__ import annotations

@@ -83,3 +83,31 @@ def test_fixed_padding_gives_one_shape(tok) -> None:  # type: ignore[no-untyped-
     assert shapes == {(20, 6)}
     assert {x.src.shape[1] for x in b.eval_batches()} == {20}
     assert all(x.src.shape[1] % 8 == 0 for x in _batcher(tok).epoch(0))
+
+
+def test_fixed_mode_fills_short_batches_with_rows_that_change_neither_loss_nor_gradient(tok) -> None:  # type: ignore[no-untyped-def]
+    """Compiled steps pad to one shape: the short last batch gets all-padding rows instead of a new shape."""
+    from apt_model.config import model_preset
+    from apt_model.model import APTModel
+    from apt_model.training.loop import compute_loss
+
+    ex = encode_pairs(PAIRS[:5], tok, max_src_len=32, max_tgt_len=8)
+    fixed = Batcher(ex, 4, tok.pad_id, tok.bos_id, tok.eos_id, 32, 8, pad_mode="fixed")
+    batches = fixed.epoch(0)
+    assert [b.src.shape for b in batches] == [(4, 32), (4, 32)]
+    short = fixed.collate(ex[:1])
+    plain = collate(ex[:1], pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, src_len=32, tgt_len=8)
+    assert short.src.shape == (4, 32) and short.n_tokens == plain.n_tokens
+    assert (short.tgt_out[1:] == tok.pad_id).all() and (short.src[1:] == tok.pad_id).all()
+
+    torch.manual_seed(0)
+    model = APTModel(model_preset("tiny", vocab_size=tok.vocab_size))
+    losses, grads = [], []
+    for batch in (plain, short):
+        model.zero_grad()
+        loss = compute_loss(model, batch, pad_id=tok.pad_id).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
