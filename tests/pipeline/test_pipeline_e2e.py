@@ -236,3 +236,7 @@ def test_stack_up_is_idempotent(live_stack):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "server already running" in again.stdout
     assert "worker for apt-local-gpu already running" in again.stdout
+    # The zombie-run automation is kept, not replaced (replacing it would forget the runs it watches), and not doubled.
+    assert "automation apt-crash-zombie-flow-runs unchanged" in again.stdout
+    found = live_stack.http.post("/automations/filter", json={}).json()
+    assert [a["name"] for a in found].count("apt-crash-zombie-flow-runs") == 1
