@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
 import fcntl
 import functools
 import hashlib
@@ -26,13 +25,12 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apt_model.io import atomic_write_json, dumps_json, replace_dir, sha256_file
+from apt_model.io import atomic_write_json, dumps_json, file_lock, replace_dir, sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
@@ -158,37 +156,13 @@ class Cache:
     def lock(
         self, entry: CacheEntry, *, timeout_s: float | None = None, poll_s: float = 0.2
     ) -> Iterator[float]:
-        """Hold the key's exclusive lock; yields the seconds spent waiting for it.
+        """Hold the key's exclusive lock (:func:`apt_model.io.file_lock`); yields the seconds spent waiting."""
 
-        The lock file is never deleted: unlinking a lock file lets two processes lock two different inodes.
-        """
-        entry.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(entry.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        start = time.monotonic()
-        try:
-            if timeout_s is None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            else:
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except OSError as exc:
-                        if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                            raise
-                        if time.monotonic() - start >= timeout_s:
-                            raise CacheLockTimeout(
-                                f"cache lock {entry.lock_path} held by another run"
-                            ) from None
-                        time.sleep(poll_s)
-            waited = time.monotonic() - start
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+        def held() -> CacheLockTimeout:
+            return CacheLockTimeout(f"cache lock {entry.lock_path} held by another run")
+
+        with file_lock(entry.lock_path, timeout_s=timeout_s, poll_s=poll_s, timeout_error=held) as waited:
             yield waited
-        finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
 
     def lookup(self, kind: str, key: str) -> dict[str, Any] | None:
         manifest, _ = verify_entry(self.entry(kind, key))

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +135,47 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
         while chunk := fh.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(
+    path: str | os.PathLike[str],
+    *,
+    timeout_s: float | None = None,
+    poll_s: float = 0.2,
+    timeout_error: Callable[[], Exception] | None = None,
+) -> Iterator[float]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing); yields the seconds spent waiting for it.
+
+    The kernel drops the lock when its process dies, so it never goes stale. The file holds the holder's pid and is
+    never deleted: unlinking a lock file lets two processes lock two different inodes. Past ``timeout_s`` it raises
+    ``timeout_error()`` (default: a :class:`TimeoutError` naming the file).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    start = time.monotonic()
+    try:
+        if timeout_s is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if time.monotonic() - start >= timeout_s:
+                        if timeout_error is not None:
+                            raise timeout_error() from None
+                        raise TimeoutError(f"{path} held by another process") from None
+                    time.sleep(poll_s)
+        waited = time.monotonic() - start
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield waited
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -61,6 +61,7 @@ from typing import Any
 
 from apt_model.backends import TrainRequest, TrainResult
 from apt_model.errors import AptError, CheckpointError, ConfigError, DataError
+from apt_model.io import file_lock
 
 log = logging.getLogger("apt_model.backends.deepspeed")
 
@@ -602,20 +603,6 @@ def _extension_build_dir(name: str, env: dict[str, str]) -> Path:
     return Path(cpp_extension._get_build_directory(name, verbose=False))
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):  # type: ignore[no-untyped-def]
-    """An flock held for the block: the kernel drops it if this process dies, so it can never go stale."""
-    import fcntl
-
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def prebuild_cpu_comm(env: dict[str, str], timeout_s: float = 900) -> None:
     """Build DeepSpeed's CPU communication extension in one process before the ranks start.
 
@@ -626,12 +613,12 @@ def prebuild_cpu_comm(env: dict[str, str], timeout_s: float = 900) -> None:
 
     torch's lock is a plain file that only its holder removes. A build killed by our timeout would leave it behind
     and every later build or load would wait for ever (seen when two test workers shared a fresh folder), so
-    prebuilds are serialised by an flock, and a lock file that appeared during a build we killed is removed.
+    prebuilds are serialised by :func:`apt_model.io.file_lock`, and a lock file that appeared during a build we killed is removed.
     """
     code = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)"
     build_dir = _extension_build_dir(SHM_COMM_EXTENSION, env)
     torch_lock = build_dir / "lock"
-    with _exclusive(build_dir.parent / f".{SHM_COMM_EXTENSION}.apt.lock"):
+    with file_lock(build_dir.parent / f".{SHM_COMM_EXTENSION}.apt.lock"):
         lock_was_there = torch_lock.exists()
         try:
             done = subprocess.run(
