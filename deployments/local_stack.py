@@ -272,7 +272,7 @@ def ensure_zombie_automation(stack: Stack) -> str:
     after = int(os.environ.get("APT_ZOMBIE_AFTER_S") or spec.get("crashed_after_s", 90))
     wanted = zombie_automation(after)
     with httpx.Client(base_url=stack.api_url, timeout=30) as http:
-        found = [a for a in http.post("/automations/filter", json={}).raise_for_status().json()]
+        found = http.post("/automations/filter", json={}).raise_for_status().json()
         mine = [a for a in found if a["name"] == ZOMBIE_AUTOMATION]
         for extra in mine[1:]:
             http.delete(f"/automations/{extra['id']}").raise_for_status()

@@ -83,15 +83,11 @@ def _api(stack, method: str, path: str, **kwargs: Any) -> httpx.Response:
     return resp
 
 
-def _create_run(
-    stack, params: dict[str, Any], *, tags: tuple[str, ...] = (), env: dict[str, str] | None = None
-) -> str:
-    """What ``prefect deployment run apt/full-pipeline --param ... --tag ... -jv env=...`` sends, through REST."""
+def _create_run(stack, params: dict[str, Any]) -> str:
+    """What ``prefect deployment run apt/full-pipeline --param ...`` sends, through REST."""
     dep = _api(stack, "GET", "/deployments/name/apt/full-pipeline")
     assert dep.status_code == 200, dep.text
-    body: dict[str, Any] = {"parameters": params, "tags": list(tags)}
-    if env:
-        body["job_variables"] = {"env": env}
+    body = {"parameters": params}
     resp = _api(stack, "POST", f"/deployments/{dep.json()['id']}/create_flow_run", json=body)
     assert resp.status_code == 201, resp.text
     return resp.json()["id"]
