@@ -51,6 +51,11 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
 }
 
 
+def _train_argv(dataset: Path, run: Path) -> list[str]:
+    """`apt train` into ``run`` for 3 epochs (the tests add ``--resume``)."""
+    return [*TRAIN_FLAGS, "--dataset", str(dataset), "--save-dir", str(run), "--no-tracking", "--epochs", "3"]
+
+
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_verify_refuses_a_damaged_checkpoint_with_one_line(
     tmp_path: Path, tiny_run: Path, rel_dataset: Path, damage: str, capsys: pytest.CaptureFixture[str]
@@ -97,16 +102,7 @@ def test_resume_from_a_damaged_checkpoint_is_refused_before_any_write(
     DAMAGE[damage](run / "checkpoint_epoch_2.pt")
     count("faults:corrupt-checkpoint")
     before = snapshot(run)
-    argv = [
-        *TRAIN_FLAGS,
-        "--dataset",
-        str(rel_dataset),
-        "--save-dir",
-        str(run),
-        "--no-tracking",
-        "--epochs",
-        "3",
-    ]
+    argv = _train_argv(rel_dataset, run)
     rc = main([*argv, "--resume", str(run / "checkpoint_epoch_2.pt")])
     assert rc == 2
     assert_one_error_line(capsys.readouterr().err, "checkpoint_epoch_2.pt")
@@ -133,16 +129,7 @@ def test_resume_refuses_a_checkpoint_whose_sha256_differs_from_the_report(
     _flip_tensor_byte(ckpt)
     count("faults:bit-flip")
     assert sha256_file(ckpt) != recorded[2]
-    argv = [
-        *TRAIN_FLAGS,
-        "--dataset",
-        str(rel_dataset),
-        "--save-dir",
-        str(run),
-        "--no-tracking",
-        "--epochs",
-        "3",
-    ]
+    argv = _train_argv(rel_dataset, run)
     rc = main([*argv, "--resume", str(ckpt)])
     assert rc == 2
     assert_one_error_line(capsys.readouterr().err, "sha256")

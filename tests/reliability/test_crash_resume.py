@@ -36,6 +36,27 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(30)
 
 
+def _run_until_killed(
+    argv: list[str], env: dict[str, str], tmp_path: Path, ready, timeout_s: float, what: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Start ``apt`` in its own process group, SIGKILL the group once ``ready()``, and check it died of it.
+
+    The launcher and any torchrun ranks share that group: SIGKILL of the group is a lost node.
+    """
+    log = (tmp_path / "first.log").open("wb")
+    proc = subprocess.Popen(
+        apt_cmd(*argv), env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        wait_for(ready, timeout_s, what, proc)
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+        log.close()
+    count("faults:sigkill-training")
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()
+
+
 def _assert_complete_history(report: dict, epochs: int, resumed_at: int) -> None:
     assert report["status"] == "finished"
     assert [row["epoch"] for row in report["epochs"]] == list(
@@ -57,18 +78,9 @@ def test_sigkilled_playground_run_resumes_without_losing_or_repeating_an_epoch(
     env = child_env(tmp_path)
     argv = [*TRAIN_FLAGS, "--dataset", str(rel_dataset), "--save-dir", str(run), "--no-tracking"]
     argv += ["--epochs", str(EPOCHS), "--save-interval", "1"]
-    log = (tmp_path / "first.log").open("wb")
-    proc = subprocess.Popen(
-        apt_cmd(*argv), env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    _run_until_killed(
+        argv, env, tmp_path, lambda: (run / "checkpoint_epoch_2.pt").exists(), 240, "checkpoint_epoch_2.pt"
     )
-    try:
-        wait_for(lambda: (run / "checkpoint_epoch_2.pt").exists(), 240, "checkpoint_epoch_2.pt", proc)
-    finally:
-        if proc.poll() is None:
-            _kill_group(proc)
-        log.close()
-    count("faults:sigkill-training")
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()
     assert not (run / "final_model.pt").exists(), "the run finished before it could be killed"
 
     resume = latest_checkpoint(run)
@@ -119,19 +131,9 @@ def test_sigkilled_deepspeed_run_resumes_without_losing_or_repeating_an_epoch(
     argv = [*common, "--backend", "deepspeed", "--num-gpus", "1", "--zero-stage", "1", "--precision", "fp32"]
     argv += ["--dataset", str(rel_dataset), "--save-dir", str(run), "--no-tracking", "--epochs", "3"]
     argv += ["--save-interval", "1"]
-    log = (tmp_path / "first.log").open("wb")
-    # The launcher and its torchrun ranks share one process group: SIGKILL of the group is a lost node.
-    proc = subprocess.Popen(
-        apt_cmd(*argv), env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    _run_until_killed(
+        argv, env, tmp_path, lambda: (run / "checkpoint_epoch_1").is_dir(), 300, "checkpoint_epoch_1/"
     )
-    try:
-        wait_for(lambda: (run / "checkpoint_epoch_1").is_dir(), 300, "checkpoint_epoch_1/", proc)
-    finally:
-        if proc.poll() is None:
-            _kill_group(proc)
-        log.close()
-    count("faults:sigkill-training")
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()
     assert not (run / "final_model").exists(), "the run finished before it could be killed"
     done = sorted(int(p.name.rsplit("_", 1)[1]) for p in run.glob("checkpoint_epoch_*") if p.is_dir())
     resumed_at = done[-1]
