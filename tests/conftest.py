@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-ZODIAC = "鼠牛虎兔龙蛇马羊猴鸡狗猪"
+from tests.arith_data import write_arith_dataset
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -20,17 +19,18 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
-def write_arith_dataset(path: Path) -> Path:
-    """64 sums + 12 zodiac facts, hardcore format, an explicit val split (every 8th sum, 2 zodiac facts)."""
-    arith = [{"input": f"{a} + {b} = ?", "output": str(a + b)} for a in range(8) for b in range(8)]
-    zodiac = [{"input": f"{z}后面是什么生肖？", "output": ZODIAC[(i + 1) % 12]} for i, z in enumerate(ZODIAC)]
-    val = [r["input"] for i, r in enumerate(arith) if i % 8 == 3] + [zodiac[4]["input"], zodiac[9]["input"]]
-    doc = {
-        "metadata": {"name": "test arithmetic", "splits": {"val": val}},
-        "data": {"arithmetic": arith, "zodiac": zodiac},
-    }
-    path.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
-    return path
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models on a 2-core machine: one intra-op thread is several times faster than two, and immune to a
+    busy machine (OpenMP spin-waits)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ reliability conftest prints the totals at the end of the session, which is where
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import subprocess
@@ -17,8 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.arith_data import write_arith_dataset
+
 REPO = Path(__file__).resolve().parents[2]
-ZODIAC = "鼠牛虎兔龙蛇马羊猴鸡狗猪"
 
 COUNTS: Counter[str] = Counter()
 
@@ -37,15 +37,7 @@ TRAIN_FLAGS = [
 
 def write_dataset_file(path: Path) -> Path:
     """64 sums + 12 zodiac facts (hardcore format, explicit val split): 4 training batches of 16."""
-    arith = [{"input": f"{a} + {b} = ?", "output": str(a + b)} for a in range(8) for b in range(8)]
-    zodiac = [{"input": f"{z}后面是什么生肖？", "output": ZODIAC[(i + 1) % 12]} for i, z in enumerate(ZODIAC)]
-    val = [r["input"] for i, r in enumerate(arith) if i % 8 == 3] + [zodiac[4]["input"], zodiac[9]["input"]]
-    doc = {
-        "metadata": {"name": "reliability", "splits": {"val": val}},
-        "data": {"arithmetic": arith, "zodiac": zodiac},
-    }
-    path.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
-    return path
+    return write_arith_dataset(path, name="reliability")
 
 
 def child_env(home: Path, **extra: str) -> dict[str, str]:

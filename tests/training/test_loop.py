@@ -22,12 +22,8 @@ ZODIAC = "鼠牛虎兔龙蛇马羊猴鸡狗猪"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    # Tiny models: one thread is faster, and immune to a busy 2-core machine (OpenMP spin-waits).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread: None) -> None:
+    """Tiny models: one intra-op thread (see the root conftest's ``one_thread``)."""
 
 
 def write_small_dataset(path: Path, n_arith: int = 60) -> Path:
