@@ -13,6 +13,12 @@ graphs (``mode="reduce-overhead"``), which removes the launch overhead that domi
 repeat for the graphs to be reused, so the loop pads every batch to one fixed ``(max_src_len, max_tgt_len)`` when
 compiled, and fills a short last batch with all-padding rows (no target tokens, so no effect on loss or gradient)
 rather than presenting a new batch size, which would cost a second compilation and a second graph. There is no ``max-autotune``: its GEMM search costs minutes of start-up for little gain at these sizes.
+
+Under CUDA graphs the parameters keep ``.grad`` buffers of their own, zeroed in place after each step: a gradient
+that autograd stores by stealing the backward graph's output tensor lives in the graph's memory pool, and the next
+micro-batch's replay overwrites it, so accumulating a second micro-batch into it fails ("accessing tensor output of
+CUDAGraphs that has been overwritten by a subsequent run"; pytorch/pytorch#169545). With a buffer already there,
+autograd adds the new gradient into it while the graph output is still valid.
 """
 
 from __future__ import annotations
@@ -61,10 +67,20 @@ class TrainStep:
         self.dbc = dbc
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._loss: Callable[[Tensor, Tensor, Tensor], Tensor] = self._eager_loss
+        self.graphs = False
         if compiled:
-            graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
-            mode = "reduce-overhead" if graphs else "default"
+            self.graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+            mode = "reduce-overhead" if self.graphs else "default"
             self._loss = torch.compile(self._eager_loss, mode=mode, dynamic=False)
+
+    def _own_grad_buffers(self) -> None:
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def _clear_grads(self) -> None:
+        # set_to_none would hand the next backward's graph-pool outputs to .grad again (see the module docstring).
+        self.optimizer.zero_grad(set_to_none=not self.graphs)
 
     def _eager_loss(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> Tensor:
         # Through the loop module's attribute, so the objective stays the one every backend (and test) shares.
@@ -86,6 +102,8 @@ class TrainStep:
         gradient equal to that of one batch holding every row of the window — short last windows included.
         """
         n_window = max(sum(b.n_tokens for b in window), 1)
+        if self.graphs:
+            self._own_grad_buffers()
         loss_acc = torch.zeros((), dtype=torch.float32, device=self.device)
         for batch in window:
             b = batch.to(self.device, non_blocking=True)
@@ -109,9 +127,9 @@ class TrainStep:
         # With fp16 loss scaling, inf gradients are the scaler's business (it skips and lowers the scale).
         finite = math.isfinite(loss_f) and (self.scaler.is_enabled() or math.isfinite(norm_f))
         if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
+            self._clear_grads()
             return StepOutput(loss_f, norm_f, applied=False)
         self.scaler.step(self.optimizer)  # with the scaler disabled this is optimizer.step()
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._clear_grads()
         return StepOutput(loss_f, norm_f, applied=True)
