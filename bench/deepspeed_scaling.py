@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -174,6 +175,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--skip-resume", action="store_true")
     parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="folder: each rank profiles 10 steps of epoch 2 (diagnostics)",
+    )
+    parser.add_argument(
         "--cpu-smoke", action="store_true", help="CPU processes, fp32 (checks the plumbing only)"
     )
     args = parser.parse_args()
@@ -181,13 +188,17 @@ def main() -> int:
     import torch
 
     if args.cpu_smoke:
-        args.preset, args.micro, args.epochs, args.size = "tiny", 8, 2, "small"
+        args.preset, args.micro, args.epochs, args.size = "tiny", 8, 3, "small"
         available = 2
     else:
         if not torch.cuda.is_available():
             parser.error("needs CUDA GPUs (or --cpu-smoke)")
         available = torch.cuda.device_count()
     gpus = [n for n in args.gpus if n <= available]
+    if args.profile:
+        from apt_model.backends.deepspeed_worker import PROFILE_DIR_ENV
+
+        os.environ[PROFILE_DIR_ENV] = str(args.profile.resolve())
     args.workdir.mkdir(parents=True, exist_ok=True)
     dataset = make_dataset(args.workdir / f"hlbd_hardcore_{args.size}.json", args.size)
     results: dict[str, Any] = {

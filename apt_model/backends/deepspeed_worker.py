@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -78,6 +79,16 @@ from apt_model.backends.deepspeed_backend import (
 from apt_model.errors import AptError, CheckpointError, ConfigError
 
 log = logging.getLogger("apt_model.backends.deepspeed_worker")
+
+# Diagnostics for the scaling benchmark: with this set to a folder, every rank profiles ten optimizer steps of the
+# second epoch (torch.profiler, CPU + GPU) and writes its tables and its per-step wall times there. The first
+# four steps are left out where the epoch is long enough (allocator and NCCL warm-up); short epochs start at once.
+PROFILE_DIR_ENV = "APT_DS_PROFILE_DIR"
+PROFILED_STEPS = 10
+# Python's collector pauses each rank at its own moments, and every other rank then waits for it at the next
+# collective (seen as tens of ms per step in NCCL waits at 2 GPUs). Automatic collection is off while training; all
+# ranks collect the young generations at the same optimizer steps and everything at the end of each epoch.
+GC_EVERY_STEPS = 50
 
 
 def _setup_logging(rank: int) -> None:
@@ -425,7 +436,17 @@ class Worker:
         tokens = [sum(len(examples[i].out) + 1 for i in rows) for rows in plan]
         loss_sum, token_sum, skipped, grad_norms = 0.0, 0, 0, []
         engine = self.engine
+        profile_dir = os.environ.get(PROFILE_DIR_ENV) if self.epoch == 1 else None
+        profiler, step_seconds = None, []
+        first = 4 if self.steps_per_epoch > 4 + PROFILED_STEPS else 0
         for start in range(0, len(plan), self.span):
+            window_started = time.perf_counter()
+            if profile_dir and start // self.span == first:
+                profiler = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU]
+                    + ([torch.profiler.ProfilerActivity.CUDA] if self.cuda else [])
+                )
+                profiler.__enter__()
             window = list(range(start, min(start + self.span, len(plan))))
             window_tokens = max(sum(tokens[i] for i in window), 1)
             mine = window[self.rank :: self.world]
@@ -474,6 +495,16 @@ class Worker:
             self.global_step += 1
             if finite and self.global_step % self.cfg.log_every == 0:
                 self.report.batch_losses.append([self.global_step, loss])
+            if self.global_step % GC_EVERY_STEPS == 0:
+                gc.collect(1)
+            step_seconds.append(time.perf_counter() - window_started)
+            if profiler is not None and start // self.span == first + PROFILED_STEPS - 1:
+                profiler.__exit__(None, None, None)
+                self._write_profile(Path(profile_dir), profiler, step_seconds)
+                profiler = None
+        if profiler is not None:  # the epoch ended inside the profiled windows
+            profiler.__exit__(None, None, None)
+            self._write_profile(Path(profile_dir), profiler, step_seconds)
         self.epoch += 1
         evaluate_now = self.epoch % self.cfg.eval_every == 0 or self.epoch == self.cfg.epochs
         val = self._evaluate() if evaluate_now else {"val_loss": None, "val_token_acc": None}
@@ -491,6 +522,18 @@ class Worker:
             "global_step": self.global_step,
             "skipped_steps": skipped,
         }
+
+    def _write_profile(self, folder: Path, profiler: Any, step_seconds: list[float]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        averages = profiler.key_averages()
+        sections = [
+            f"rank {self.rank} of {self.world}; wall seconds of each optimizer step so far this epoch:\n"
+            + " ".join(f"{s:.4f}" for s in step_seconds),
+            averages.table(sort_by="self_cpu_time_total", row_limit=45),
+        ]
+        if self.cuda:
+            sections.append(averages.table(sort_by="self_device_time_total", row_limit=30))
+        (folder / f"profile_world{self.world}_rank{self.rank}.txt").write_text("\n\n".join(sections) + "\n")
 
     def _evaluate(self) -> dict[str, float | None]:
         from apt_model.training.loop import evaluate
@@ -591,9 +634,13 @@ class Worker:
             }
             self.tracker.start(params, tags, resume_run_id=self._resume_run_id)
         last_ckpt: Path | None = None
+        gc.collect()
+        gc.freeze()  # what set-up built lives to the end: later collections need not walk it
+        gc.disable()
         try:
             while self.epoch < self.cfg.epochs:
                 row = self._train_epoch()
+                gc.collect()
                 self.report.add_epoch({**row, "train_loss": json_float(row["train_loss"])})
                 if self.epoch % self.cfg.save_interval == 0 or self.epoch == self.cfg.epochs:
                     last_ckpt = self._save_checkpoint()
@@ -613,6 +660,8 @@ class Worker:
                     self.report.write(self.report_path)
                 self.tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
+        finally:
+            gc.enable()
 
     def _finish(self, last_ckpt: Path) -> TrainResult:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

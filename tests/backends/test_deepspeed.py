@@ -31,6 +31,7 @@ from apt_model.backends.deepspeed_backend import (
     check_checkpoint_files,
     resolve_plan,
 )
+from apt_model.backends.deepspeed_worker import PROFILE_DIR_ENV
 from apt_model.config import DataConfig, DBCDACConfig, TrainConfig, model_preset
 from apt_model.errors import CheckpointError, ConfigError
 
@@ -115,7 +116,12 @@ def _full_and_resumed(
 
 @pytest.fixture(scope="module")
 def zero1(dataset: Path, env: Path) -> dict[str, Any]:
-    return _full_and_resumed(dataset, env, "z1", _train(), num_gpus=2, zero_stage=1)
+    # This pair also runs the scaling benchmark's diagnostics (a profile of epoch 2 on every rank).
+    os.environ[PROFILE_DIR_ENV] = str(env / "z1_profile")
+    try:
+        return _full_and_resumed(dataset, env, "z1", _train(), num_gpus=2, zero_stage=1)
+    finally:
+        del os.environ[PROFILE_DIR_ENV]
 
 
 @pytest.fixture(scope="module")
@@ -311,6 +317,20 @@ def test_zero2_trains_saves_and_exports(zero2: dict[str, Any], dataset: Path) ->
     assert loaded.config.d_model == 32
     verified = verify_model(full.export_dir, dataset, sample=20)
     assert 0 < verified.overall["n"] <= 20 and 0.0 <= verified.overall["exact"] <= 1.0
+
+
+@pytest.mark.slow
+def test_profile_diagnostics_are_written_by_every_rank(zero1: dict[str, Any], env: Path) -> None:
+    """``APT_DS_PROFILE_DIR`` (``bench/deepspeed_scaling.py --profile``): each rank writes its step times and its
+    operator table for epoch 2, without changing the run (the exact-resume test uses the same runs)."""
+    for rank in (0, 1):
+        text = (env / "z1_profile" / f"profile_world2_rank{rank}.txt").read_text()
+        assert text.startswith(f"rank {rank} of 2; wall seconds")
+        times = [float(t) for t in text.splitlines()[1].split()]
+        assert len(times) == _report(zero1["full"])["runtime"]["steps_per_epoch"] and all(
+            t > 0 for t in times
+        )
+        assert "aten::" in text and "Self CPU" in text
 
 
 @pytest.mark.slow
