@@ -17,7 +17,8 @@ Results: a JSON file (``--out``, default ``bench/results/deepspeed_scaling_<date
 
 Usage (GPU host with deepspeed installed; see shared/device/deepspeed.md for carrying the wheels):
   python bench/deepspeed_scaling.py                       # the full run
-  python bench/deepspeed_scaling.py --gpus 2 --skip-resume --preset tiny --epochs 2   # quick look
+  python bench/deepspeed_scaling.py --gpus 2 --skip-resume --preset tiny --epochs 3   # quick look
+  python bench/deepspeed_scaling.py --compile on --skip-resume    # the scaling runs with the compiled model
   DS_ACCELERATOR=cpu python bench/deepspeed_scaling.py --cpu-smoke   # CPU processes, tiny model (plumbing only)
 """
 
@@ -57,6 +58,7 @@ def run(
     micro: int,
     accum: int,
     save_interval: int | None = None,
+    compile_model: str = "off",
     **options: Any,
 ) -> tuple[dict[str, Any], dict[str, Any], float]:
     request = TrainRequest(
@@ -71,6 +73,7 @@ def run(
             eval_every=epochs + 1,
             log_every=1,
             precision="auto",
+            compile=compile_model,
         ),
         data=DataConfig(max_src_len=64, max_tgt_len=64),
         dataset=dataset,
@@ -95,7 +98,7 @@ def scaling(args: argparse.Namespace, dataset: Path, root: Path, gpus: list[int]
             opts["bf16"] = True
         result, report, wall = run(
             dataset, root / f"zero2_{n}gpu", preset=args.preset, epochs=args.epochs, micro=args.micro,
-            accum=args.accum, **opts,
+            accum=args.accum, compile_model=args.compile, **opts,
         )  # fmt: skip
         # The epoch before the last: past the first (start-up costs) and before the last (validation, export).
         last = report["epochs"][-2] if len(report["epochs"]) >= 3 else report["epochs"][-1]
@@ -103,6 +106,7 @@ def scaling(args: argparse.Namespace, dataset: Path, root: Path, gpus: list[int]
             {
                 "gpus": n,
                 "zero_stage": 2,
+                "compiled": report["runtime"]["compiled"],
                 "precision": report["runtime"]["precision"],
                 "micro_batch_per_gpu": args.micro,
                 "grad_accum": args.accum,
@@ -174,6 +178,12 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench_deepspeed"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--skip-resume", action="store_true")
+    parser.add_argument(
+        "--compile",
+        choices=("off", "on"),
+        default="off",
+        help="scaling runs with the compiled model (ZeRO-2)",
+    )
     parser.add_argument(
         "--profile",
         type=Path,

@@ -23,6 +23,8 @@ Flags (``apt train --backend deepspeed``) → ``TrainRequest.options``:
   and ZeRO settings win; missing batch keys and ``gradient_clipping`` are filled from the run's config; an
   ``optimizer`` or ``scheduler`` section is refused: the backend passes AdamW and the warm-restart schedule).
 * ``--load-checkpoint DIR`` (or ``TrainRequest.resume`` naming a checkpoint directory): resume exactly.
+* ``--compile on`` (ZeRO 1-2): the model's forward and backward through ``torch.compile`` on one fixed padded
+  shape, validation eager; ``auto`` (the default) stays eager under DeepSpeed until this path is measured on GPUs.
 * ``--hostfile FILE`` (several hosts; DeepSpeed launcher, needs pdsh and a shared filesystem), ``--master-port``,
   ``timeout`` (seconds), ``overwrite`` and ``launcher`` (``torchrun`` | ``deepspeed``) options; ``progress`` is
   accepted for parity with the Playground and has no effect (workers print one line per epoch).
@@ -118,6 +120,7 @@ class DSPlan:
     config: dict[str, Any]  # the DeepSpeed config to write
     launcher: str
     cuda: bool
+    compiled: bool = False  # the model's forward/backward through torch.compile (fixed padded shapes)
     resume_dir: Path | None = None
     resume_epoch: int = 0
     hostfile: Path | None = None
@@ -398,6 +401,16 @@ def resolve_plan(request: TrainRequest) -> DSPlan:
             f"deepspeed backend: CPU offload needs ZeRO stage 2 or 3 (got stage {stage}); "
             "offload moves the optimizer state (stage >= 2) and the parameters (stage 3)"
         )
+    compile_opt = request.train.compile
+    if compile_opt == "on" and stage == 3:
+        raise ConfigError(
+            "deepspeed backend: --compile on needs ZeRO stage 1 or 2 (ZeRO-3 gathers each parameter in module "
+            "hooks that torch.compile does not trace); use --compile auto or off"
+        )
+    # Opt-in for now: ``auto`` stays eager under DeepSpeed until the compiled path has been measured on GPUs (it
+    # is tested on CPU ranks). Why it exists: the eager step is host-bound (thousands of small kernel launches),
+    # which is also what desynchronises the ranks at each collective (BENCHMARKS.md, DeepSpeed profile).
+    compiled = compile_opt == "on"
     return DSPlan(
         world_size=world,
         nproc_per_node=nproc,
@@ -411,6 +424,7 @@ def resolve_plan(request: TrainRequest) -> DSPlan:
         config=config,
         launcher=launcher,
         cuda=cuda,
+        compiled=compiled,
         hostfile=hostfile,
     )
 
@@ -431,9 +445,12 @@ def resume_dir(request: TrainRequest) -> Path | None:
     return None
 
 
-def worker_request(request: TrainRequest, micro_batch: int, grad_accum: int, device: str) -> TrainRequest:
+def worker_request(
+    request: TrainRequest, micro_batch: int, grad_accum: int, device: str, *, compiled: bool = False
+) -> TrainRequest:
     """The request that ``training.loop.prepare`` validates/loads for one rank: no file resume (DeepSpeed
-    checkpoints are directories, checked by ``check_resume``), the effective batch shape and precision."""
+    checkpoints are directories, checked by ``check_resume``), the effective batch shape and precision; a compiled
+    model gets one fixed padded shape (no recompilation per length)."""
     from dataclasses import replace
 
     train = request.train.replace(
@@ -442,7 +459,12 @@ def worker_request(request: TrainRequest, micro_batch: int, grad_accum: int, dev
         compile="off",
         precision="fp32",  # DeepSpeed owns precision (its fp16/bf16 sections); prepare() must not autocast
     )
-    options = {"device": device, "pad": "bucket", "overwrite": True, "progress": False}
+    options = {
+        "device": device,
+        "pad": "fixed" if compiled else "bucket",
+        "overwrite": True,
+        "progress": False,
+    }
     return replace(request, train=train, resume=None, options=options, on_epoch=None)
 
 
@@ -751,7 +773,9 @@ class DeepSpeedBackend:
                     f"{out_dir}: save dir already holds a run ({', '.join(existing[:3])}); "
                     "resume it with --load-checkpoint, pick another dir, or pass overwrite"
                 )
-        prep = prepare(worker_request(request, plan.micro_batch, plan.grad_accum, "cpu"))
+        prep = prepare(
+            worker_request(request, plan.micro_batch, plan.grad_accum, "cpu", compiled=plan.compiled)
+        )
         if directory is not None:
             state = check_resume(directory, request, plan, prep)
             plan.resume_dir = directory
@@ -797,6 +821,7 @@ class DeepSpeedBackend:
             "precision": plan.precision,
             "offload": plan.offload,
             "launcher": plan.launcher,
+            "compiled": plan.compiled,
         }
         request_path = out_dir / REQUEST_FILE
         atomic_write_json(request_path, payload)

@@ -250,7 +250,10 @@ class Worker:
         from apt_model.training.tracking import Tracker, resolve_tracking_uri
 
         device_name = str(self.device) if self.cuda else "cpu"
-        self.prep = prepare(worker_request(self.request, self.micro, self.accum, device_name))
+        self.compiled = bool(self.meta.get("compiled"))
+        self.prep = prepare(
+            worker_request(self.request, self.micro, self.accum, device_name, compiled=self.compiled)
+        )
         # The effective training config: DeepSpeed's batch shape and precision.
         self.cfg = self.request.train.replace(
             batch_size=self.micro, grad_accum=self.accum, precision=self.precision
@@ -262,6 +265,12 @@ class Worker:
         seed_everything(cfg.seed)
         model = APTModel(prep.model_config)
         model.train()
+        self._eager_forward = model.forward
+        if self.compiled:
+            # The forward (and through AOTAutograd its backward) is compiled; DeepSpeed's engine still wraps the
+            # module, its ZeRO-1/2 gradient hooks fire on the parameters as before. No CUDA graphs: ZeRO reduces
+            # gradients from those hooks on its own streams. Validation stays eager (one graph, not two).
+            model.forward = torch.compile(model.forward, dynamic=False)  # type: ignore[method-assign]
         self.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         common = dict(
             pad_id=self.pad_id,
@@ -298,7 +307,7 @@ class Worker:
             runtime={
                 "device": f"{self.device.type} × {self.world}",
                 "precision": self.precision,
-                "compiled": False,
+                "compiled": self.compiled,
                 "pad_mode": prep.pad_mode,
                 "steps_per_epoch": self.steps_per_epoch,
                 "n_parameters": self.n_parameters,
@@ -538,10 +547,18 @@ class Worker:
     def _evaluate(self) -> dict[str, float | None]:
         from apt_model.training.loop import evaluate
 
-        # Parameters already have DeepSpeed's dtype: no autocast on top.
-        return evaluate(
-            self.engine, self.eval_batches, pad_id=self.pad_id, device=self.device, precision="fp32"
-        )
+        module = self.engine.module
+        compiled_forward = module.forward
+        if self.compiled:
+            module.forward = self._eager_forward  # type: ignore[method-assign]
+        try:
+            # Parameters already have DeepSpeed's dtype: no autocast on top.
+            return evaluate(
+                self.engine, self.eval_batches, pad_id=self.pad_id, device=self.device, precision="fp32"
+            )
+        finally:
+            if self.compiled:
+                module.forward = compiled_forward  # type: ignore[method-assign]
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _apt_state(self) -> dict[str, Any]:
@@ -728,6 +745,7 @@ class Worker:
                 "zero_stage": self.zero_stage,
                 "precision": self.precision,
                 "offload": bool(self.meta.get("offload")),
+                "compiled": self.compiled,
                 "train_batch_size": self.micro * self.accum * self.world,
                 "device": self.device.type,
                 "dataset_sha256": self.prep.dataset_sha256,

@@ -215,6 +215,21 @@ def test_generated_config(tmp_path: Path) -> None:
         resolve_plan(_request(tmp_path / "d.json", tmp_path / "r", hostfile=str(hosts)))
 
 
+def test_compile_is_opt_in_at_zero_1_and_2(tmp_path: Path) -> None:
+    from apt_model.backends.deepspeed_backend import worker_request
+
+    def plan(compile_opt: str, stage: int) -> Any:
+        return resolve_plan(
+            _request(tmp_path / "d.json", tmp_path / "r", _train(compile=compile_opt), zero_stage=stage)
+        )
+
+    assert not plan("auto", 2).compiled  # eager until the compiled path is measured on GPUs
+    assert plan("on", 1).compiled and plan("on", 2).compiled and not plan("off", 2).compiled
+    req = _request(tmp_path / "d.json", tmp_path / "r")
+    assert worker_request(req, 8, 1, "cpu", compiled=True).options["pad"] == "fixed"  # one shape, one graph
+    assert worker_request(req, 8, 1, "cpu").options["pad"] == "bucket"
+
+
 @pytest.mark.parametrize(
     ("flags", "match"),
     [
@@ -225,6 +240,7 @@ def test_generated_config(tmp_path: Path) -> None:
             "not divisible by GPUs",
         ),
         (["--num-gpus", "100000"], "this machine has"),
+        (["--zero-stage", "3", "--compile", "on"], "--compile on needs ZeRO stage 1 or 2"),
     ],
 )
 def test_bad_flags_exit_2_before_anything(
@@ -317,6 +333,23 @@ def test_zero2_trains_saves_and_exports(zero2: dict[str, Any], dataset: Path) ->
     assert loaded.config.d_model == 32
     verified = verify_model(full.export_dir, dataset, sample=20)
     assert 0 < verified.overall["n"] <= 20 and 0.0 <= verified.overall["exact"] <= 1.0
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_saves_and_exports_at_zero2(dataset: Path, env: Path) -> None:
+    """``--compile on`` (ZeRO 1-2): 2 CPU ranks train the torch.compile'd model on
+    fixed padded shapes, validate eagerly, checkpoint and export a model that verifies."""
+    from apt_model.verify import verify_model
+
+    result = _run(_request(dataset, env / "z2_compiled", _train(compile="on"), num_gpus=2, zero_stage=2))
+    report = _report(result)
+    assert report["runtime"]["compiled"] is True and report["runtime"]["pad_mode"] == "fixed"
+    assert result.extra["compiled"] is True and report["status"] == "finished"
+    losses = [r["train_loss"] for r in report["epochs"]]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert all(r["val_loss"] is not None for r in report["epochs"])
+    verified = verify_model(result.export_dir, dataset, sample=20)
+    assert 0 < verified.overall["n"] <= 20
 
 
 @pytest.mark.slow
