@@ -130,6 +130,10 @@ class ModelConfig(_Config):
     use_autopoietic: bool = True
     max_len: int = 512
     pad_id: int = 0
+    # The spec's N(0, 0.02). Against the unscaled sinusoidal positions (norm sqrt(d/2)) such token vectors are a few
+    # percent of the input, and the model barely learns which token it reads (BENCHMARKS.md, quality runs); the
+    # quality recipes raise it. Only the initialisation: a trained model's weights do not depend on it.
+    embedding_init_std: float = 0.02
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -148,6 +152,7 @@ class ModelConfig(_Config):
         self._check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         self._check(self.eps > 0, "eps", "must be positive")
         self._check(self.init_tau > 0, "init_tau", "must be positive")
+        self._check(self.embedding_init_std > 0, "embedding_init_std", "must be positive")
         self._check(0 <= self.pad_id < self.vocab_size, "pad_id", "must be a valid token id")
 
     @property

@@ -40,6 +40,7 @@ MODEL_FLAGS = {
     "d_ff": "d_ff",
     "dropout": "dropout",
     "max_len": "max_len",
+    "embedding_init_std": "embedding_init_std",
 }
 TRAIN_FLAGS = {
     "epochs": "epochs",
@@ -96,6 +97,12 @@ def register(subparsers: Any) -> None:
     m.add_argument("--d-ff", type=int, default=None)
     m.add_argument("--dropout", type=float, default=None)
     m.add_argument("--max-len", type=int, default=None, help="longest sequence the model accepts")
+    m.add_argument(
+        "--embedding-init-std",
+        type=float,
+        default=None,
+        help="std of the token embedding's initial N(0, std) (default 0.02, the spec's; see BENCHMARKS.md)",
+    )
 
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=None)

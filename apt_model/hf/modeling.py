@@ -77,6 +77,7 @@ class APTConfig(PreTrainedConfig):
     use_autopoietic: bool = True
     max_len: int = 512
     pad_id: int = 0
+    embedding_init_std: float = 0.02
     # The AptTokenizer's fixed ids.
     pad_token_id: int | None = None
     bos_token_id: int | None = BOS_ID

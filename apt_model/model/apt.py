@@ -1,6 +1,6 @@
 """The APT encoder-decoder (spec: ``shared/spec/apt-model.md``, "Architecture").
 
-Token embedding (``padding_idx = config.pad_id``, N(0, 0.02), padding row zero) + sinusoidal positions
+Token embedding (``padding_idx = config.pad_id``, N(0, ``embedding_init_std``) — 0.02 by default, padding row zero) + sinusoidal positions
 (no √d scaling) → dropout; post-LayerNorm encoder layers (self-attention, GELU feed-forward) and decoder
 layers (causal self-attention, cross-attention, feed-forward), a final LayerNorm after each stack; the
 output projection is the embedding matrix itself (tied, no bias), so the state dict has one copy of it.
@@ -131,7 +131,7 @@ class APTModel(nn.Module):
         self.reset_embedding()
 
     def reset_embedding(self) -> None:
-        nn.init.normal_(self.embedding.weight, mean=0.0, std=0.02)
+        nn.init.normal_(self.embedding.weight, mean=0.0, std=self.config.embedding_init_std)
         with torch.no_grad():
             self.embedding.weight[self.config.pad_id].zero_()
 

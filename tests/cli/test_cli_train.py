@@ -104,6 +104,7 @@ def test_bad_arguments_exit_2_with_one_line_and_touch_nothing(trained, tmp_path,
         (["train", "--save-dir", str(save)], "--dataset is required"),
         ([*base, "--config", str(dataset)], "unknown section"),
         ([*base, "--max-src-len", "4096"], "exceeds ModelConfig.max_len"),
+        ([*base, "--embedding-init-std", "-1"], "ModelConfig.embedding_init_std: must be positive"),
     ]
     for argv, message in cases:
         try:

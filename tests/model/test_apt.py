@@ -66,6 +66,19 @@ def test_forward_shapes_tied_weights_and_init() -> None:
     assert model.embedding.weight.grad[5].abs().sum() > 0
 
 
+def test_embedding_init_std_is_a_config_value_saved_with_the_model() -> None:
+    """The spec's N(0, 0.02) by default; ``embedding_init_std`` sets another initial scale (the quality recipes),
+    and it round-trips with the config like every other field."""
+    cfg = model_preset("tiny", vocab_size=V, embedding_init_std=1.0)
+    torch.manual_seed(0)
+    model = APTModel(cfg)
+    assert 0.9 < float(model.embedding.weight[4:].detach().std()) < 1.1
+    assert (model.embedding.weight[cfg.pad_id] == 0).all()
+    assert ModelConfig.from_dict(cfg.to_dict()).embedding_init_std == 1.0
+    with pytest.raises(ConfigError, match="embedding_init_std: must be positive"):
+        model_preset("tiny", embedding_init_std=0.0)
+
+
 def test_sinusoidal_positions() -> None:
     pe = sinusoidal_positions(10, 6)
     assert pe.shape == (10, 6)
