@@ -337,11 +337,15 @@ def test_zero2_trains_saves_and_exports(zero2: dict[str, Any], dataset: Path) ->
 
 @pytest.mark.slow
 def test_compiled_model_trains_saves_and_exports_at_zero2(dataset: Path, env: Path) -> None:
-    """``--compile on`` (ZeRO 1-2): 2 CPU ranks train the torch.compile'd model on
+    """``--compile on`` (ZeRO 1-2): a CPU rank trains the torch.compile'd model on
     fixed padded shapes, validate eagerly, checkpoint and export a model that verifies."""
     from apt_model.verify import verify_model
 
-    result = _run(_request(dataset, env / "z2_compiled", _train(compile="on"), num_gpus=2, zero_stage=2))
+    # One rank and plain attention: what is tested is the worker's compiled path (per rank), and compiling the
+    # autopoietic transform on CPU costs CI minutes per process.
+    request = _request(dataset, env / "z2_compiled", _train(compile="on"), num_gpus=1, zero_stage=2)
+    request.model = request.model.replace(use_autopoietic=False)
+    result = _run(request)
     report = _report(result)
     assert report["runtime"]["compiled"] is True and report["runtime"]["pad_mode"] == "fixed"
     assert result.extra["compiled"] is True and report["status"] == "finished"
