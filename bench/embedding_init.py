@@ -5,7 +5,7 @@ at the start a token's identity is a few percent of the encoder input. This trai
 2+2 layers, autopoietic attention unless ``--plain``) on one module of the default HLBD Hardcore data for each
 ``--stds`` value, through the Playground loop on CPU, and reports greedy exact match on train and val.
 
-Usage: python bench/embedding_init.py [--module zodiac] [--epochs 30] [--stds 0.02 0.5 1.0] [--plain] [--out F]
+Usage: python bench/embedding_init.py [--module zodiac|all] [--epochs 30] [--stds 0.02 0.5 1.0] [--plain] [--out F]
 """
 
 from __future__ import annotations
@@ -44,14 +44,15 @@ def main() -> int:
 
     torch.set_num_threads(1)
     doc = generate("hardcore", seed=42, size="default")
-    if args.module not in doc["data"]:
-        p.error(f"--module: choose one of {', '.join(doc['data'])}")
+    if args.module != "all" and args.module not in doc["data"]:
+        p.error(f"--module: choose all or one of {', '.join(doc['data'])}")
+    modules = list(doc["data"]) if args.module == "all" else [args.module]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         dataset = Path(tmp) / f"{args.module}.json"
         data = {
-            "metadata": {"name": f"HLBD Hardcore, {args.module} only"},
-            "data": {args.module: doc["data"][args.module]},
+            "metadata": {"name": f"HLBD Hardcore, {args.module}"},
+            "data": {m: doc["data"][m] for m in modules},
         }
         dataset.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
         for std in args.stds:
@@ -71,10 +72,8 @@ def main() -> int:
             result = run_training(request, backend="playground")
             seconds = time.perf_counter() - started
             report = json.loads(Path(result.report).read_text(encoding="utf-8"))
-            exact = {
-                split: verify_model(result.final_model, dataset, split=split).overall["exact"]
-                for split in ("train", "val")
-            }
+            verified = {s: verify_model(result.final_model, dataset, split=s) for s in ("train", "val")}
+            exact = {split: v.overall["exact"] for split, v in verified.items()}
             rows.append(
                 {
                     "embedding_init_std": std,
@@ -82,6 +81,7 @@ def main() -> int:
                     "last_epoch_loss": report["epochs"][-1]["train_loss"],
                     "exact_train": exact["train"],
                     "exact_val": exact["val"],
+                    "exact_val_modules": {m: r["exact"] for m, r in verified["val"].modules.items()},
                     "train_seconds": round(seconds, 1),
                 }
             )
