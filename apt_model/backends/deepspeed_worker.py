@@ -85,9 +85,10 @@ log = logging.getLogger("apt_model.backends.deepspeed_worker")
 # four steps are left out where the epoch is long enough (allocator and NCCL warm-up); short epochs start at once.
 PROFILE_DIR_ENV = "APT_DS_PROFILE_DIR"
 PROFILED_STEPS = 10
-# Python's collector pauses each rank at its own moments, and every other rank then waits for it at the next
-# collective (seen as tens of ms per step in NCCL waits at 2 GPUs). Automatic collection is off while training; all
-# ranks collect the young generations at the same optimizer steps and everything at the end of each epoch.
+# Ranks that reach a collective at different times wait for each other (tens of ms per step in NCCL at 2 GPUs,
+# BENCHMARKS.md). Python's collector is one source of such jitter: it pauses each rank at its own moments. So
+# automatic collection is off while training; all ranks collect the young generations at the same optimizer steps
+# and everything at the end of each epoch.
 GC_EVERY_STEPS = 50
 
 
@@ -533,6 +534,8 @@ class Worker:
         }
 
     def _write_profile(self, folder: Path, profiler: Any, step_seconds: list[float]) -> None:
+        from apt_model.io import atomic_write_text
+
         folder.mkdir(parents=True, exist_ok=True)
         averages = profiler.key_averages()
         sections = [
@@ -542,7 +545,9 @@ class Worker:
         ]
         if self.cuda:
             sections.append(averages.table(sort_by="self_device_time_total", row_limit=30))
-        (folder / f"profile_world{self.world}_rank{self.rank}.txt").write_text("\n\n".join(sections) + "\n")
+        atomic_write_text(
+            folder / f"profile_world{self.world}_rank{self.rank}.txt", "\n\n".join(sections) + "\n"
+        )
 
     def _evaluate(self) -> dict[str, float | None]:
         from apt_model.training.loop import evaluate
