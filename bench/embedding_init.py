@@ -33,12 +33,15 @@ def main() -> int:
     args = p.parse_args()
     if args.epochs < 1 or any(s <= 0 for s in args.stds):
         p.error("--epochs must be >= 1 and every --stds value > 0")
+    if args.out is not None and not args.out.parent.is_dir():
+        p.error(f"--out {args.out}: folder {args.out.parent} does not exist")
 
     import torch
 
     from apt_model.backends import TrainRequest
     from apt_model.config import DataConfig, TrainConfig, model_preset
-    from apt_model.data import generate
+    from apt_model.data import generate, write_dataset
+    from apt_model.io import atomic_write_text
     from apt_model.training.loop import run_training
     from apt_model.verify import verify_model
 
@@ -54,7 +57,7 @@ def main() -> int:
             "metadata": {"name": f"HLBD Hardcore, {args.module}"},
             "data": {m: doc["data"][m] for m in modules},
         }
-        dataset.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        write_dataset(data, dataset)
         for std in args.stds:
             model = model_preset(
                 "tiny", d_model=64, n_heads=4, d_ff=256, dropout=0.0, use_autopoietic=not args.plain,
@@ -73,14 +76,13 @@ def main() -> int:
             seconds = time.perf_counter() - started
             report = json.loads(Path(result.report).read_text(encoding="utf-8"))
             verified = {s: verify_model(result.final_model, dataset, split=s) for s in ("train", "val")}
-            exact = {split: v.overall["exact"] for split, v in verified.items()}
             rows.append(
                 {
                     "embedding_init_std": std,
                     "first_epoch_loss": report["epochs"][0]["train_loss"],
                     "last_epoch_loss": report["epochs"][-1]["train_loss"],
-                    "exact_train": exact["train"],
-                    "exact_val": exact["val"],
+                    "exact_train": verified["train"].overall["exact"],
+                    "exact_val": verified["val"].overall["exact"],
                     "exact_val_modules": {m: r["exact"] for m, r in verified["val"].modules.items()},
                     "train_seconds": round(seconds, 1),
                 }
@@ -101,7 +103,7 @@ def main() -> int:
         "rows": rows,
     }
     if args.out:
-        args.out.write_text(json.dumps(result_doc, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(args.out, json.dumps(result_doc, indent=2) + "\n")
     return 0
 
 

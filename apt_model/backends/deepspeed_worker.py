@@ -509,12 +509,10 @@ class Worker:
                 gc.collect(1)
             step_seconds.append(time.perf_counter() - window_started)
             if profiler is not None and start // self.span == first + PROFILED_STEPS - 1:
-                profiler.__exit__(None, None, None)
-                self._write_profile(Path(profile_dir), profiler, step_seconds)
+                self._finish_profile(Path(profile_dir), profiler, step_seconds)
                 profiler = None
         if profiler is not None:  # the epoch ended inside the profiled windows
-            profiler.__exit__(None, None, None)
-            self._write_profile(Path(profile_dir), profiler, step_seconds)
+            self._finish_profile(Path(profile_dir), profiler, step_seconds)
         self.epoch += 1
         evaluate_now = self.epoch % self.cfg.eval_every == 0 or self.epoch == self.cfg.epochs
         val = self._evaluate() if evaluate_now else {"val_loss": None, "val_token_acc": None}
@@ -533,9 +531,11 @@ class Worker:
             "skipped_steps": skipped,
         }
 
-    def _write_profile(self, folder: Path, profiler: Any, step_seconds: list[float]) -> None:
+    def _finish_profile(self, folder: Path, profiler: Any, step_seconds: list[float]) -> None:
+        """Stop ``profiler`` and write this rank's step times and operator tables into ``folder``."""
         from apt_model.io import atomic_write_text
 
+        profiler.__exit__(None, None, None)
         folder.mkdir(parents=True, exist_ok=True)
         averages = profiler.key_averages()
         sections = [

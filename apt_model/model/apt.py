@@ -1,9 +1,9 @@
 """The APT encoder-decoder (spec: ``shared/spec/apt-model.md``, "Architecture").
 
-Token embedding (``padding_idx = config.pad_id``, N(0, ``embedding_init_std``) — 0.02 by default, padding row zero) + sinusoidal positions
-(no √d scaling) → dropout; post-LayerNorm encoder layers (self-attention, GELU feed-forward) and decoder
-layers (causal self-attention, cross-attention, feed-forward), a final LayerNorm after each stack; the
-output projection is the embedding matrix itself (tied, no bias), so the state dict has one copy of it.
+Token embedding (``padding_idx = config.pad_id``, N(0, ``embedding_init_std``) — 0.02 by default, padding row
+zero) + sinusoidal positions (no √d scaling) → dropout; post-LayerNorm encoder layers (self-attention, GELU
+feed-forward) and decoder layers (causal self-attention, cross-attention, feed-forward), a final LayerNorm after each
+stack; the output projection is the embedding matrix itself (tied, no bias), so the state dict has one copy of it.
 
 Padding is derived inside from ``ids == config.pad_id`` (keys *and* queries of the autopoietic attention
 are masked at padding positions, see ``attention.py``). Inputs longer than ``config.max_len`` raise

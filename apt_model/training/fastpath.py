@@ -12,7 +12,8 @@ so the transform's elementwise ops and per-matrix reductions fuse into a few ker
 graphs (``mode="reduce-overhead"``), which removes the launch overhead that dominates small batches; shapes must
 repeat for the graphs to be reused, so the loop pads every batch to one fixed ``(max_src_len, max_tgt_len)`` when
 compiled, and fills a short last batch with all-padding rows (no target tokens, so no effect on loss or gradient)
-rather than presenting a new batch size, which would cost a second compilation and a second graph. There is no ``max-autotune``: its GEMM search costs minutes of start-up for little gain at these sizes.
+rather than presenting a new batch size, which would cost a second compilation and a second graph. There is no
+``max-autotune``: its GEMM search costs minutes of start-up for little gain at these sizes.
 
 Under CUDA graphs the parameters keep ``.grad`` buffers of their own, zeroed in place after each step: a gradient
 that autograd stores by stealing the backward graph's output tensor lives in the graph's memory pool, and the next
