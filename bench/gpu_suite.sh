@@ -70,7 +70,7 @@ if [[ $part == quality ]]; then
   recipes=(
     "R1 --batch-size 128 --lr 3e-4 --warmup-steps 300 --t0 200 --dropout 0 --embedding-init-std 1.0 --epochs 200"
     "R2 --batch-size 256 --gradient-accumulation 1 --lr 5e-4 --warmup-steps 300 --t0 250 --dropout 0 --embedding-init-std 1.0 --epochs 250"
-    "R3 --batch-size 128 --lr 3e-4 --warmup-steps 300 --t0 200 --dropout 0 --embedding-init-std 0.5 --epochs 200"
+    "R3 --batch-size 128 --lr 5e-4 --warmup-steps 300 --t0 200 --dropout 0 --embedding-init-std 1.0 --epochs 200"
     "R4 --batch-size 64 --gradient-accumulation 1 --lr 3e-4 --warmup-steps 500 --t0 120 --dropout 0 --embedding-init-std 1.0 --epochs 120"
   )
   ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
