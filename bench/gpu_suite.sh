@@ -6,6 +6,9 @@
 #   PART=deepspeed — ZeRO-2 bf16 scaling at 1 and 2 GPUs (4 where there are 4), ZeRO-3 + offload train + resume.
 #   PART=deepspeed-compiled — the same scaling runs with the compiled model (--compile on), plus a profile.
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
+#   PART=ds-profile+quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
+#                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
+#                  large generated data (more held-out-pair coverage for the computed modules).
 # OUT_DIR receives a handful of files (the device tool brings back at most 8); runs and checkpoints stay in /tmp.
 set -uo pipefail
 out=${1:?output folder}
@@ -89,6 +92,32 @@ if [[ $part == quality ]]; then
   for f in "$work"/quality/*/log.txt; do grep -E '^epoch|verified|exact|collapse|Error' "$f" | sed "s|^|$(basename "$(dirname "$f")"): |"; done \
     > "$out/quality_log.txt"
   cat "$work"/quality_summary.txt >> "$out/quality_log.txt"
+fi
+
+if [[ $part == ds-profile+quality-large ]]; then
+  recipes=(
+    "L1 --batch-size 256 --gradient-accumulation 1 --lr 5e-4 --warmup-steps 300 --t0 120 --dropout 0 --embedding-init-std 1.0 --epochs 120"
+    "L2 --batch-size 256 --gradient-accumulation 1 --lr 5e-4 --warmup-steps 300 --t0 120 --dropout 0.1 --weight-decay 0.1 --embedding-init-std 1.0 --epochs 120"
+  )
+  for i in 0 1; do
+    (
+      set -- ${recipes[$i]}
+      tag=$1; shift
+      CUDA_VISIBLE_DEVICES=$((i + 2)) timeout 540 python3 bench/quality_run.py --out "$work/quality_large" --tag "$tag" \
+        --data-size large -- --max-src-len 40 --max-tgt-len 24 --eval-every 10 --save-interval 1000 "$@" \
+        > "$work/quality_$tag.log" 2>&1
+      echo "quality $tag rc=$?" >> "$work/quality_large_summary.txt"
+    ) &
+  done
+  CUDA_VISIBLE_DEVICES=0,1 timeout 540 python3 bench/deepspeed_scaling.py --gpus 1 2 --micro 64 --epochs 3 --skip-resume \
+    --compile on --profile "$out/profiles" --workdir "$work/ds_profile" --out "$out/deepspeed_profile_run.json" 2>&1 \
+    | tail -n 20 | tee -a "$log"
+  wait
+  python3 -c 'import json, sys, pathlib; print(json.dumps([json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*/quality.json"))], indent=1))' \
+    "$work/quality_large" > "$out/quality_large.json"
+  for f in "$work"/quality_large/*/log.txt; do grep -E '^epoch|verified|exact|collapse|Error' "$f" | sed "s|^|$(basename "$(dirname "$f")"): |"; done \
+    > "$out/quality_large_log.txt"
+  cat "$work"/quality_large_summary.txt >> "$out/quality_large_log.txt"
 fi
 
 if [[ $part == deepspeed ]]; then

@@ -1,7 +1,7 @@
 """HLBD learning-quality run: the commands a user types, timed, with per-module exact match on train and val.
 
 Steps (each a subprocess of the `apt` CLI, exactly as users run it):
-  1. `apt data generate --kind hardcore --seed 42` (the default HLBD Hardcore data);
+  1. `apt data generate --kind hardcore --seed 42` (the default HLBD Hardcore data; `--data-size large` for more);
   2. `apt train --backend playground --preset playground …` (the guide's model size; our tunables are flags);
   3. `apt verify --split train` and `--split val` on the final model (greedy decoding, exact match).
 
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tag", default="run")
     p.add_argument("--device", default="cuda")
+    p.add_argument(
+        "--data-size", default="default", help="`apt data generate --size` (small | default | large)"
+    )
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="extra `apt train` flags, after --")
     args = p.parse_args(argv)
     extra = [a for a in args.train_args if a != "--"]
@@ -62,17 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     log = out / "log.txt"
     data = out / "hardcore.json"
     run_dir = out / "run"
-    report: dict[str, Any] = {"tag": args.tag, "train_args": extra, "steps": []}
+    report: dict[str, Any] = {"tag": args.tag, "data_size": args.data_size, "train_args": extra, "steps": []}
     env_note = {k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES",) if k in os.environ}
     report["env"] = env_note
 
-    run_step(
-        "generate",
-        apt("data", "generate", "--kind", "hardcore", "--seed", "42", "--out", str(data)),
-        report,
-        out,
-        log,
-    )
+    generate = apt(
+        "data", "generate", "--kind", "hardcore", "--seed", "42", "--size", args.data_size, "--out", str(data),
+    )  # fmt: skip
+    run_step("generate", generate, report, out, log)
     train = apt(
         "train", "--backend", "playground", "--preset", "playground", "--dataset", str(data),
         "--save-dir", str(run_dir), "--overwrite", "--no-tracking", "--no-progress", "--device", args.device, *extra,
