@@ -19,6 +19,7 @@ Usage (GPU host with deepspeed installed; see shared/device/deepspeed.md for car
   python bench/deepspeed_scaling.py                       # the full run
   python bench/deepspeed_scaling.py --gpus 2 --skip-resume --preset tiny --epochs 3   # quick look
   python bench/deepspeed_scaling.py --compile on --skip-resume    # the scaling runs with the compiled model
+  python bench/deepspeed_scaling.py --overlap-comm --skip-resume  # ZeRO-2 overlapping reduction with backward
   DS_ACCELERATOR=cpu python bench/deepspeed_scaling.py --cpu-smoke   # CPU processes, tiny model (plumbing only)
 """
 
@@ -37,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apt_model.backends import TrainRequest
-from apt_model.backends.deepspeed_backend import DeepSpeedBackend
+from apt_model.backends.deepspeed_backend import DeepSpeedBackend, build_ds_config
 from apt_model.config import DataConfig, TrainConfig, model_preset
 
 
@@ -90,12 +91,31 @@ def run(
     return result.to_dict(), report, wall
 
 
+def overlap_comm_config(args: argparse.Namespace, root: Path, world: int) -> Path:
+    """The generated ZeRO-2 config with ``overlap_comm`` on, as a ``--deepspeed-config`` file (the one difference)."""
+    config = build_ds_config(
+        zero_stage=2,
+        offload=False,
+        precision="fp32" if args.cpu_smoke else "bf16",
+        micro_batch=args.micro,
+        grad_accum=args.accum,
+        world_size=world,
+        clip_grad_norm=TrainConfig().clip_grad_norm,
+    )
+    config["zero_optimization"]["overlap_comm"] = True
+    path = root / f"ds_config_overlap_comm_{world}gpu.json"
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def scaling(args: argparse.Namespace, dataset: Path, root: Path, gpus: list[int]) -> list[dict[str, Any]]:
     rows = []
     for n in gpus:
         opts: dict[str, Any] = {"num_gpus": n, "zero_stage": 2}
         if not args.cpu_smoke:
             opts["bf16"] = True
+        if args.overlap_comm:
+            opts = {"num_gpus": n, "deepspeed_config": str(overlap_comm_config(args, root, n))}
         result, report, wall = run(
             dataset, root / f"zero2_{n}gpu", preset=args.preset, epochs=args.epochs, micro=args.micro,
             accum=args.accum, compile_model=args.compile, **opts,
@@ -116,6 +136,8 @@ def scaling(args: argparse.Namespace, dataset: Path, root: Path, gpus: list[int]
                 "epoch_seconds": last["epoch_seconds"],
                 "steps_per_epoch": report["runtime"]["steps_per_epoch"],
                 "train_loss": last["train_loss"],
+                "overlap_comm": bool(args.overlap_comm),
+                "dataset_size": args.size,
                 "wall_s_including_start": wall,
                 "out_dir": result["out_dir"],
             }
@@ -189,6 +211,11 @@ def main() -> int:
         type=Path,
         default=None,
         help="folder: each rank profiles 10 steps of epoch 2 (diagnostics)",
+    )
+    parser.add_argument(
+        "--overlap-comm",
+        action="store_true",
+        help="ZeRO-2 with overlap_comm on (the generated config otherwise; passed as --deepspeed-config)",
     )
     parser.add_argument(
         "--cpu-smoke", action="store_true", help="CPU processes, fp32 (checks the plumbing only)"

@@ -5,6 +5,8 @@
 #                  GPU 1 (if present) meanwhile: the HLBD quality runs.
 #   PART=deepspeed — ZeRO-2 bf16 scaling at 1 and 2 GPUs (4 where there are 4), ZeRO-3 + offload train + resume.
 #   PART=deepspeed-compiled — the same scaling runs with the compiled model (--compile on), plus a profile.
+#   PART=deepspeed-variants — the candidate fixes for ZeRO-2 scaling, eager, 1/2/4 GPUs: micro batch 256 on the large
+#                  data (more work per step against ZeRO's fixed per-parameter cost), then micro 64 with overlap_comm.
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile+quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -64,6 +66,14 @@ if [[ $part == deepspeed-compiled ]]; then
   unset CUDA_VISIBLE_DEVICES
   timeout 560 python3 bench/deepspeed_scaling.py --gpus 1 2 4 --micro 64 --epochs 3 --skip-resume --compile on \
     --workdir "$work/ds_compiled" --out "$out/deepspeed_scaling_compiled.json" 2>&1 | tail -n 20 | tee -a "$log"
+fi
+
+if [[ $part == deepspeed-variants ]]; then
+  unset CUDA_VISIBLE_DEVICES
+  timeout 290 python3 bench/deepspeed_scaling.py --gpus 1 2 4 --micro 256 --size large --epochs 3 --skip-resume \
+    --workdir "$work/ds_micro256" --out "$out/deepspeed_scaling_micro256_large.json" 2>&1 | tail -n 20 | tee -a "$log"
+  timeout 270 python3 bench/deepspeed_scaling.py --gpus 1 2 4 --micro 64 --epochs 3 --skip-resume --overlap-comm \
+    --workdir "$work/ds_overlap" --out "$out/deepspeed_scaling_overlap_comm.json" 2>&1 | tail -n 20 | tee -a "$log"
 fi
 
 if [[ $part == quality ]]; then
