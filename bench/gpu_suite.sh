@@ -8,7 +8,7 @@
 #   PART=deepspeed-variants — the candidate fixes for ZeRO-2 scaling, eager, 1/2/4 GPUs: micro batch 256 on the large
 #                  data (more work per step against ZeRO's fixed per-parameter cost), then micro 64 with overlap_comm.
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
-#   PART=ds-profile+quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
+#   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
 #                  large generated data (more held-out-pair coverage for the computed modules).
 # OUT_DIR receives a handful of files (the device tool brings back at most 8); runs and checkpoints stay in /tmp.
@@ -104,7 +104,7 @@ if [[ $part == quality ]]; then
   cat "$work"/quality_summary.txt >> "$out/quality_log.txt"
 fi
 
-if [[ $part == ds-profile+quality-large ]]; then
+if [[ $part == ds-profile-quality-large ]]; then
   recipes=(
     "L1 --batch-size 256 --gradient-accumulation 1 --lr 5e-4 --warmup-steps 300 --t0 120 --dropout 0 --embedding-init-std 1.0 --epochs 120"
     "L2 --batch-size 256 --gradient-accumulation 1 --lr 5e-4 --warmup-steps 300 --t0 120 --dropout 0.1 --weight-decay 0.1 --embedding-init-std 1.0 --epochs 120"
