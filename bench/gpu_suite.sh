@@ -22,6 +22,30 @@ log="$out/log_$part.txt"
 { nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } | tee "$log"
 
+# Quality recipes side by side, recipe i on GPU first_gpu + i; then one JSON and one log for all of them under OUT_DIR.
+# Usage: run_quality_recipes NAME FIRST_GPU DATA_SIZE "TAG flags…" …
+run_quality_recipes() {
+  local name=$1 first_gpu=$2 size=$3 i=0 tag
+  shift 3
+  for recipe in "$@"; do
+    (
+      set -- $recipe
+      tag=$1; shift
+      CUDA_VISIBLE_DEVICES=$((first_gpu + i)) timeout 540 python3 bench/quality_run.py --out "$work/$name" --tag "$tag" \
+        --data-size "$size" -- --max-src-len 40 --max-tgt-len 24 --eval-every 10 --save-interval 1000 "$@" \
+        > "$work/${name}_$tag.log" 2>&1
+      echo "$name $tag rc=$?" >> "$work/${name}_summary.txt"
+    ) &
+    i=$((i + 1))
+  done
+  wait
+  python3 -c 'import json, sys, pathlib; print(json.dumps([json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*/quality.json"))], indent=1))' \
+    "$work/$name" > "$out/$name.json"
+  for f in "$work/$name"/*/log.txt; do grep -E '^epoch|verified|exact|collapse|Error' "$f" | sed "s|^|$(basename "$(dirname "$f")"): |"; done \
+    > "$out/${name}_log.txt"
+  cat "$work/${name}_summary.txt" >> "$out/${name}_log.txt"
+}
+
 if [[ $part == single ]]; then
   ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
   if (( ngpu > 1 )); then
@@ -80,54 +104,25 @@ if [[ $part == quality ]]; then
   # Recipes for the >= 99% / 95% target (BENCHMARKS.md, quality runs): lr 3e-4..5e-4, one cosine period over the
   # whole run (--t0 = --epochs: no warm restart), dropout 0, larger batches for more epochs per minute, and a
   # larger initial token-embedding scale (bench/embedding_init.py: the spec's 0.02 barely learns to read the source).
+  ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
   recipes=(
     "R1 --batch-size 128 --lr 3e-4 --warmup-steps 300 --t0 200 --dropout 0 --embedding-init-std 1.0 --epochs 200"
     "R2 --batch-size 256 --gradient-accumulation 1 --lr 5e-4 --warmup-steps 300 --t0 250 --dropout 0 --embedding-init-std 1.0 --epochs 250"
     "R3 --batch-size 128 --lr 5e-4 --warmup-steps 300 --t0 200 --dropout 0 --embedding-init-std 1.0 --epochs 200"
     "R4 --batch-size 64 --gradient-accumulation 1 --lr 3e-4 --warmup-steps 500 --t0 120 --dropout 0 --embedding-init-std 1.0 --epochs 120"
   )
-  ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-  for ((i = 0; i < ngpu && i < ${#recipes[@]}; i++)); do
-    (
-      set -- ${recipes[$i]}
-      tag=$1; shift
-      CUDA_VISIBLE_DEVICES=$i timeout 540 python3 bench/quality_run.py --out "$work/quality" --tag "$tag" -- \
-        --max-src-len 40 --max-tgt-len 24 --eval-every 10 --save-interval 1000 "$@" > "$work/quality_$tag.log" 2>&1
-      echo "quality $tag rc=$?" >> "$work/quality_summary.txt"
-    ) &
-  done
-  wait
-  python3 -c 'import json, sys, pathlib; print(json.dumps([json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*/quality.json"))], indent=1))' \
-    "$work/quality" > "$out/quality.json"
-  for f in "$work"/quality/*/log.txt; do grep -E '^epoch|verified|exact|collapse|Error' "$f" | sed "s|^|$(basename "$(dirname "$f")"): |"; done \
-    > "$out/quality_log.txt"
-  cat "$work"/quality_summary.txt >> "$out/quality_log.txt"
+  run_quality_recipes quality 0 default "${recipes[@]:0:ngpu}"
 fi
 
 if [[ $part == ds-profile-quality-large ]]; then
-  recipes=(
-    "L1 --batch-size 256 --gradient-accumulation 1 --lr 5e-4 --warmup-steps 300 --t0 120 --dropout 0 --embedding-init-std 1.0 --epochs 120"
-    "L2 --batch-size 256 --gradient-accumulation 1 --lr 5e-4 --warmup-steps 300 --t0 120 --dropout 0.1 --weight-decay 0.1 --embedding-init-std 1.0 --epochs 120"
-  )
-  for i in 0 1; do
-    (
-      set -- ${recipes[$i]}
-      tag=$1; shift
-      CUDA_VISIBLE_DEVICES=$((i + 2)) timeout 540 python3 bench/quality_run.py --out "$work/quality_large" --tag "$tag" \
-        --data-size large -- --max-src-len 40 --max-tgt-len 24 --eval-every 10 --save-interval 1000 "$@" \
-        > "$work/quality_$tag.log" 2>&1
-      echo "quality $tag rc=$?" >> "$work/quality_large_summary.txt"
-    ) &
-  done
+  run_quality_recipes quality_large 2 large \
+    "L1 --batch-size 256 --gradient-accumulation 1 --lr 5e-4 --warmup-steps 300 --t0 120 --dropout 0 --embedding-init-std 1.0 --epochs 120" \
+    "L2 --batch-size 256 --gradient-accumulation 1 --lr 5e-4 --warmup-steps 300 --t0 120 --dropout 0.1 --weight-decay 0.1 --embedding-init-std 1.0 --epochs 120" &
+  quality_pid=$!
   CUDA_VISIBLE_DEVICES=0,1 timeout 540 python3 bench/deepspeed_scaling.py --gpus 1 2 --micro 64 --epochs 3 --skip-resume \
     --compile on --profile "$out/profiles" --workdir "$work/ds_profile" --out "$out/deepspeed_profile_run.json" 2>&1 \
     | tail -n 20 | tee -a "$log"
-  wait
-  python3 -c 'import json, sys, pathlib; print(json.dumps([json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*/quality.json"))], indent=1))' \
-    "$work/quality_large" > "$out/quality_large.json"
-  for f in "$work"/quality_large/*/log.txt; do grep -E '^epoch|verified|exact|collapse|Error' "$f" | sed "s|^|$(basename "$(dirname "$f")"): |"; done \
-    > "$out/quality_large_log.txt"
-  cat "$work"/quality_large_summary.txt >> "$out/quality_large_log.txt"
+  wait "$quality_pid"
 fi
 
 if [[ $part == deepspeed ]]; then
