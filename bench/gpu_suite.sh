@@ -7,6 +7,8 @@
 #   PART=deepspeed-compiled — the same scaling runs with the compiled model (--compile on), plus a profile.
 #   PART=deepspeed-variants — the candidate fixes for ZeRO-2 scaling, eager, 1/2/4 GPUs: micro batch 256 on the large
 #                  data (more work per step against ZeRO's fixed per-parameter cost), then micro 64 with overlap_comm.
+#   PART=compile-time — GPU 0: cold compile time of the fast path with the transform inlined 18 times vs traced once
+#                  per shape (torch.compiler.nested_compile_region), the quality runs' shapes (B=256, 40 + 24 tokens).
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -98,6 +100,10 @@ if [[ $part == deepspeed-variants ]]; then
     --workdir "$work/ds_micro256" --out "$out/deepspeed_scaling_micro256_large.json" 2>&1 | tail -n 20 | tee -a "$log"
   timeout 270 python3 bench/deepspeed_scaling.py --gpus 1 2 4 --micro 64 --epochs 3 --skip-resume --overlap-comm \
     --workdir "$work/ds_overlap" --out "$out/deepspeed_scaling_overlap_comm.json" 2>&1 | tail -n 20 | tee -a "$log"
+fi
+
+if [[ $part == compile-time ]]; then
+  CUDA_VISIBLE_DEVICES=0 timeout 500 python3 bench/compile_time.py --out "$out/compile_time.json" 2>&1 | tee -a "$log"
 fi
 
 if [[ $part == quality ]]; then

@@ -1,0 +1,156 @@
+"""Cold compile time of the Playground fast path, with the autopoietic transform traced once per shape or 18 times.
+
+The fast path compiles the loss (model forward with its 18 autopoietic transforms, cross-entropy) and its backward as
+one graph; inductor then generates and compiles code for every inlined copy of the transform. Wrapping the transform
+in ``torch.compiler.nested_compile_region`` asks Dynamo to trace it once per distinct input signature and reuse that
+subgraph at every call site. This script measures what that does to the first step (compilation included), to the
+steady-state step, and to the numbers: each variant runs in its own process with an empty inductor/Triton cache (a
+cold start, as on a fresh machine), same seed, same batches, through the Playground loop's own ``TrainStep``.
+
+Usage (writes a JSON and prints a table):
+  python bench/compile_time.py --out /tmp/compile_time.json                       # GPU: the quality-run shapes
+  python bench/compile_time.py --device cpu --layers 2 --batch 8 --out /tmp/ct.json  # CPU: a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("inlined", "nested")
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    import apt_model.model.autopoietic as autopoietic
+    from apt_model.config import TrainConfig, model_preset
+    from apt_model.model import APTModel
+    from apt_model.training.batching import Batch
+    from apt_model.training.fastpath import TrainStep
+    from apt_model.training.loop import resolve_precision
+    from apt_model.training.schedule import build_optimizer
+
+    if args.variant == "nested":
+        # The module's forward looks the function up at call time, so rebinding the module attribute is enough.
+        autopoietic.autopoietic_probs = torch.compiler.nested_compile_region(autopoietic.autopoietic_probs)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = model_preset(
+        "playground",
+        vocab_size=args.vocab,
+        n_encoder_layers=args.layers,
+        n_decoder_layers=args.layers,
+        dropout=0.0,  # same numbers in both variants: no random masks
+    )
+    model = APTModel(cfg).to(device)
+    train_cfg = TrainConfig(grad_accum=1)
+    optimizer = build_optimizer(model, train_cfg, fused=device.type == "cuda")
+    step = TrainStep(
+        model,
+        train_cfg,
+        optimizer=optimizer,
+        device=device,
+        precision=resolve_precision("auto", device),
+        pad_id=0,
+        compiled=True,
+    )
+    g = torch.Generator().manual_seed(1)
+
+    def batch() -> Batch:
+        src = torch.randint(4, args.vocab, (args.batch, args.src_len), generator=g)
+        tgt = torch.randint(4, args.vocab, (args.batch, args.tgt_len + 1), generator=g)
+        return Batch(src, tgt[:, :-1].contiguous(), tgt[:, 1:].contiguous(), args.batch * args.tgt_len)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    batches = [batch() for _ in range(args.steps + 1)]
+    sync()
+    t0 = time.perf_counter()
+    losses = [step([batches[0]], 1).loss]
+    sync()
+    first = time.perf_counter() - t0
+    times = []
+    for i, b in enumerate(batches[1:], start=2):
+        t = time.perf_counter()
+        losses.append(step([b], i).loss)
+        sync()
+        times.append(time.perf_counter() - t)
+    return {
+        "variant": args.variant,
+        "first_step_s": first,
+        "step_ms_median": 1e3 * statistics.median(times[len(times) // 2 :]),
+        "losses": losses,
+        "precision": resolve_precision("auto", device),
+        "cuda_graphs": step.graphs,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, default=6, help="encoder and decoder layers each (the guide's: 6)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--src-len", type=int, default=40)
+    p.add_argument("--tgt-len", type=int, default=24)
+    p.add_argument("--vocab", type=int, default=5000)
+    p.add_argument("--steps", type=int, default=20, help="steps after the first (median of the second half)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # set in the child processes
+    args = p.parse_args(argv)
+    if args.variant:
+        print(json.dumps(child(args)))
+        return 0
+    if not args.out.parent.is_dir():
+        p.error(f"--out: folder {args.out.parent} does not exist")
+    results = []
+    for variant in VARIANTS:
+        with tempfile.TemporaryDirectory(prefix=f"apt_compile_{variant}_") as cache:
+            env = {
+                **os.environ,
+                "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor",
+                "TRITON_CACHE_DIR": f"{cache}/triton",
+                "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            }
+            argv_child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
+            proc = subprocess.run(
+                [*argv_child, "--variant", variant], env=env, capture_output=True, text=True, cwd=REPO
+            )
+        if proc.returncode != 0:
+            raise SystemExit(f"{variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = results[-1]
+        print(f"{variant:8s} first step {r['first_step_s']:7.1f} s   step {r['step_ms_median']:8.2f} ms")
+    a, b = results
+    diff = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a["losses"], b["losses"], strict=True))
+    report = {
+        "bench": "compile_time",
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "variant")},
+        "results": results,
+        "first_step_ratio_nested_vs_inlined": b["first_step_s"] / a["first_step_s"],
+        "step_ratio_nested_vs_inlined": b["step_ms_median"] / a["step_ms_median"],
+        "max_relative_loss_difference": diff,
+    }
+    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(args.out)
+    print(
+        f"nested / inlined: first step {report['first_step_ratio_nested_vs_inlined']:.2f}x, "
+        f"step {report['step_ratio_nested_vs_inlined']:.2f}x; max relative loss difference {diff:.1e}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
