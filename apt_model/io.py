@@ -11,13 +11,14 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,30 @@ def atomic_path(path: str | os.PathLike[str], *, suffix: str = "") -> Iterator[P
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def remove_stale_temps(directory: str | os.PathLike[str], targets: Iterable[str]) -> list[Path]:
+    """Remove what :func:`atomic_path` / :func:`atomic_dir` leave behind when their process is killed mid-write.
+
+    Only temporaries of the given target names (glob patterns, e.g. ``checkpoint_epoch_*.pt``) are removed: the
+    caller must be the one writer of those targets in ``directory``, so that nothing removed is still being written.
+    Returns the removed paths.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    patterns = [f".{target}.*.tmp" for target in targets]
+    removed = []
+    for entry in sorted(root.iterdir()):
+        if not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in patterns):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager

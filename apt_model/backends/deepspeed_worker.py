@@ -638,7 +638,14 @@ class Worker:
         self._read_config()
         self._setup()
         if self.rank == 0:
+            from apt_model.io import remove_stale_temps
+            from apt_model.training.loop import RUN_OUTPUTS
+
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            # Debris of a run killed mid-write (see the Playground loop); no rank writes into out_dir before the
+            # first checkpoint, which follows collectives that rank 0 only joins after this.
+            for stale in remove_stale_temps(self.out_dir, (*RUN_OUTPUTS, "checkpoint_epoch_*", "latest")):
+                log.info("removed %s, left by an interrupted write", stale.name)
             self.report.write(self.report_path)
             params = {
                 **flatten_params("model", self.prep.model_config.to_dict()),

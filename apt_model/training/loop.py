@@ -57,7 +57,7 @@ from apt_model.checkpoint import (
 )
 from apt_model.config import ModelConfig
 from apt_model.errors import AptError, CheckpointError, ConfigError, DataError
-from apt_model.io import atomic_write_json, sha256_file
+from apt_model.io import atomic_write_json, remove_stale_temps, sha256_file
 from apt_model.training.batching import PAD_MODES, Batch, Batcher, build_tokenizer, encode_pairs
 from apt_model.training.fastpath import TrainStep
 from apt_model.training.report import REPORT_FILE, ExperimentReport, json_float
@@ -68,6 +68,8 @@ log = logging.getLogger("apt_model.training")
 
 RESULT_FILE = "train_result.json"
 CHECKPOINT_PATTERN = "checkpoint_epoch_{epoch}.pt"
+# Files a run writes atomically into its save dir (the CLI adds train_result.json after the run).
+RUN_OUTPUTS = (REPORT_FILE, "checkpoint_epoch_*.pt", FINAL_CHECKPOINT, FINAL_EXPORT, RESULT_FILE)
 
 
 class TrainingDivergedError(AptError):
@@ -687,6 +689,10 @@ class _Trainer:
     def fit(self) -> TrainResult:
         self._setup()
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        # A run killed mid-write (SIGKILL, power loss) leaves its atomic writes' temporaries; this run rewrites
+        # those same files, so their debris goes now (this process is their one writer).
+        for stale in remove_stale_temps(self.out_dir, RUN_OUTPUTS):
+            log.info("removed %s, left by an interrupted write", stale.name)
         self.report.write(self.report_path)
         params = {
             **flatten_params("model", self.prep.model_config.to_dict()),

@@ -192,6 +192,44 @@ def test_killed_checkpoint_write_is_never_picked_up(tmp_path: Path, tiny_run: Pa
         load_checkpoint(leftover)
 
 
+def test_resumed_run_removes_the_killed_writes_temporaries_and_nothing_else(
+    tmp_path: Path, tiny_run: Path, rel_dataset: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    state = load_checkpoint(run / "checkpoint_epoch_2.pt")
+    state["epoch"] = 3
+    # A real leftover: a checkpoint write killed half way (as SIGKILL leaves it), plus an export's staging folder.
+    _kill_mid_write(
+        _slow_torch_save, lambda: save_checkpoint(run / "checkpoint_epoch_3.pt", state), tmp_path / "r"
+    )
+    staging = run / ".final_model.k2j3x9.tmp"
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"partial")
+    # Not the run's to remove: another writer's temporary (a dashboard being rendered) and a user's file.
+    foreign = [run / ".training_dashboard.png.a1b2c3.png.tmp", run / ".notes.tmp"]
+    for path in foreign:
+        path.write_text("keep")
+    assert len(_leftovers(run)) == 4
+
+    argv = [
+        *TRAIN_FLAGS,
+        "--dataset",
+        str(rel_dataset),
+        "--save-dir",
+        str(run),
+        "--epochs",
+        "3",
+        "--save-interval",
+        "1",
+    ]
+    assert main([*argv, "--no-tracking", "--resume", str(run / "checkpoint_epoch_2.pt")]) == 0
+
+    assert _leftovers(run) == sorted(foreign)
+    assert load_checkpoint(run / "checkpoint_epoch_3.pt")["epoch"] == 3
+    assert json.loads((run / "experiment_report.json").read_text(encoding="utf-8"))["status"] == "finished"
+
+
 def test_killed_export_write_keeps_the_previous_export(tmp_path: Path, tiny_run: Path) -> None:
     from apt_model.checkpoint import export_pretrained
 
