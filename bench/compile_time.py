@@ -5,7 +5,7 @@ one graph; inductor then generates and compiles code for every inlined copy of t
 in ``torch.compiler.nested_compile_region`` asks Dynamo to trace it once per distinct input signature and reuse that
 subgraph at every call site. This script measures what that does to the first step (compilation included), to the
 steady-state step, and to the numbers: each variant runs in its own process with an empty inductor/Triton cache (a
-cold start, as on a fresh machine), same seed, same batches, through the Playground loop's own ``TrainStep``.
+cold start, as on a fresh machine), same seed, same batches, through the Playground loop's own step (``bench/train_step.py``'s ``build_apt_step``).
 
 Usage (writes a JSON and prints a table):
   python bench/compile_time.py --out /tmp/compile_time.json                       # GPU: the quality-run shapes
@@ -26,66 +26,50 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from apt_model.io import atomic_write_json  # noqa: E402
+
 VARIANTS = ("inlined", "nested")
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
+    from train_step import _sync, build_apt_step, make_batch  # bench/train_step.py: the step it measures
 
     import apt_model.model.autopoietic as autopoietic
-    from apt_model.config import TrainConfig, model_preset
-    from apt_model.model import APTModel
-    from apt_model.training.batching import Batch
-    from apt_model.training.fastpath import TrainStep
+    from apt_model.config import model_preset
     from apt_model.training.loop import resolve_precision
-    from apt_model.training.schedule import build_optimizer
 
     if args.variant == "nested":
         # The module's forward looks the function up at call time, so rebinding the module attribute is enough.
         autopoietic.autopoietic_probs = torch.compiler.nested_compile_region(autopoietic.autopoietic_probs)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = model_preset(
-        "playground",
-        vocab_size=args.vocab,
-        n_encoder_layers=args.layers,
-        n_decoder_layers=args.layers,
-        dropout=0.0,  # same numbers in both variants: no random masks
-    )
-    model = APTModel(cfg).to(device)
-    train_cfg = TrainConfig(grad_accum=1)
-    optimizer = build_optimizer(model, train_cfg, fused=device.type == "cuda")
-    step = TrainStep(
-        model,
-        train_cfg,
-        optimizer=optimizer,
-        device=device,
-        precision=resolve_precision("auto", device),
-        pad_id=0,
+    # Without DBC-DAC and dropout: the same numbers in both variants, and only the compiled region differs.
+    run_step, _ = build_apt_step(
+        "apt-fast-nodbc",
+        device,
+        args.vocab,
+        model_preset("playground").max_len,
+        layers=args.layers,
+        dropout=0.0,
         compiled=True,
     )
-    g = torch.Generator().manual_seed(1)
-
-    def batch() -> Batch:
-        src = torch.randint(4, args.vocab, (args.batch, args.src_len), generator=g)
-        tgt = torch.randint(4, args.vocab, (args.batch, args.tgt_len + 1), generator=g)
-        return Batch(src, tgt[:, :-1].contiguous(), tgt[:, 1:].contiguous(), args.batch * args.tgt_len)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    batches = [batch() for _ in range(args.steps + 1)]
-    sync()
+    batches = [
+        make_batch(args.batch, args.src_len, args.tgt_len, args.vocab, device, seed=1 + i)
+        for i in range(args.steps + 1)
+    ]
+    _sync(device)
     t0 = time.perf_counter()
-    losses = [step([batches[0]], 1).loss]
-    sync()
+    losses = [run_step(batches[0])]
+    _sync(device)
     first = time.perf_counter() - t0
     times = []
-    for i, b in enumerate(batches[1:], start=2):
+    for b in batches[1:]:
         t = time.perf_counter()
-        losses.append(step([b], i).loss)
-        sync()
+        losses.append(run_step(b))
+        _sync(device)
         times.append(time.perf_counter() - t)
     return {
         "variant": args.variant,
@@ -93,7 +77,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "step_ms_median": 1e3 * statistics.median(times[len(times) // 2 :]),
         "losses": losses,
         "precision": resolve_precision("auto", device),
-        "cuda_graphs": step.graphs,
+        "cuda_graphs": run_step.stepper.graphs,
     }
 
 
@@ -142,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "step_ratio_nested_vs_inlined": b["step_ms_median"] / a["step_ms_median"],
         "max_relative_loss_difference": diff,
     }
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(args.out)
+    atomic_write_json(args.out, report)
     print(
         f"nested / inlined: first step {report['first_step_ratio_nested_vs_inlined']:.2f}x, "
         f"step {report['step_ratio_nested_vs_inlined']:.2f}x; max relative loss difference {diff:.1e}"

@@ -64,20 +64,36 @@ def make_batch(batch: int, src_len: int, tgt_len: int, vocab: int, device: torch
     }
 
 
-def build_apt_step(variant: str, device: torch.device, vocab: int, max_len: int, graphs: bool | None = None):
-    """The Playground loop's own step (optimizer, schedule, DBC-DAC, TrainStep), minus data loading."""
+def build_apt_step(
+    variant: str,
+    device: torch.device,
+    vocab: int,
+    max_len: int,
+    graphs: bool | None = None,
+    *,
+    layers: int | None = None,
+    dropout: float = 0.1,
+    compiled: bool | None = None,
+):
+    """The Playground loop's own step (optimizer, schedule, DBC-DAC, TrainStep), minus data loading.
+
+    ``layers`` overrides the preset's encoder and decoder depth; ``compiled`` (default: every variant but
+    ``apt-eager``, on CUDA only) forces the compiled step on or off, e.g. to compile on the CPU.
+    """
     from apt_model.model import DBCDAC, APTModel
     from apt_model.training.batching import Batch
     from apt_model.training.fastpath import TrainStep
     from apt_model.training.loop import resolve_precision
     from apt_model.training.schedule import WarmRestartSchedule, build_optimizer
 
+    depth = {} if layers is None else {"n_encoder_layers": layers, "n_decoder_layers": layers}
     cfg = model_preset(
         "playground",
         vocab_size=vocab,
         max_len=max_len,
-        dropout=0.1,
+        dropout=dropout,
         use_autopoietic=not variant.startswith("plain"),
+        **depth,
     )
     model = APTModel(cfg).to(device)
     train_cfg = TrainConfig(dbc_dac=DBCDACConfig(enabled=variant != "apt-fast-nodbc"))
@@ -91,7 +107,7 @@ def build_apt_step(variant: str, device: torch.device, vocab: int, max_len: int,
         device=device,
         precision=resolve_precision("auto", device),
         pad_id=0,
-        compiled=variant != "apt-eager" and device.type == "cuda",
+        compiled=(variant != "apt-eager" and device.type == "cuda") if compiled is None else compiled,
         cuda_graphs=graphs,
         dbc=dbc,
     )
