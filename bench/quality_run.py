@@ -3,7 +3,8 @@
 Steps (each a subprocess of the `apt` CLI, exactly as users run it):
   1. `apt data generate --kind hardcore --seed 42` (the default HLBD Hardcore data; `--data-size large` for more);
   2. `apt train --backend playground --preset playground …` (the guide's model size; our tunables are flags);
-  3. `apt verify --split train` and `--split val` on the final model (greedy decoding, exact match).
+  3. `apt verify --split train` and `--split val` on the final model (greedy decoding, exact match); val lists
+     every wrong answer, so `val_by_kind` breaks val exact match down by problem kind (`bench/hlbd_kinds.py`).
 
 Writes `quality.json` (commands, wall times, the training report's epoch timings, per-module exact match) under
 `--out`, rewritten after every step, so a run cut short still leaves what it measured.
@@ -24,6 +25,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from apt_model.data.pairs import normalize_text  # noqa: E402
+from bench.hlbd_kinds import breakdown  # noqa: E402
+
+KIND_MODULES = ("geometry", "physics", "arithmetic")
 
 
 def apt(*args: str) -> list[str]:
@@ -47,6 +54,20 @@ def run_step(name: str, argv: list[str], report: dict[str, Any], out: Path, log:
     (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}); see {log}")
+
+
+def val_by_kind(dataset: dict[str, Any], failures: list[dict[str, Any]]) -> dict[str, dict[str, dict]]:
+    """Val exact match per module and problem kind: every val row of ``dataset`` (a Hardcore document) is right
+    unless ``failures`` (a verification report's complete list of wrong answers) names it."""
+    val = {normalize_text(t) for t in dataset["metadata"]["splits"]["val"]}
+    wrong = {(f["module"], f["input"]) for f in failures}
+    rows = [
+        {"module": m, "input": t, "expected": r["output"], "exact": (m, t) not in wrong}
+        for m in KIND_MODULES
+        for r in dataset["data"].get(m, [])
+        if (t := normalize_text(r["input"])) in val
+    ]
+    return breakdown(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         verify = apt(
             "verify", "--model", str(run_dir), "--dataset", str(data), "--split", split,
             "--device", args.device, "--batch-size", "512", "--out", str(vdir),
+            *(["--failures", "100000"] if split == "val" else []),
         )  # fmt: skip
         run_step(f"verify_{split}", verify, report, out, log)
         vr = json.loads((vdir / "verification_report.json").read_text())
@@ -101,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             "modules": {m: v["exact"] for m, v in vr["modules"].items()},
             "n": vr["overall"]["n"],
         }
+        if split == "val":
+            # "Right unless listed" holds only while the report lists every wrong answer (`--failures 100000`).
+            complete = len(vr["failures"]) == vr["overall"]["n"] - vr["overall"]["exact_count"]
+            doc = json.loads(data.read_text())
+            report["val_by_kind"] = val_by_kind(doc, vr["failures"]) if complete else None
         (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
         json.dumps(

@@ -208,6 +208,43 @@ def test_bad_inputs_fail_before_work(run_and_data: tuple[Path, Path], tmp_path: 
         verify_model(run, data, split="test")
 
 
+def _cli_failures(run: Path, data: Path, n: int, capsys: pytest.CaptureFixture[str]) -> dict:
+    assert main(["verify", "--model", str(run), "--dataset", str(data), "--split", "all",
+                 "--failures", str(n), "--json"]) == 0  # fmt: skip
+    return json.loads(capsys.readouterr().out)
+
+
+def test_failures_option_sets_how_many_wrong_answers_are_listed(
+    run_and_data: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, data = run_and_data
+    full = _cli_failures(run, data, 100_000, capsys)
+    wrong = full["overall"]["n"] - full["overall"]["exact_count"]
+    if wrong < 3:
+        pytest.skip("the tiny model gets fewer than 3 pairs wrong; nothing to truncate")
+    assert len(full["failures"]) == wrong  # a large N lists every wrong answer, no more
+    assert _cli_failures(run, data, 0, capsys)["failures"] == []
+    two = _cli_failures(run, data, 2, capsys)["failures"]
+    assert len(two) == 2 and all(f in full["failures"] for f in two)
+    assert len(_cli_failures(run, data, 25, capsys)["failures"]) == min(25, wrong)
+
+
+def test_failures_option_rejects_bad_values_before_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A model and dataset that do not exist: the --failures error must come first, before anything is loaded.
+    base = ["verify", "--model", str(tmp_path / "nope.pt"), "--dataset", str(tmp_path / "nope.json")]
+    for value, message in (("-1", "--failures -1: must be a non-negative integer"), ("2.5", "--failures")):
+        try:
+            code = main([*base, "--failures", value, "--out", str(tmp_path / "out")])
+        except SystemExit as exc:  # argparse usage errors
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2, (value, err)
+        assert err.count("\n") == 1 and err.startswith("error:") and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_sample_is_seeded(run_and_data: tuple[Path, Path]) -> None:
     run, data = run_and_data
     a = verify_model(run, data, split="all", sample=20, seed=1)

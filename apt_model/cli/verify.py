@@ -57,14 +57,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--fail-on-gate", action="store_true", help=f"exit {EXIT_GATE_MISSED} when the gate is missed"
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument(
+        "--failures",
+        type=int,
+        default=None,
+        metavar="N",
+        help="how many of the worst wrong answers the report lists (default 25)",
+    )
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from apt_model.io import dumps_json
-    from apt_model.verify import parse_thresholds, verify_model, write_report
+    from apt_model.verify import N_FAILURES, parse_thresholds, verify_model, write_report
 
+    if args.failures is None:
+        args.failures = N_FAILURES
+    if args.failures < 0:
+        # verify_model would silently list none; say so before loading anything.
+        raise ConfigError(f"--failures {args.failures}: must be a non-negative integer")
     thresholds = parse_thresholds(args.threshold, min_overall=args.min_overall)
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out}: exists and is not a directory")
@@ -78,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         thresholds=thresholds,
         device=args.device,
+        n_failures=args.failures,
     )
     if args.json:
         sys.stdout.write(dumps_json(report.to_dict()))
