@@ -20,6 +20,7 @@ Usage (GPU host with deepspeed installed; see shared/device/deepspeed.md for car
   python bench/deepspeed_scaling.py --gpus 2 --skip-resume --preset tiny --epochs 3   # quick look
   python bench/deepspeed_scaling.py --compile on --skip-resume    # the scaling runs with the compiled model
   python bench/deepspeed_scaling.py --overlap-comm --skip-resume  # ZeRO-2 overlapping reduction with backward
+  python bench/deepspeed_scaling.py --bind-cores --skip-resume    # each rank pinned to its own CPU cores
   DS_ACCELERATOR=cpu python bench/deepspeed_scaling.py --cpu-smoke   # CPU processes, tiny model (plumbing only)
 """
 
@@ -116,6 +117,8 @@ def scaling(args: argparse.Namespace, dataset: Path, root: Path, gpus: list[int]
             opts["bf16"] = True
         if args.overlap_comm:
             opts = {"num_gpus": n, "deepspeed_config": str(overlap_comm_config(args, root, n))}
+        if args.bind_cores:
+            opts["bind_cores"] = True
         result, report, wall = run(
             dataset, root / f"zero2_{n}gpu", preset=args.preset, epochs=args.epochs, micro=args.micro,
             accum=args.accum, compile_model=args.compile, **opts,
@@ -137,6 +140,7 @@ def scaling(args: argparse.Namespace, dataset: Path, root: Path, gpus: list[int]
                 "steps_per_epoch": report["runtime"]["steps_per_epoch"],
                 "train_loss": last["train_loss"],
                 "overlap_comm": bool(args.overlap_comm),
+                "rank0_cpus": report["runtime"].get("rank0_cpus"),
                 "dataset_size": args.size,
                 "wall_s_including_start": wall,
                 "out_dir": result["out_dir"],
@@ -196,7 +200,7 @@ def main() -> int:
     )
     parser.add_argument("--micro", type=int, default=32, help="micro batch per GPU")
     parser.add_argument("--accum", type=int, default=1)
-    parser.add_argument("--size", default="default", help="hardcore dataset size (small|default|large)")
+    parser.add_argument("--size", default="default", help="hardcore dataset size (small|default|large|xl)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench_deepspeed"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--skip-resume", action="store_true")
@@ -216,6 +220,9 @@ def main() -> int:
         "--overlap-comm",
         action="store_true",
         help="ZeRO-2 with overlap_comm on (the generated config otherwise; passed as --deepspeed-config)",
+    )
+    parser.add_argument(
+        "--bind-cores", action="store_true", help="pin each rank to its own share of the CPU cores"
     )
     parser.add_argument(
         "--cpu-smoke", action="store_true", help="CPU processes, fp32 (checks the plumbing only)"

@@ -25,6 +25,8 @@ Flags (``apt train --backend deepspeed``) → ``TrainRequest.options``:
 * ``--load-checkpoint DIR`` (or ``TrainRequest.resume`` naming a checkpoint directory): resume exactly.
 * ``--compile on`` (ZeRO 1-2): the model's forward and backward through ``torch.compile`` on one fixed padded
   shape, validation eager; ``auto`` (the default) stays eager under DeepSpeed until this path is measured on GPUs.
+* ``--bind-cores``: each rank pinned to its own contiguous share of the host's physical cores (with their
+  hyperthreads), so ranks neither migrate nor share cores; rank 0's CPUs are recorded in the report's runtime.
 * ``--hostfile FILE`` (several hosts; DeepSpeed launcher, needs pdsh and a shared filesystem), ``--master-port``,
   ``timeout`` (seconds), ``overwrite`` and ``launcher`` (``torchrun`` | ``deepspeed``) options; ``progress`` is
   accepted for parity with the Playground and has no effect (workers print one line per epoch).
@@ -82,6 +84,7 @@ OPTION_KEYS = (
     "overwrite",
     "launcher",
     "progress",
+    "bind_cores",
 )
 LAUNCHERS = ("torchrun", "deepspeed")
 ZERO_STAGES = (1, 2, 3)
@@ -328,7 +331,7 @@ def resolve_plan(request: TrainRequest) -> DSPlan:
     unknown = sorted(set(opts) - set(OPTION_KEYS))
     if unknown:
         raise ConfigError(f"deepspeed backend: unknown option(s) {', '.join(unknown)}")
-    for key in ("cpu_offload", "fp16", "bf16", "overwrite", "progress"):
+    for key in ("cpu_offload", "fp16", "bf16", "overwrite", "progress", "bind_cores"):
         _bool_option(opts, key)
     launcher = opts.get("launcher") or ("deepspeed" if opts.get("hostfile") else "torchrun")
     if launcher not in LAUNCHERS:
@@ -739,13 +742,18 @@ class DeepSpeedBackend:
         parser.add_argument(
             "--master-port", type=int, default=None, help="deepspeed: rendezvous port (default free)"
         )
+        parser.add_argument(
+            "--bind-cores",
+            action="store_true",
+            help="deepspeed: pin each rank to its own share of the host's CPU cores",
+        )
 
     def options_from_args(self, args: argparse.Namespace) -> dict[str, Any]:
         opts: dict[str, Any] = {}
         for key in ("num_gpus", "zero_stage", "train_batch_size", "master_port"):
             if getattr(args, key, None) is not None:
                 opts[key] = getattr(args, key)
-        for key in ("cpu_offload", "fp16", "bf16"):
+        for key in ("cpu_offload", "fp16", "bf16", "bind_cores"):
             if getattr(args, key, False):
                 opts[key] = True
         for key in ("deepspeed_config", "load_checkpoint", "hostfile"):

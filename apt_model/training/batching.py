@@ -9,7 +9,8 @@
   ``k`` are the same whether or not the run was resumed in between.
 * Padding mode ``"bucket"`` (default): indices are shuffled, cut into chunks of ``bucket_batches`` batches,
   sorted by length inside each chunk (so a batch holds similar lengths), the batches shuffled again, and each
-  batch padded to its longest row rounded up to a multiple of ``pad_multiple`` (8) — few distinct shapes.
+  batch padded to its longest row rounded up to a multiple of ``pad_multiple`` (8) — few distinct shapes. For
+  data-parallel training, ``epoch_indices(epoch, group=world_size)`` keeps the batches of one step together.
   Mode ``"fixed"``: every batch is padded to ``(max_src_len, max_tgt_len)`` — one shape, for compiled graphs.
 """
 
@@ -174,21 +175,30 @@ class Batcher:
         e = self.examples[i]
         return len(e.src) + len(e.out)
 
-    def epoch_indices(self, epoch: int) -> list[list[int]]:
-        """The row indices of each batch of ``epoch`` (0-based): a pure function of (seed, epoch)."""
+    def epoch_indices(self, epoch: int, group: int = 1) -> list[list[int]]:
+        """The row indices of each batch of ``epoch`` (0-based): a pure function of (seed, epoch, group).
+
+        ``group`` > 1 (data-parallel ranks): in bucket mode, runs of ``group`` consecutive batches — neighbours in
+        one length-sorted chunk — are shuffled as units, so the batches that the ranks take for one step have
+        similar lengths and no rank waits for another's longer batch. ``group=1`` is the plain plan.
+        """
+        if group < 1:
+            raise ValueError("group must be >= 1")
         n = len(self.examples)
         gen = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(n, generator=gen).tolist()
         if self.pad_mode == "bucket":
-            chunk = self.batch_size * self.bucket_batches
+            # A chunk holds whole groups, so no group mixes the long end of one chunk with the short end of the next.
+            chunk = self.batch_size * (-(-self.bucket_batches // group) * group)
             bucketed: list[int] = []
             for start in range(0, n, chunk):
                 bucketed.extend(sorted(order[start : start + chunk], key=self._length))  # stable sort
             order = bucketed
         batches = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
         if self.pad_mode == "bucket":
-            perm = torch.randperm(len(batches), generator=gen).tolist()
-            batches = [batches[i] for i in perm]
+            units = [batches[i : i + group] for i in range(0, len(batches), group)]
+            perm = torch.randperm(len(units), generator=gen).tolist()
+            batches = [b for i in perm for b in units[i]]
         return batches
 
     def epoch(self, epoch: int) -> list[Batch]:

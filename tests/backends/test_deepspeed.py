@@ -31,7 +31,7 @@ from apt_model.backends.deepspeed_backend import (
     check_checkpoint_files,
     resolve_plan,
 )
-from apt_model.backends.deepspeed_worker import PROFILE_DIR_ENV
+from apt_model.backends.deepspeed_worker import PROFILE_DIR_ENV, physical_cores, rank_cpus
 from apt_model.config import DataConfig, DBCDACConfig, TrainConfig, model_preset
 from apt_model.errors import CheckpointError, ConfigError
 
@@ -119,7 +119,7 @@ def zero1(dataset: Path, env: Path) -> dict[str, Any]:
     # This pair also runs the scaling benchmark's diagnostics (a profile of epoch 2 on every rank).
     os.environ[PROFILE_DIR_ENV] = str(env / "z1_profile")
     try:
-        return _full_and_resumed(dataset, env, "z1", _train(), num_gpus=2, zero_stage=1)
+        return _full_and_resumed(dataset, env, "z1", _train(), num_gpus=2, zero_stage=1, bind_cores=True)
     finally:
         del os.environ[PROFILE_DIR_ENV]
 
@@ -158,11 +158,12 @@ def test_flags_options_and_light_listing() -> None:
             "run/checkpoint_epoch_5",
             "--hostfile",
             "hosts",
+            "--bind-cores",
         ]
     )
     assert backend.options_from_args(args) == {
         "num_gpus": 2, "zero_stage": 3, "cpu_offload": True, "bf16": True, "train_batch_size": 64,
-        "load_checkpoint": "run/checkpoint_epoch_5", "hostfile": "hosts",
+        "load_checkpoint": "run/checkpoint_epoch_5", "hostfile": "hosts", "bind_cores": True,
     }  # fmt: skip
     assert backend.options_from_args(parser.parse_args([])) == {}
     # Listing backends (and importing this backend) must not import DeepSpeed.
@@ -174,6 +175,35 @@ def test_flags_options_and_light_listing() -> None:
     subprocess.run(
         [sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
+
+
+def _fake_topology(root: Path, cpus: dict[int, tuple[int, int]]) -> Path:
+    for cpu, (package, core) in cpus.items():
+        base = root / f"cpu{cpu}" / "topology"
+        base.mkdir(parents=True)
+        (base / "physical_package_id").write_text(f"{package}\n")
+        (base / "core_id").write_text(f"{core}\n")
+    return root
+
+
+def test_core_binding_gives_each_rank_its_own_physical_cores(tmp_path: Path) -> None:
+    # 2 sockets × 4 cores × 2 hyperthreads, numbered the usual way: cpus 0-7 first threads, 8-15 their siblings.
+    layout = {cpu: (cpu % 8 // 4, cpu % 4) for cpu in range(16)}
+    cores = physical_cores(list(range(16)), _fake_topology(tmp_path, layout))
+    assert cores[0] == [0, 8] and cores[4] == [4, 12] and len(cores) == 8
+    shares = [rank_cpus(cores, r, 4) for r in range(4)]
+    assert shares == [[0, 8, 1, 9], [2, 10, 3, 11], [4, 12, 5, 13], [6, 14, 7, 15]]  # ranks 0-1 socket 0
+    assert sorted(c for share in shares for c in share) == list(range(16))
+    assert rank_cpus(cores, 1, 3) == [2, 10, 3, 11, 4, 12]  # uneven split: 2, 3 and 3 cores
+    # More ranks than cores: they share, round robin; an unreadable topology: one "core" per CPU.
+    assert [rank_cpus([[0, 1], [2, 3]], r, 3) for r in range(3)] == [[0, 1], [2, 3], [0, 1]]
+    assert physical_cores([3, 1], tmp_path / "missing") == [[1], [3]]
+
+
+def test_bind_cores_option_is_validated(tmp_path: Path) -> None:
+    req = _request(tmp_path / "d.json", tmp_path / "run", num_gpus=1, bind_cores="yes")
+    with pytest.raises(ConfigError, match="bind_cores must be true or false"):
+        resolve_plan(req)
 
 
 def test_generated_config(tmp_path: Path) -> None:
@@ -359,7 +389,10 @@ def test_compiled_model_trains_saves_and_exports_at_zero2(dataset: Path, env: Pa
 @pytest.mark.slow
 def test_profile_diagnostics_are_written_by_every_rank(zero1: dict[str, Any], env: Path) -> None:
     """``APT_DS_PROFILE_DIR`` (``bench/deepspeed_scaling.py --profile``): each rank writes its step times and its
-    operator table for epoch 2, without changing the run (the exact-resume test uses the same runs)."""
+    operator table for epoch 2, without changing the run (the exact-resume test uses the same runs). These runs
+    are pinned (``bind_cores``): rank 0 records its share of this host's CPUs."""
+    cpus = _report(zero1["full"])["runtime"]["rank0_cpus"]
+    assert cpus and set(cpus) <= os.sched_getaffinity(0)
     for rank in (0, 1):
         text = (env / "z1_profile" / f"profile_world2_rank{rank}.txt").read_text()
         assert text.startswith(f"rank {rank} of 2; wall seconds")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from apt_model.data import Pair
-from apt_model.training.batching import Batcher, build_tokenizer, collate, encode_pairs
+from apt_model.training.batching import Batcher, Example, build_tokenizer, collate, encode_pairs
 
 PAIRS = [
     Pair(f"{a} + {b} = ?", str(a + b), "arithmetic", "train") for a in range(12) for b in range(0, 60, 7)
@@ -111,3 +111,24 @@ def test_fixed_mode_fills_short_batches_with_rows_that_change_neither_loss_nor_g
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_grouped_plan_keeps_each_steps_batches_at_similar_lengths() -> None:
+    # 64 batches of 8 rows with lengths 1..40: a data-parallel step takes 4 consecutive batches, one per rank.
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 41, (512,), generator=gen).tolist()
+    ex = [Example(src=(5,) * n, out=(6,)) for n in lengths]
+    b = Batcher(ex, 8, 0, 2, 3, 64, 4, seed=1, bucket_batches=10)
+
+    def step_spread(plan: list[list[int]]) -> int:
+        longest = [max(lengths[i] for i in batch) for batch in plan]
+        return sum(max(s) - min(s) for s in (longest[k : k + 4] for k in range(0, len(longest), 4)))
+
+    plain, grouped = b.epoch_indices(3), b.epoch_indices(3, group=4)
+    assert b.epoch_indices(3, group=1) == plain  # single process: the plan is unchanged
+    assert grouped == b.epoch_indices(3, group=4) and grouped != b.epoch_indices(4, group=4)
+    assert sorted(i for batch in grouped for i in batch) == list(range(512))
+    assert all(len(batch) == 8 for batch in grouped)
+    assert step_spread(grouped) * 2 < step_spread(plain)  # 178 vs 399 here
+    with pytest.raises(ValueError, match="group"):
+        b.epoch_indices(0, group=0)
