@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
+from apt_model.data.pairs import SIZES
 from apt_model.errors import ConfigError
 
 T = TypeVar("T", bound="_Config")
@@ -223,7 +224,7 @@ class DataConfig(_Config):
     def __post_init__(self) -> None:
         self._check_types()
         self._check(self.kind in ("hardcore", "full"), "kind", "must be 'hardcore' or 'full'")
-        self._check(self.size in ("small", "default", "large"), "size", "must be small, default or large")
+        self._check(self.size in SIZES, "size", f"must be one of {', '.join(SIZES)}")
         self._check(0.0 < self.val_fraction < 0.5, "val_fraction", "must be in (0, 0.5)")
         self._check(self.max_src_len > 0, "max_src_len", "must be positive")
         self._check(self.max_tgt_len > 1, "max_tgt_len", "must be > 1")

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="run")
     p.add_argument("--device", default="cuda")
     p.add_argument(
-        "--data-size", default="default", help="`apt data generate --size` (small | default | large)"
+        "--data-size", default="default", help="`apt data generate --size` (small | default | large | xl)"
     )
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="extra `apt train` flags, after --")
     args = p.parse_args(argv)

@@ -46,13 +46,18 @@ _ARITH_COUNTS = {
     "small": {"+": 100, "-": 100, "×": 60, "÷": 60},
     "default": {"+": 700, "-": 700, "×": 400, "÷": 400},
     "large": {"+": 2500, "-": 2500, "×": 482, "÷": 482},
+    "xl": {"+": 2500, "-": 2500, "×": 482, "÷": 482},
 }
 _GEOMETRY_COUNTS = {
     "small": {"square": 40, "rectangle": 60, "triangle": 60, "right": 20},
     "default": {"square": 100, "rectangle": 350, "triangle": 300, "right": 89},
     "large": {"square": 100, "rectangle": 870, "triangle": 2000, "right": 89},
+    # xl: the computed kinds that `large` leaves thin, measured per kind on an H200 (BENCHMARKS.md): triangles
+    # (2,000 of 15,931 angle pairs gave 16% val exact) and the physics formulas (300 of 380–931 each: 19–56%).
+    # Arithmetic stays at `large` (+ and − already ≥ 98% val there).
+    "xl": {"square": 100, "rectangle": 870, "triangle": 8000, "right": 89},
 }
-_PHYSICS_COUNTS = {"small": 20, "default": 80, "large": 300}  # per formula kind
+_PHYSICS_COUNTS = {"small": 20, "default": 80, "large": 300, "xl": 1000}  # per formula kind, capped by its pool
 
 # --------------------------------------------------------------------------------------------------- arithmetic
 _ARITH_TEMPLATES: dict[str, tuple[str, ...]] = {

@@ -91,7 +91,7 @@ class HLBDDataset:
 # Bump when generated content changes for the same seed and parameters (it is part of each file's provenance).
 GENERATOR_VERSION = "1.0.0"
 
-SIZES: tuple[str, ...] = ("small", "default", "large")
+SIZES: tuple[str, ...] = ("small", "default", "large", "xl")
 
 
 def check_params(seed: int, size: str, val_fraction: float) -> None:

@@ -75,8 +75,9 @@ def _expected_counts(size: str) -> dict[str, dict[str, int]]:
     }
 
 
-def test_every_large_row_is_classified_consistently_and_counted_as_generated() -> None:
-    doc = hc.generate_hardcore(42, "large")
+@pytest.mark.parametrize("size", ["large", "xl"])
+def test_every_row_is_classified_consistently_and_counted_as_generated(size: str) -> None:
+    doc = hc.generate_hardcore(42, size)
     counts: dict[str, Counter[str]] = {}
     for module in ANSWERS:
         counts[module] = Counter()
@@ -90,9 +91,12 @@ def test_every_large_row_is_classified_consistently_and_counted_as_generated() -
             if kind != FACT:
                 assert str(ANSWERS[module][kind](fields)) == row["output"], (kind, row)
             counts[module][kind] += 1
-    assert {m: dict(c) for m, c in counts.items()} == _expected_counts("large")
-    assert _expected_counts("large")["geometry"]["triangle"] == 2000  # the brief's numbers, spelled out
-    assert _expected_counts("large")["geometry"]["rect-area"] == 435
+    assert {m: dict(c) for m, c in counts.items()} == _expected_counts(size)
+    # The numbers, spelled out: xl adds triangles and takes every physics problem there is.
+    triangles, distance = {"large": (2000, 300), "xl": (8000, 841)}[size]
+    assert _expected_counts(size)["geometry"]["triangle"] == triangles
+    assert _expected_counts(size)["physics"]["distance"] == distance
+    assert _expected_counts(size)["geometry"]["rect-area"] == 435
 
 
 @pytest.mark.parametrize(
