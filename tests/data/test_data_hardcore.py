@@ -237,7 +237,8 @@ def test_val_fraction_changes_only_the_split_of_fact_modules() -> None:
 
 def test_size_scales_computed_problems() -> None:
     totals = {
-        s: generate("hardcore", size=s)["metadata"]["total_samples"] for s in ("small", "default", "large", "xl")
+        s: generate("hardcore", size=s)["metadata"]["total_samples"]
+        for s in ("small", "default", "large", "xl")
     }
     assert totals["small"] < totals["default"] < totals["large"] < totals["xl"]
     # A size only adds problems: the smaller sizes' files are unchanged by the larger ones' existence.
