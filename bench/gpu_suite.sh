@@ -7,6 +7,11 @@
 #   PART=deepspeed-compiled — the same scaling runs with the compiled model (--compile on), plus a profile.
 #   PART=deepspeed-variants — the candidate fixes for ZeRO-2 scaling, eager, 1/2/4 GPUs: micro batch 256 on the large
 #                  data (more work per step against ZeRO's fixed per-parameter cost), then micro 64 with overlap_comm.
+#   PART=deepspeed-balanced — the same eager runs (micro 256 large, micro 64) after the rank-balanced batch plan,
+#                  then micro 256 with the compiled model.
+#   PART=deepspeed-bound-quality — eager ZeRO-2 scaling with --bind-cores (micro 64),
+#                  then the M4 quality recipe (two seeds) with val exact match per problem kind.
+#   PART=quality-xl — four quality recipes on the xl data (more triangle and physics problems), one per GPU.
 #   PART=compile-time — GPU 0: cold compile time of the fast path with the transform inlined 18 times vs traced once
 #                  per shape (torch.compiler.nested_compile_region), the quality runs' shapes (B=256, 40 + 24 tokens).
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
@@ -33,7 +38,7 @@ run_quality_recipes() {
     (
       set -- $recipe
       tag=$1; shift
-      CUDA_VISIBLE_DEVICES=$((first_gpu + i)) timeout 540 python3 bench/quality_run.py --out "$work/$name" --tag "$tag" \
+      CUDA_VISIBLE_DEVICES=$((first_gpu + i)) timeout "${QUALITY_TIMEOUT:-540}" python3 bench/quality_run.py --out "$work/$name" --tag "$tag" \
         --data-size "$size" -- --max-src-len 40 --max-tgt-len 24 --eval-every 10 --save-interval 1000 "$@" \
         > "$work/${name}_$tag.log" 2>&1
       echo "$name $tag rc=$?" >> "$work/${name}_summary.txt"
@@ -100,6 +105,43 @@ if [[ $part == deepspeed-variants ]]; then
     --workdir "$work/ds_micro256" --out "$out/deepspeed_scaling_micro256_large.json" 2>&1 | tail -n 20 | tee -a "$log"
   timeout 270 python3 bench/deepspeed_scaling.py --gpus 1 2 4 --micro 64 --epochs 3 --skip-resume --overlap-comm \
     --workdir "$work/ds_overlap" --out "$out/deepspeed_scaling_overlap_comm.json" 2>&1 | tail -n 20 | tee -a "$log"
+fi
+
+if [[ $part == deepspeed-balanced ]]; then
+  # After the rank-balanced batch plan (Batcher.epoch_indices(group=world)): the same eager runs as
+  # deepspeed-variants' micro-256 and the original micro-64 scaling, then micro 256 with the compiled model (which
+  # did not finish its 4-GPU run inside 220 s on 4×H200, 2026-11-28).
+  unset CUDA_VISIBLE_DEVICES
+  timeout 160 python3 bench/deepspeed_scaling.py --gpus 1 2 4 --micro 256 --size large --epochs 3 --skip-resume \
+    --workdir "$work/dsb_micro256" --out "$out/ds_balanced_micro256_large.json" 2>&1 | tail -n 5 | tee -a "$log"
+  timeout 190 python3 bench/deepspeed_scaling.py --gpus 1 2 4 --micro 64 --epochs 3 --skip-resume \
+    --workdir "$work/dsb_micro64" --out "$out/ds_balanced_micro64.json" 2>&1 | tail -n 5 | tee -a "$log"
+  timeout 220 python3 bench/deepspeed_scaling.py --gpus 1 2 4 --micro 256 --size large --epochs 3 --skip-resume \
+    --compile on --workdir "$work/dsb_micro256_compiled" --out "$out/ds_balanced_micro256_large_compiled.json" 2>&1 \
+    | tail -n 5 | tee -a "$log"
+fi
+
+if [[ $part == deepspeed-bound-quality ]]; then
+  # GPUs 0-3: eager ZeRO-2 scaling with every rank pinned to its own cores (--bind-cores), micro 64; then
+  # GPUs 0-1: the quality recipe M4 with val exact match per problem kind, at two training seeds (42, 7).
+  unset CUDA_VISIBLE_DEVICES
+  lscpu | grep -E '^(CPU\(s\)|Thread|Core|Socket|NUMA node)' | tee -a "$log"
+  nvidia-smi topo -m | head -n 8 | tee -a "$log"
+  timeout 190 python3 bench/deepspeed_scaling.py --gpus 1 2 4 --micro 64 --epochs 3 --skip-resume --bind-cores \
+    --workdir "$work/dsc_micro64" --out "$out/ds_bound_micro64.json" 2>&1 | tail -n 5 | tee -a "$log"
+  m4="--batch-size 256 --gradient-accumulation 1 --lr 1e-3 --warmup-steps 300 --t0 80 --epochs 80 --dropout 0.1 --weight-decay 0.1 --embedding-init-std 1.0"
+  QUALITY_TIMEOUT=330 run_quality_recipes quality_kinds 0 large "M4 $m4" "M4s7 $m4 --seed 7"
+fi
+
+if [[ $part == quality-xl ]]; then
+  # The M4 recipe's settings on the xl data (4x the triangle problems, every physics problem; 18.5k training
+  # rows, 1.6x large's), fewer epochs so that training still fits 3 minutes; one recipe per GPU.
+  base="--batch-size 256 --gradient-accumulation 1 --warmup-steps 300 --weight-decay 0.1 --embedding-init-std 1.0"
+  run_quality_recipes quality_xl 0 xl \
+    "X1 $base --lr 1e-3 --dropout 0.1 --t0 50 --epochs 50" \
+    "X2 $base --lr 1e-3 --dropout 0.1 --t0 60 --epochs 60" \
+    "X3 $base --lr 1e-3 --dropout 0 --t0 50 --epochs 50" \
+    "X4 $base --lr 2e-3 --dropout 0.1 --t0 50 --epochs 50"
 fi
 
 if [[ $part == compile-time ]]; then
