@@ -6,9 +6,12 @@ NCCL, the generated ``deepspeed_config.json``), so the numbers are those of ``ap
 1. **Scaling** — for each world size in ``--gpus`` (default 1 2 4, capped at the visible GPUs): ZeRO-2, bf16, the
    ``--preset`` model (default ``playground``) on a generated hardcore dataset, ``--epochs`` epochs at a fixed micro
    batch per GPU (weak scaling). Throughput is ``tokens_per_s`` of ``experiment_report.json`` (target tokens trained
-   per second of epoch wall time, all ranks together) for the epoch before the last, divided by the world size →
-   tokens/s per GPU, plus the scaling efficiency against 1 GPU. That epoch holds training only: the first holds
-   start-up costs, and validation and the checkpoint run after the last epoch only (``--epochs`` ≥ 3).
+   per second of epoch wall time, all ranks together), the median over the epochs between the first and the last,
+   divided by the world size → tokens/s per GPU, plus the scaling efficiency against 1 GPU. Those epochs hold
+   training only: the first holds start-up costs, and validation and the checkpoint run after the last epoch only
+   (``--epochs`` ≥ 3). ``--repeats R`` runs the world sizes R times, interleaved; ``summary`` in the JSON gives, per
+   world size, the median, min and max over the runs, the medians' ratio and every repeat's own ratio. Single runs
+   moved the 2- and 4-GPU ratios by ±0.1 between calls on one host (BENCHMARKS.md), so the target needs medians.
 2. **ZeRO-3 + offload resume** — 2 GPUs, ZeRO-3 with parameter and optimizer offload, bf16: 2 epochs uninterrupted vs
    1 epoch + ``--load-checkpoint checkpoint_epoch_1`` for the second; the per-step losses of epoch 2 must agree
    (max abs difference reported; exact on deterministic kernels) and the export must load.
@@ -21,6 +24,7 @@ Usage (GPU host with deepspeed installed; see shared/device/deepspeed.md for car
   python bench/deepspeed_scaling.py --compile on --skip-resume    # the scaling runs with the compiled model
   python bench/deepspeed_scaling.py --overlap-comm --skip-resume  # ZeRO-2 overlapping reduction with backward
   python bench/deepspeed_scaling.py --bind-cores --skip-resume    # each rank pinned to its own CPU cores
+  python bench/deepspeed_scaling.py --repeats 3 --epochs 4 --skip-resume   # medians of 3 interleaved runs each
   DS_ACCELERATOR=cpu python bench/deepspeed_scaling.py --cpu-smoke   # CPU processes, tiny model (plumbing only)
 """
 
@@ -31,8 +35,10 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from apt_model.backends import TrainRequest
 from apt_model.backends.deepspeed_backend import DeepSpeedBackend, build_ds_config
 from apt_model.config import DataConfig, TrainConfig, model_preset
+from apt_model.io import atomic_write_json
 
 
 def make_dataset(path: Path, size: str) -> Path:
@@ -109,9 +116,46 @@ def overlap_comm_config(args: argparse.Namespace, root: Path, world: int) -> Pat
     return path
 
 
-def scaling(args: argparse.Namespace, dataset: Path, root: Path, gpus: list[int]) -> list[dict[str, Any]]:
+def measured_epochs(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The epochs that hold training only: all but the first (start-up) and the last (validation, export)."""
+    return epochs[1:-1] if len(epochs) >= 3 else epochs[-1:]
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per world size over its runs: median, min and max tokens/s per GPU, the median's ratio to the 1-GPU median,
+    and each repeat's own ratio (against the 1-GPU run of the same repeat), which shows the spread of the ratio."""
+    by_gpus: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_gpus.setdefault(r["gpus"], []).append(r)
+    one = {r["repeat"]: r["tokens_per_s_per_gpu"] for r in by_gpus.get(1, [])}
+    base = statistics.median(one.values()) if one else None
+    out = {}
+    for n, runs in sorted(by_gpus.items()):
+        values = [r["tokens_per_s_per_gpu"] for r in runs]
+        median = statistics.median(values)
+        out[str(n)] = {
+            "runs": len(runs),
+            "tokens_per_s_per_gpu_median": median,
+            "tokens_per_s_per_gpu_min": min(values),
+            "tokens_per_s_per_gpu_max": max(values),
+            "efficiency_vs_1gpu_median": median / base if base else None,
+            "efficiency_per_repeat": [
+                r["tokens_per_s_per_gpu"] / one[r["repeat"]] for r in runs if r["repeat"] in one
+            ],
+        }
+    return out
+
+
+def scaling(
+    args: argparse.Namespace,
+    dataset: Path,
+    root: Path,
+    gpus: list[int],
+    on_run: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
+) -> list[dict[str, Any]]:
     rows = []
-    for n in gpus:
+    # Interleaved (1, 2, 4, 1, 2, 4, …): a slow phase of the host then touches every world size alike.
+    for repeat, n in ((k, n) for k in range(args.repeats) for n in gpus):
         opts: dict[str, Any] = {"num_gpus": n, "zero_stage": 2}
         if not args.cpu_smoke:
             opts["bf16"] = True
@@ -120,23 +164,26 @@ def scaling(args: argparse.Namespace, dataset: Path, root: Path, gpus: list[int]
         if args.bind_cores:
             opts["bind_cores"] = True
         result, report, wall = run(
-            dataset, root / f"zero2_{n}gpu", preset=args.preset, epochs=args.epochs, micro=args.micro,
+            dataset, root / f"zero2_{n}gpu_r{repeat}", preset=args.preset, epochs=args.epochs, micro=args.micro,
             accum=args.accum, compile_model=args.compile, **opts,
         )  # fmt: skip
-        # The epoch before the last: past the first (start-up costs) and before the last (validation, export).
-        last = report["epochs"][-2] if len(report["epochs"]) >= 3 else report["epochs"][-1]
+        measured = measured_epochs(report["epochs"])
+        tokens_per_s = statistics.median(e["tokens_per_s"] for e in measured)
+        last = measured[-1]
         rows.append(
             {
                 "gpus": n,
+                "repeat": repeat,
+                "epochs_measured": len(measured),
                 "zero_stage": 2,
                 "compiled": report["runtime"]["compiled"],
                 "precision": report["runtime"]["precision"],
                 "micro_batch_per_gpu": args.micro,
                 "grad_accum": args.accum,
                 "train_batch_size": report["runtime"]["train_batch_size"],
-                "tokens_per_s": last["tokens_per_s"],
-                "tokens_per_s_per_gpu": last["tokens_per_s"] / n,
-                "epoch_seconds": last["epoch_seconds"],
+                "tokens_per_s": tokens_per_s,
+                "tokens_per_s_per_gpu": tokens_per_s / n,
+                "epoch_seconds": statistics.median(e["epoch_seconds"] for e in measured),
                 "steps_per_epoch": report["runtime"]["steps_per_epoch"],
                 "train_loss": last["train_loss"],
                 "overlap_comm": bool(args.overlap_comm),
@@ -147,11 +194,16 @@ def scaling(args: argparse.Namespace, dataset: Path, root: Path, gpus: list[int]
             }
         )
         print(
-            f"ZeRO-2 {rows[-1]['precision']} {n} GPU(s): {rows[-1]['tokens_per_s_per_gpu']:.0f} tokens/s per GPU"
+            f"ZeRO-2 {rows[-1]['precision']} {n} GPU(s), repeat {repeat}: "
+            f"{rows[-1]['tokens_per_s_per_gpu']:.0f} tokens/s per GPU"
         )
-    base = rows[0]["tokens_per_s_per_gpu"] if rows and rows[0]["gpus"] == 1 else None
-    for r in rows:
-        r["efficiency_vs_1gpu"] = r["tokens_per_s_per_gpu"] / base if base else None
+        base = next(
+            (r["tokens_per_s_per_gpu"] for r in rows if r["gpus"] == 1 and r["repeat"] == repeat), None
+        )
+        for r in rows:
+            if r["repeat"] == repeat:
+                r["efficiency_vs_1gpu"] = r["tokens_per_s_per_gpu"] / base if base else None
+        on_run(rows)
     return rows
 
 
@@ -222,12 +274,20 @@ def main() -> int:
         help="ZeRO-2 with overlap_comm on (the generated config otherwise; passed as --deepspeed-config)",
     )
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs per world size, interleaved (1, 2, 4, 1, 2, 4, …); the summary gives medians and spreads",
+    )
+    parser.add_argument(
         "--bind-cores", action="store_true", help="pin each rank to its own share of the CPU cores"
     )
     parser.add_argument(
         "--cpu-smoke", action="store_true", help="CPU processes, fp32 (checks the plumbing only)"
     )
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
 
     import torch
 
@@ -254,15 +314,27 @@ def main() -> int:
         "deepspeed": __import__("importlib.metadata").metadata.version("deepspeed"),
         "preset": args.preset,
         "skipped_gpu_counts": [n for n in args.gpus if n > available],
-        "scaling": scaling(args, dataset, args.workdir, gpus),
     }
-    if not args.skip_resume and available >= 2:
-        results["zero3_offload_resume"] = zero3_resume(args, dataset, args.workdir)
     out = (
         args.out or Path(__file__).resolve().parent / "results" / f"deepspeed_scaling_{results['date']}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    def write(rows: list[dict[str, Any]]) -> None:
+        # After every run: a call cut short (device time, timeout) keeps the runs it finished.
+        results["scaling"], results["summary"] = rows, summarize(rows)
+        atomic_write_json(out, results)
+
+    write(scaling(args, dataset, args.workdir, gpus, on_run=write))
+    for n, s in results["summary"].items():
+        ratio = s["efficiency_vs_1gpu_median"]
+        print(
+            f"{n} GPU(s): median {s['tokens_per_s_per_gpu_median']:.0f} tokens/s per GPU over {s['runs']} run(s)"
+            + (f", {ratio:.3f} of 1 GPU" if ratio is not None else "")
+        )
+    if not args.skip_resume and available >= 2:
+        results["zero3_offload_resume"] = zero3_resume(args, dataset, args.workdir)
+        atomic_write_json(out, results)
     print(f"wrote {out}")
     return 0
 

@@ -11,6 +11,7 @@
 #                  then micro 256 with the compiled model.
 #   PART=deepspeed-bound-quality — eager ZeRO-2 scaling with --bind-cores (micro 64),
 #                  then the M4 quality recipe (two seeds) with val exact match per problem kind.
+#   PART=deepspeed-repeats — ZeRO-2 scaling 1/2/4 GPUs, three interleaved repeats, medians (micro 256, large data).
 #   PART=quality-xl — four quality recipes on the xl data (more triangle and physics problems), one per GPU.
 #   PART=compile-time — GPU 0: cold compile time of the fast path with the transform inlined 18 times vs traced once
 #                  per shape (torch.compiler.nested_compile_region), the quality runs' shapes (B=256, 40 + 24 tokens).
@@ -131,6 +132,15 @@ if [[ $part == deepspeed-bound-quality ]]; then
     --workdir "$work/dsc_micro64" --out "$out/ds_bound_micro64.json" 2>&1 | tail -n 5 | tee -a "$log"
   m4="--batch-size 256 --gradient-accumulation 1 --lr 1e-3 --warmup-steps 300 --t0 80 --epochs 80 --dropout 0.1 --weight-decay 0.1 --embedding-init-std 1.0"
   QUALITY_TIMEOUT=330 run_quality_recipes quality_kinds 0 large "M4 $m4" "M4s7 $m4 --seed 7"
+fi
+
+if [[ $part == deepspeed-repeats ]]; then
+  # The scaling line with medians: 1/2/4 GPUs three times, interleaved, micro 256 on the large data (3.2x micro 64's
+  # tokens per GPU at the same ratio), ranks pinned; the JSON is rewritten after every run.
+  unset CUDA_VISIBLE_DEVICES
+  timeout 580 python3 bench/deepspeed_scaling.py --gpus 1 2 4 --micro 256 --size large --epochs 3 --repeats 3 \
+    --skip-resume --bind-cores --workdir "$work/ds_repeats" --out "$out/ds_repeats_micro256_large.json" 2>&1 \
+    | grep -E 'ZeRO|GPU\(s\)|wrote|Error' | tee -a "$log"
 fi
 
 if [[ $part == quality-xl ]]; then
