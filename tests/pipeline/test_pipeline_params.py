@@ -32,7 +32,7 @@ def test_defaults_are_valid_and_build_configs(tmp_path):
         ({"model_overrides": {"bogus": 1}}, "model_overrides: ModelConfig: unknown field(s) bogus"),
         ({"preset": "giant"}, "preset: unknown model preset 'giant'"),
         ({"epochs": 0}, "epochs: must be >= 1"),
-        ({"dataset_size": "huge"}, "dataset_size: DataConfig.size: must be small, default or large"),
+        ({"dataset_size": "huge"}, "dataset_size: DataConfig.size: must be one of small, default, large, xl"),
         ({"val_fraction": 0.9}, "val_fraction: DataConfig.val_fraction"),
         ({"train_overrides": {"precision": "fp8"}}, "train_overrides: TrainConfig.precision"),
         ({"train_overrides": {"epochs": 3}}, "train_overrides: set epochs with the flat parameter"),
