@@ -16,7 +16,8 @@ only as the answer to the concept's other tags. The number of val pairs is ``rou
 (capped by the 3-per-concept rule). Loaders of files without ``splits`` hash each per-level input instead.
 
 ``size``: ``small`` uses the first 24 concepts; ``default``, ``large`` and ``xl`` use the whole table (it is
-hand-written, so the larger sizes cannot be larger). ``metadata.content_sha256`` = sha256 of ``dumps_json({"samples": ..., "val": ...})``.
+hand-written, so the larger sizes cannot be larger). ``metadata.content_sha256`` = sha256 of
+``dumps_json({"samples": ..., "val": ...})``.
 """
 
 from __future__ import annotations

@@ -57,12 +57,8 @@ _GEOMETRY_COUNTS = {
     # Arithmetic stays at `large` (+ and − already ≥ 98% val there).
     "xl": {"square": 100, "rectangle": 870, "triangle": 8000, "right": 89},
 }
-_PHYSICS_COUNTS = {
-    "small": 20,
-    "default": 80,
-    "large": 300,
-    "xl": 1000,
-}  # per formula kind, capped by its pool
+# Per formula kind, capped by its pool (xl: every problem of every formula).
+_PHYSICS_COUNTS = {"small": 20, "default": 80, "large": 300, "xl": 1000}
 
 # --------------------------------------------------------------------------------------------------- arithmetic
 _ARITH_TEMPLATES: dict[str, tuple[str, ...]] = {
