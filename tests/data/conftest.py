@@ -20,6 +20,12 @@ def hardcore_doc() -> dict[str, Any]:
     return generate("hardcore")
 
 
+@pytest.fixture(scope="session", params=["default", "large", "xl"])
+def sized_hardcore_doc(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The Hardcore document at each size whose computed problems the split must hold out alike."""
+    return generate("hardcore", size=request.param)
+
+
 @pytest.fixture(scope="session")
 def full_doc() -> dict[str, Any]:
     return generate("full")

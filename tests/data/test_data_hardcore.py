@@ -88,7 +88,7 @@ def test_every_question_type_has_at_least_four_phrasings() -> None:
         assert len(set(templates)) == len(templates), templates
 
 
-def test_arithmetic_answers_are_correct_and_within_100(hardcore_doc: dict) -> None:
+def test_arithmetic_answers_are_correct_and_within_100(sized_hardcore_doc: dict) -> None:
     ops = {
         "+": lambda a, b: a + b,
         "-": lambda a, b: a - b,
@@ -97,7 +97,7 @@ def test_arithmetic_answers_are_correct_and_within_100(hardcore_doc: dict) -> No
     }
     patterns = [(op, _template_regex(t, ("a", "b"))) for op, ts in hc._ARITH_TEMPLATES.items() for t in ts]
     seen_ops = set()
-    for r in _rows(hardcore_doc, "arithmetic"):
+    for r in _rows(sized_hardcore_doc, "arithmetic"):
         matches = [(op, m) for op, p in patterns if (m := p.match(r["input"]))]
         assert len(matches) == 1, r
         op, m = matches[0]
@@ -110,10 +110,10 @@ def test_arithmetic_answers_are_correct_and_within_100(hardcore_doc: dict) -> No
     assert seen_ops == set(ops)
 
 
-def test_no_arithmetic_operand_pair_of_val_appears_in_train(hardcore_doc: dict) -> None:
-    split = _split_of(hardcore_doc)
+def test_no_arithmetic_operand_pair_of_val_appears_in_train(sized_hardcore_doc: dict) -> None:
+    split = _split_of(sized_hardcore_doc)
     keys: dict[str, set[tuple[int, int]]] = {"train": set(), "val": set()}
-    for r in _rows(hardcore_doc, "arithmetic"):
+    for r in _rows(sized_hardcore_doc, "arithmetic"):
         numbers = [int(n) for n in re.findall(r"\d+", r["input"])]
         assert len(numbers) == 2, r
         keys[split[r["input"]]].add((min(numbers), max(numbers)))
@@ -121,14 +121,14 @@ def test_no_arithmetic_operand_pair_of_val_appears_in_train(hardcore_doc: dict) 
     assert keys["val"].isdisjoint(keys["train"])
 
 
-def test_geometry_computed_numbers_held_out(hardcore_doc: dict) -> None:
-    split = _split_of(hardcore_doc)
+def test_geometry_computed_numbers_held_out(sized_hardcore_doc: dict) -> None:
+    split = _split_of(sized_hardcore_doc)
     families: dict[str, dict[str, set]] = defaultdict(lambda: {"train": set(), "val": set()})
     square = [_template_regex(t, ("a",)) for ts in hc._SQUARE_TEMPLATES.values() for t in ts]
     rect = [_template_regex(t, ("a", "b")) for ts in hc._RECT_TEMPLATES.values() for t in ts]
     tri = [_template_regex(t, ("x", "y")) for t in hc._TRIANGLE_TEMPLATES]
     right = [_template_regex(t, ("x",)) for t in hc._RIGHT_TEMPLATES]
-    for r in _rows(hardcore_doc, "geometry"):
+    for r in _rows(sized_hardcore_doc, "geometry"):
         s, text, out = split[r["input"]], r["input"], int(r["output"]) if r["output"].isdigit() else None
         if m := next((p.match(text) for p in square if p.match(text)), None):
             a = int(m["a"])
@@ -152,8 +152,8 @@ def test_geometry_computed_numbers_held_out(hardcore_doc: dict) -> None:
         assert fam["val"].isdisjoint(fam["train"]), name
 
 
-def test_physics_computed_answers_correct_and_held_out(hardcore_doc: dict) -> None:
-    split = _split_of(hardcore_doc)
+def test_physics_computed_answers_correct_and_held_out(sized_hardcore_doc: dict) -> None:
+    split = _split_of(sized_hardcore_doc)
     formulas = {
         "speed": (("s", "t"), lambda f: f["s"] // f["t"]),
         "distance": (("v", "t"), lambda f: f["v"] * f["t"]),
@@ -168,7 +168,7 @@ def test_physics_computed_answers_correct_and_held_out(hardcore_doc: dict) -> No
     ]
     keys: dict[str, set] = {"train": set(), "val": set()}
     n = 0
-    for r in _rows(hardcore_doc, "physics"):
+    for r in _rows(sized_hardcore_doc, "physics"):
         for names, fn, p in patterns:
             if m := p.match(r["input"]):
                 fields = {k: int(m[k]) for k in names}
@@ -180,8 +180,8 @@ def test_physics_computed_answers_correct_and_held_out(hardcore_doc: dict) -> No
     assert keys["val"].isdisjoint(keys["train"])
 
 
-def test_fact_modules_hold_out_phrasings_of_facts_seen_in_training(hardcore_doc: dict) -> None:
-    split = _split_of(hardcore_doc)
+def test_fact_modules_hold_out_phrasings_of_facts_seen_in_training(sized_hardcore_doc: dict) -> None:
+    split = _split_of(sized_hardcore_doc)
     groups: list[list[str]] = []
     for zh, _ in hc.english_vocabulary():
         groups.append([t.format(zh=zh) for t in hc._ENGLISH_TEMPLATES])
