@@ -13,11 +13,11 @@ write load wherever the reference's do, plus provenance and the split in ``metad
 What the split tests:
 
 - computed problems (arithmetic; square / rectangle / triangle geometry; physics formulas): whole operand tuples are
-  held out. The key of an arithmetic problem is its unordered operand pair, shared by the four operators, so when
-  ``12 + 34`` is in val no ``34 - 12``, ``12 × 34`` … of any phrasing is in train. Geometry keys: square side;
-  rectangle (length, width); the triangle's sorted angle triple (so ``30, 60 → 90`` and ``30, 90 → 60`` fall together);
-  the right triangle's smaller acute angle. Physics: the unordered number pair shared by its formulas, or the mass.
-  Val measures computing with numbers never seen in training.
+  held out. Every problem that shows two numbers — arithmetic, rectangles, the physics formulas — is keyed by that
+  unordered pair, one key shared by all of those modules and operators: when ``12 + 34`` is in val, no ``34 - 12``,
+  ``12 × 34``, 34 × 12 rectangle or 34 N over 12 m of any phrasing is in train. Other keys: square side; the
+  triangle's sorted angle triple (so ``30, 60 → 90`` and ``30, 90 → 60`` fall together); the right triangle's
+  smaller acute angle; the mass. Val measures computing with numbers never seen together in training.
 - facts (zodiac, physics facts, reverse_english, geometry facts): each fact has ≥ 4 phrasings; a seeded subset of a
   fact's phrasings is held out, always leaving ≥ 2 phrasings of that fact in train. Val measures recalling a known
   fact from an unseen question wording.
@@ -40,6 +40,11 @@ from apt_model.io import dumps_json, sha256_bytes
 _T = TypeVar("_T")
 
 MODULES: tuple[str, ...] = ("geometry", "arithmetic", "zodiac", "physics", "reverse_english")
+
+# Hold-out family of every problem that shows two numbers (arithmetic, rectangles, the physics formulas), keyed by
+# the unordered pair shown: one seeded draw per pair, shared across modules, so a held-out 12 × 5 rectangle area is
+# not also a training "12 × 5 = ?" or a training distance at 12 m/s for 5 s (generator 1.0.0 drew per module).
+OPERANDS = "operands"
 
 # Computed problems per kind and size (capped by how many distinct problems exist).
 _ARITH_COUNTS = {
@@ -631,7 +636,7 @@ def _arithmetic(b: _Builder, rng: random.Random, size: str) -> None:
                 "arithmetic",
                 template.format(a=x, b=y),
                 answer,
-                b.held_out("arithmetic", (min(x, y), max(x, y))),
+                b.held_out(OPERANDS, (min(x, y), max(x, y))),
             )
 
 
@@ -657,7 +662,7 @@ def _geometry(b: _Builder, rng: random.Random, size: str) -> None:
     for kind, a, w in _sample(rng, rects, counts["rectangle"]):
         answer = a * w if kind == "area" else 2 * (a + w)
         text = rng.choice(_RECT_TEMPLATES[kind]).format(a=a, b=w)
-        b.add("geometry", text, answer, b.held_out("geometry-rect", (a, w)))
+        b.add("geometry", text, answer, b.held_out(OPERANDS, (w, a)))
     triangles = [(x, y) for x in range(1, 179) for y in range(1, 180 - x)]
     for x, y in _sample(rng, triangles, counts["triangle"]):
         z = 180 - x - y
@@ -701,7 +706,7 @@ def _physics(b: _Builder, rng: random.Random, size: str) -> None:
     for kind, candidates in problems.items():
         for fields, answer, key in _sample(rng, candidates, n):
             text = rng.choice(_PHYSICS_COMPUTED[kind]).format(**fields)
-            b.add("physics", text, answer, b.held_out("physics", tuple(sorted(key))))
+            b.add("physics", text, answer, b.held_out(OPERANDS, tuple(sorted(key))))
     for m in _sample(rng, range(1, 101), n):
         text = rng.choice(_PHYSICS_COMPUTED["weight"]).format(m=m)
         b.add("physics", text, m * 10, b.held_out("physics-mass", m))

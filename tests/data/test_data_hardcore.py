@@ -265,3 +265,26 @@ def test_bad_parameters_raise_config_error(kwargs: dict, field: str) -> None:
 def test_unknown_kind() -> None:
     with pytest.raises(ConfigError, match="kind"):
         generate("hardcore_full")
+
+
+def test_no_shown_number_pair_of_val_appears_in_any_training_problem(sized_hardcore_doc: dict) -> None:
+    """Across modules: a held-out rectangle 12 × 5 must not be a training "12 × 5 = ?" or a training distance at
+    12 m/s for 5 s (generator 1.0.0 drew the hold-out per module and leaked most val products into training)."""
+    split = _split_of(sized_hardcore_doc)
+    physics = {"speed": ("s", "t"), "distance": ("v", "t"), "density": ("m", "V"), "pressure": ("F", "S"),
+               "work": ("F", "s")}  # fmt: skip
+    two_number = (
+        [_template_regex(t, ("a", "b")) for ts in hc._ARITH_TEMPLATES.values() for t in ts]
+        + [_template_regex(t, ("a", "b")) for ts in hc._RECT_TEMPLATES.values() for t in ts]
+        + [_template_regex(t, names) for kind, names in physics.items() for t in hc._PHYSICS_COMPUTED[kind]]
+    )
+    keys: dict[str, set[tuple[int, ...]]] = {"train": set(), "val": set()}
+    modules: set[str] = set()
+    for module in ("arithmetic", "geometry", "physics"):
+        for r in _rows(sized_hardcore_doc, module):
+            if m := next((p.match(r["input"]) for p in two_number if p.match(r["input"])), None):
+                keys[split[r["input"]]].add(tuple(sorted(int(v) for v in m.groupdict().values())))
+                modules.add(module)
+    assert modules == {"arithmetic", "geometry", "physics"}
+    assert len(keys["val"]) >= 50
+    assert keys["val"].isdisjoint(keys["train"])
