@@ -759,8 +759,9 @@ def generate_hardcore(seed: int = 42, size: str = "default", val_fraction: float
         "split_counts": {"train": total - len(val_sorted), "val": len(val_sorted)},
         "splits": {
             "val": val_sorted,
-            "rule": "computed problems: seeded hold-out of whole operand tuples (arithmetic: unordered operand "
-            "pair across all operators); facts: seeded hold-out of phrasings, >= 2 phrasings per fact in train",
+            "rule": "computed problems: seeded hold-out of whole operand tuples (problems showing two numbers: "
+            "the unordered pair, across all modules and operators); facts: seeded hold-out of phrasings, "
+            ">= 2 phrasings per fact in train",
         },
         "content_sha256": content_sha256(b.data, val_sorted),
     }
