@@ -12,7 +12,8 @@
 #   PART=deepspeed-bound-quality — eager ZeRO-2 scaling with --bind-cores (micro 64),
 #                  then the M4 quality recipe (two seeds) with val exact match per problem kind.
 #   PART=deepspeed-repeats — ZeRO-2 scaling 1/2/4 GPUs, three interleaved repeats, medians (micro 256, large data).
-#   PART=quality-xl — four quality recipes on the xl data (more triangle and physics problems), one per GPU.
+#   PART=quality-xl — three quality recipes on the xl data (more triangle and physics problems) on GPUs 0-2, and the
+#                  M4 recipe on the large data on GPU 3 (its baseline under the same split rule).
 #   PART=compile-time — GPU 0: cold compile time of the fast path with the transform inlined 18 times vs traced once
 #                  per shape (torch.compiler.nested_compile_region), the quality runs' shapes (B=256, 40 + 24 tokens).
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
@@ -146,12 +147,16 @@ fi
 if [[ $part == quality-xl ]]; then
   # The M4 recipe's settings on the xl data (4x the triangle problems, every physics problem; 18.5k training
   # rows, 1.6x large's), fewer epochs so that training still fits 3 minutes; one recipe per GPU.
+  # GPU 3 meanwhile: M4 on the large data again, the baseline under generator 1.1.0's stricter split (the earlier M4
+  # figures are on 1.0.0's), so that the xl runs compare with a run on the same split rule.
   base="--batch-size 256 --gradient-accumulation 1 --warmup-steps 300 --weight-decay 0.1 --embedding-init-std 1.0"
   run_quality_recipes quality_xl 0 xl \
     "X1 $base --lr 1e-3 --dropout 0.1 --t0 50 --epochs 50" \
     "X2 $base --lr 1e-3 --dropout 0.1 --t0 60 --epochs 60" \
-    "X3 $base --lr 1e-3 --dropout 0 --t0 50 --epochs 50" \
-    "X4 $base --lr 2e-3 --dropout 0.1 --t0 50 --epochs 50"
+    "X3 $base --lr 1e-3 --dropout 0 --t0 50 --epochs 50" &
+  xl_pid=$!
+  run_quality_recipes quality_large_v11 3 large "M4 $base --lr 1e-3 --dropout 0.1 --t0 80 --epochs 80"
+  wait "$xl_pid"
 fi
 
 if [[ $part == compile-time ]]; then
