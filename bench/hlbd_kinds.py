@@ -5,7 +5,7 @@ A kind is read off the question wording: every template of ``apt_model.data.hard
 and perimeter (both 8) still fall into different kinds. Computed templates are tried before fact templates: a
 fact pattern with a free name slot (``{x}是多少度？``) would also match the end of a triangle question.
 
-Usage: ``classify("geometry", "长3宽2的长方形面积是多少？", "6") == "rect-area"``; modules other than geometry,
+Usage: ``classify("geometry", "长3宽2的长方形面积是多少？") == "rect-area"``; modules other than geometry,
 physics and arithmetic are one kind, named after the module.
 """
 
@@ -77,17 +77,17 @@ def match(module: str, text: str) -> tuple[str, dict[str, int]]:
     return UNKNOWN, {}
 
 
-def classify(module: str, text: str, expected: str) -> str:
-    """The kind of one problem. The wording alone decides it; ``expected`` is accepted so that callers can pass
-    whole rows, but an answer never tells kinds apart (square area 16 = perimeter 16)."""
+def classify(module: str, text: str) -> str:
+    """The kind of one problem, from its wording alone: an answer never tells kinds apart (square area 16 =
+    perimeter 16)."""
     return match(module, text)[0]
 
 
 def breakdown(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{module: {kind: {"n": count, "exact": fraction exact}}}`` of rows with module, input, expected, exact."""
+    """``{module: {kind: {"n": count, "exact": fraction exact}}}`` of rows with module, input and exact."""
     tally: dict[str, dict[str, list[int]]] = {}
     for r in rows:
-        kind = classify(r["module"], r["input"], r["expected"])
+        kind = classify(r["module"], r["input"])
         n_exact = tally.setdefault(r["module"], {}).setdefault(kind, [0, 0])
         n_exact[0] += 1
         n_exact[1] += bool(r["exact"])

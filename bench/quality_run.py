@@ -62,7 +62,7 @@ def val_by_kind(dataset: dict[str, Any], failures: list[dict[str, Any]]) -> dict
     val = {normalize_text(t) for t in dataset["metadata"]["splits"]["val"]}
     wrong = {(f["module"], f["input"]) for f in failures}
     rows = [
-        {"module": m, "input": t, "expected": r["output"], "exact": (m, t) not in wrong}
+        {"module": m, "input": t, "exact": (m, t) not in wrong}
         for m in KIND_MODULES
         for r in dataset["data"].get(m, [])
         if (t := normalize_text(r["input"])) in val

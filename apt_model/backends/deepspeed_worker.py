@@ -13,7 +13,8 @@ and ``cuda:LOCAL_RANK``; on CPU (``DS_ACCELERATOR=cpu``) gloo. Training semantic
   micro batch 256 puts 4 ranks at 51–65% of ideal with randomly mixed lengths and at 81–89% grouped.)
   The epoch's batches are cut into global windows of ``world_size × gradient_accumulation`` consecutive batches —
   one optimizer step each — and rank ``r`` takes batches ``r, r + W, r + 2W, …`` of a window: each rank reads
-  (collates) only its own shard, and the union over ranks is exactly the epoch. At world size 1 the windows are the Playground's.
+  (collates) only its own shard, and the union over ranks is exactly the epoch. At world size 1 the windows are the
+  Playground's.
 * **Accumulation.** Each micro-batch's mean CE is weighted by its share of the *global* window's target tokens (all
   ranks know every batch's token count from the plan), times ``W`` because DeepSpeed averages gradients over ranks;
   ``engine.backward(..., scale_wrt_gas=False)``. The accumulated gradient is therefore that of the token-weighted

@@ -13,6 +13,15 @@ from apt_model.data import hardcore as hc
 from apt_model.errors import ConfigError
 from apt_model.io import dumps_json
 
+# Each physics formula's template fields and its answer.
+_PHYSICS_FORMULAS = {
+    "speed": (("s", "t"), lambda f: f["s"] // f["t"]),
+    "distance": (("v", "t"), lambda f: f["v"] * f["t"]),
+    "density": (("m", "V"), lambda f: f["m"] // f["V"]),
+    "pressure": (("F", "S"), lambda f: f["F"] // f["S"]),
+    "work": (("F", "s"), lambda f: f["F"] * f["s"]),
+}
+
 
 def _rows(doc: dict[str, Any], module: str) -> list[dict[str, str]]:
     return doc["data"][module]
@@ -154,16 +163,9 @@ def test_geometry_computed_numbers_held_out(sized_hardcore_doc: dict) -> None:
 
 def test_physics_computed_answers_correct_and_held_out(sized_hardcore_doc: dict) -> None:
     split = _split_of(sized_hardcore_doc)
-    formulas = {
-        "speed": (("s", "t"), lambda f: f["s"] // f["t"]),
-        "distance": (("v", "t"), lambda f: f["v"] * f["t"]),
-        "density": (("m", "V"), lambda f: f["m"] // f["V"]),
-        "pressure": (("F", "S"), lambda f: f["F"] // f["S"]),
-        "work": (("F", "s"), lambda f: f["F"] * f["s"]),
-    }
     patterns = [
         (names, fn, _template_regex(t, names))
-        for kind, (names, fn) in formulas.items()
+        for kind, (names, fn) in _PHYSICS_FORMULAS.items()
         for t in hc._PHYSICS_COMPUTED[kind]
     ]
     keys: dict[str, set] = {"train": set(), "val": set()}
@@ -271,12 +273,14 @@ def test_no_shown_number_pair_of_val_appears_in_any_training_problem(sized_hardc
     """Across modules: a held-out rectangle 12 × 5 must not be a training "12 × 5 = ?" or a training distance at
     12 m/s for 5 s (generator 1.0.0 drew the hold-out per module and leaked most val products into training)."""
     split = _split_of(sized_hardcore_doc)
-    physics = {"speed": ("s", "t"), "distance": ("v", "t"), "density": ("m", "V"), "pressure": ("F", "S"),
-               "work": ("F", "s")}  # fmt: skip
     two_number = (
         [_template_regex(t, ("a", "b")) for ts in hc._ARITH_TEMPLATES.values() for t in ts]
         + [_template_regex(t, ("a", "b")) for ts in hc._RECT_TEMPLATES.values() for t in ts]
-        + [_template_regex(t, names) for kind, names in physics.items() for t in hc._PHYSICS_COMPUTED[kind]]
+        + [
+            _template_regex(t, names)
+            for kind, (names, _) in _PHYSICS_FORMULAS.items()
+            for t in hc._PHYSICS_COMPUTED[kind]
+        ]
     )
     keys: dict[str, set[tuple[int, ...]]] = {"train": set(), "val": set()}
     modules: set[str] = set()
