@@ -16,6 +16,8 @@
 #                  M4 recipe on the large data on GPU 3 (its baseline under the same split rule).
 #   PART=compile-time — GPU 0: cold compile time of the fast path with the transform inlined 18 times vs traced once
 #                  per shape (torch.compiler.nested_compile_region), the quality runs' shapes (B=256, 40 + 24 tokens).
+#   PART=dbc-compile — GPU 0, one after another: the DBC-DAC cost breakdown (bench/dbc_dac.py, kernel table), the
+#                  B=256 step with DBC-DAC on and off (the <= 3% line), then the compile-time comparison.
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -161,6 +163,14 @@ fi
 
 if [[ $part == compile-time ]]; then
   CUDA_VISIBLE_DEVICES=0 timeout 500 python3 bench/compile_time.py --out "$out/compile_time.json" 2>&1 | tee -a "$log"
+fi
+
+if [[ $part == dbc-compile ]]; then
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 60 python3 bench/dbc_dac.py --profile "$out" --out "$out/dbc_dac.json" 2>&1 | tee -a "$log"
+  timeout 260 python3 bench/train_step.py --batch 256 --variants apt-fast apt-fast-nodbc --warmup 8 --steps 20 \
+    --repeats 5 --out "$out/train_step_dbc_b256.json" 2>&1 | tee -a "$log"
+  timeout 270 python3 bench/compile_time.py --out "$out/compile_time.json" 2>&1 | tee -a "$log"
 fi
 
 if [[ $part == quality ]]; then

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from apt_model.config import DBCDACConfig
 from apt_model.model.dbc_dac import (
     DBCDAC,
+    _clean_flat_,
     clean_nonfinite_,
+    clean_nonfinite_all_,
     lowrank_project,
     orthonormal_basis,
     rank_for,
@@ -210,3 +214,48 @@ def test_clean_nonfinite_and_timing() -> None:
     assert clean_nonfinite_(x).tolist() == [0.0, 1.0, -1.0, 2.0]
     res = time_stabilize([(64, 48), (32, 32)], DBCDACConfig(), repeats=2)
     assert res["per_application_s"] > 0 and len(res["all_s"]) == 2
+
+
+def test_cleaning_all_at_once_equals_cleaning_each_tensor() -> None:
+    g = _gen(5)
+    specials = torch.tensor([float("nan"), float("inf"), float("-inf")])
+
+    def make() -> list[torch.Tensor]:
+        out = []
+        for shape, dtype in [
+            ((7, 5), torch.float32),
+            ((3,), torch.float32),
+            ((), torch.float32),
+            ((4, 6), torch.bfloat16),
+            ((2, 9), torch.float32),
+        ]:
+            x = torch.randn(shape, generator=g).to(dtype)
+            if x.dim():
+                x.view(-1)[:3] = specials[: x.numel()].to(dtype)
+            out.append(x)
+        out.append(torch.randn(6, 4, generator=g).t())  # a non-contiguous view
+        out[-1][0, :3] = specials
+        return out
+
+    def check(clean: Callable[[list[torch.Tensor]], None]) -> None:
+        tensors = make()
+        expected = [clean_nonfinite_(t.clone()) for t in tensors]
+        storage_before = [t.data_ptr() for t in tensors]
+        clean(tensors)
+        for got, want in zip(tensors, expected, strict=True):
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert torch.equal(got, want)
+        # In place: the caller's tensors (parameters' .grad) are the ones cleaned.
+        assert [t.data_ptr() for t in tensors] == storage_before
+
+    check(clean_nonfinite_all_)
+
+    # The accelerator route (one flat buffer per dtype), run here on CPU tensors.
+    def flat(tensors: list[torch.Tensor]) -> None:
+        for dtype in (torch.float32, torch.bfloat16):
+            _clean_flat_([t for t in tensors if t.dtype == dtype])
+
+    check(flat)
+    sparse = torch.sparse_coo_tensor([[0, 2]], torch.tensor([float("nan"), 3.0]), (4,))
+    clean_nonfinite_all_([sparse])
+    assert sparse._values().tolist() == [0.0, 3.0]
