@@ -3,7 +3,8 @@
 The fast path compiles the loss (model forward with its 18 autopoietic transforms, cross-entropy) and its backward as
 one graph; inductor then generates and compiles code for every inlined copy of the transform. Wrapping the transform
 in ``torch.compiler.nested_compile_region`` asks Dynamo to trace it once per distinct input signature and reuse that
-subgraph at every call site. This script measures what that does to the first step (compilation included), to the
+subgraph at every call site; the library does so since the measurement on an H200 (``inlined`` here runs the
+undecorated function, as before). This script measures what that does to the first step (compilation included), to the
 steady-state step, and to the numbers: each variant runs in its own process with an empty inductor/Triton cache (a
 cold start, as on a fresh machine), same seed, same batches, through the Playground loop's own step (``bench/train_step.py``'s ``build_apt_step``).
 
@@ -41,9 +42,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from apt_model.config import model_preset
     from apt_model.training.loop import resolve_precision
 
-    if args.variant == "nested":
-        # The module's forward looks the function up at call time, so rebinding the module attribute is enough.
-        autopoietic.autopoietic_probs = torch.compiler.nested_compile_region(autopoietic.autopoietic_probs)
+    if args.variant == "inlined":
+        # The library marks the transform as a nested compile region; the undecorated function is what was inlined
+        # before. The module's forward looks the function up at call time, so rebinding the attribute is enough.
+        autopoietic.autopoietic_probs = autopoietic._autopoietic_probs
     device = torch.device(args.device)
     torch.manual_seed(0)
     # Without DBC-DAC and dropout: the same numbers in both variants, and only the compiled region differs.
