@@ -15,7 +15,8 @@
 #   PART=quality-xl — three quality recipes on the xl data (more triangle and physics problems) on GPUs 0-2, and the
 #                  M4 recipe on the large data on GPU 3 (its baseline under the same split rule).
 #   PART=quality-xl2 — after the nested compile region became the default: the best xl recipe (X3, dropout 0) at
-#                  seeds 42 and 7, with 40 epochs, and with label smoothing 0.05, one per GPU, each compiling cold.
+#                  seeds 42 and 7, with 40 epochs, and with label smoothing 0.05, one per GPU (as many as there are), each
+#                  compiling cold.
 #   PART=compile-time — GPU 0: cold compile time of the fast path with the transform inlined 18 times vs traced once
 #                  per shape (torch.compiler.nested_compile_region), the quality runs' shapes (B=256, 40 + 24 tokens).
 #   PART=dbc-compile — GPU 0, one after another: the DBC-DAC cost breakdown (bench/dbc_dac.py, kernel table), the
@@ -168,11 +169,14 @@ fi
 
 if [[ $part == quality-xl2 ]]; then
   x3="--batch-size 256 --gradient-accumulation 1 --warmup-steps 300 --weight-decay 0.1 --embedding-init-std 1.0 --lr 1e-3 --dropout 0"
-  run_quality_recipes quality_xl2 0 xl \
-    "X3 $x3 --t0 50 --epochs 50" \
-    "X3s7 $x3 --t0 50 --epochs 50 --seed 7" \
-    "X3e40 $x3 --t0 40 --epochs 40" \
+  ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+  recipes=(
+    "X3 $x3 --t0 50 --epochs 50"
+    "X3s7 $x3 --t0 50 --epochs 50 --seed 7"
+    "X3e40 $x3 --t0 40 --epochs 40"
     "X3ls $x3 --t0 50 --epochs 50 --label-smoothing 0.05"
+  )
+  run_quality_recipes quality_xl2 0 xl "${recipes[@]:0:ngpu}"  # as many as there are GPUs
 fi
 
 if [[ $part == compile-time ]]; then
