@@ -45,6 +45,7 @@ run_quality_recipes() {
     (
       set -- $recipe
       tag=$1; shift
+      rm -rf "$work/cache/$name/$tag"
       # Each run its own inductor/Triton cache: a cold compile, as on a fresh machine, even with runs side by side.
       TORCHINDUCTOR_CACHE_DIR="$work/cache/$name/$tag/inductor" TRITON_CACHE_DIR="$work/cache/$name/$tag/triton" \
       CUDA_VISIBLE_DEVICES=$((first_gpu + i)) timeout "${QUALITY_TIMEOUT:-540}" python3 bench/quality_run.py --out "$work/$name" --tag "$tag" \
@@ -55,7 +56,8 @@ run_quality_recipes() {
     pids+=($!)
     i=$((i + 1))
   done
-  wait "${pids[@]}"  # its own runs only: a bare wait would also reap a caller's other background jobs
+  # Its own runs only: a bare wait would also reap a caller's other background jobs.
+  (( ${#pids[@]} )) && wait "${pids[@]}"
   python3 -c 'import json, sys, pathlib; print(json.dumps([json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*/quality.json"))], indent=1))' \
     "$work/$name" > "$out/$name.json"
   for f in "$work/$name"/*/log.txt; do grep -E '^epoch|verified|exact|collapse|Error' "$f" | sed "s|^|$(basename "$(dirname "$f")"): |"; done \

@@ -200,6 +200,8 @@ def _autopoietic_probs(
 autopoietic_probs = functools.update_wrapper(
     torch.compiler.nested_compile_region(_autopoietic_probs), _autopoietic_probs
 )
+# Under its public name, so that pickle (multiprocessing, functools.partial) finds it as this module's attribute.
+autopoietic_probs.__name__ = autopoietic_probs.__qualname__ = "autopoietic_probs"
 
 
 class AutopoieticTransform(nn.Module):

@@ -45,6 +45,7 @@ from apt_model.config import DBCDACConfig
 
 __all__ = [
     "DBCDAC",
+    "FLAT_CLEAN_MAX_NUMEL",
     "DBCDACStats",
     "clean_nonfinite_",
     "clean_nonfinite_all_",
@@ -62,20 +63,26 @@ def clean_nonfinite_(grad: Tensor) -> Tensor:
     return torch.nan_to_num_(grad, nan=0.0, posinf=1.0, neginf=-1.0)
 
 
-def clean_nonfinite_all_(tensors: Sequence[Tensor]) -> None:
+# Gradients at least this large are cleaned in place even on an accelerator: one launch each costs nothing next to
+# their size, and keeping them out of the flat buffer bounds its extra memory (a few MiB per dtype, not a model's worth).
+FLAT_CLEAN_MAX_NUMEL = 1 << 20
+
+
+def clean_nonfinite_all_(tensors: Sequence[Tensor], *, flat: bool | None = None) -> None:
     """:func:`clean_nonfinite_` on every tensor of ``tensors``; on an accelerator with a few kernels in all.
 
     One ``nan_to_num_`` per gradient is ~280 kernel launches for the Playground model, and on a GPU their
-    dispatch, not their arithmetic, is what they cost. There the dense tensors of one device and dtype are
-    gathered into one flat buffer, cleaned with one kernel and written back with one multi-tensor copy. On the
-    CPU the extra copies would cost more than the dispatch they save, so each tensor is cleaned in place.
-    The values are the same either way.
+    dispatch, not their arithmetic, is what they cost. There the dense tensors of one device and dtype below
+    :data:`FLAT_CLEAN_MAX_NUMEL` elements are gathered into one flat buffer, cleaned with one kernel and written
+    back with one multi-tensor copy. On the CPU the extra copies would cost more than the dispatch they save, so
+    each tensor is cleaned in place. ``flat`` forces one route or the other (``None``: by device). The values
+    are the same either way.
     """
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:
         if t.is_sparse:
             clean_nonfinite_(t._values())
-        elif t.device.type == "cpu":
+        elif t.numel() >= FLAT_CLEAN_MAX_NUMEL or not (t.device.type != "cpu" if flat is None else flat):
             clean_nonfinite_(t)
         else:
             groups.setdefault((t.device, t.dtype), []).append(t)

@@ -1,14 +1,12 @@
 from __future__ import annotations
 
-from collections.abc import Callable
-
+import pytest
 import torch
 from torch import nn
 
 from apt_model.config import DBCDACConfig
 from apt_model.model.dbc_dac import (
     DBCDAC,
-    _clean_flat_,
     clean_nonfinite_,
     clean_nonfinite_all_,
     lowrank_project,
@@ -216,46 +214,50 @@ def test_clean_nonfinite_and_timing() -> None:
     assert res["per_application_s"] > 0 and len(res["all_s"]) == 2
 
 
-def test_cleaning_all_at_once_equals_cleaning_each_tensor() -> None:
+@pytest.mark.parametrize("flat", [None, True, False])
+def test_cleaning_all_at_once_equals_cleaning_each_tensor(flat: bool | None) -> None:
+    """Both routes (flat buffer per dtype — the accelerator's — and in place) give nan_to_num_'s values in place."""
     g = _gen(5)
     specials = torch.tensor([float("nan"), float("inf"), float("-inf")])
-
-    def make() -> list[torch.Tensor]:
-        out = []
-        for shape, dtype in [
-            ((7, 5), torch.float32),
-            ((3,), torch.float32),
-            ((), torch.float32),
-            ((4, 6), torch.bfloat16),
-            ((2, 9), torch.float32),
-        ]:
-            x = torch.randn(shape, generator=g).to(dtype)
-            if x.dim():
-                x.view(-1)[:3] = specials[: x.numel()].to(dtype)
-            out.append(x)
-        out.append(torch.randn(6, 4, generator=g).t())  # a non-contiguous view
-        out[-1][0, :3] = specials
-        return out
-
-    def check(clean: Callable[[list[torch.Tensor]], None]) -> None:
-        tensors = make()
-        expected = [clean_nonfinite_(t.clone()) for t in tensors]
-        storage_before = [t.data_ptr() for t in tensors]
-        clean(tensors)
-        for got, want in zip(tensors, expected, strict=True):
-            assert got.dtype == want.dtype and got.shape == want.shape
-            assert torch.equal(got, want)
-        # In place: the caller's tensors (parameters' .grad) are the ones cleaned.
-        assert [t.data_ptr() for t in tensors] == storage_before
-
-    check(clean_nonfinite_all_)
-
-    # The accelerator route (one flat buffer per dtype), run here on CPU tensors.
-    def flat(tensors: list[torch.Tensor]) -> None:
-        for dtype in (torch.float32, torch.bfloat16):
-            _clean_flat_([t for t in tensors if t.dtype == dtype])
-
-    check(flat)
+    shapes = [
+        ((7, 5), torch.float32),
+        ((3,), torch.float32),
+        ((), torch.float32),
+        ((4, 6), torch.bfloat16),
+        ((5,), torch.bfloat16),
+        ((2, 9), torch.float32),
+    ]
+    tensors = []
+    for shape, dtype in shapes:
+        x = torch.randn(shape, generator=g).to(dtype)
+        if x.dim():
+            x.view(-1)[:3] = specials[: x.numel()].to(dtype)
+        tensors.append(x)
+    tensors.append(torch.randn(6, 4, generator=g).t())  # a non-contiguous view
+    tensors[-1][0, :3] = specials
+    tensors.append(tensors[0])  # the same tensor twice
+    expected = [clean_nonfinite_(t.clone()) for t in tensors]
+    storage_before = [t.data_ptr() for t in tensors]
+    clean_nonfinite_all_(tensors, flat=flat)
+    for got, want in zip(tensors, expected, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+    # In place: the caller's tensors (parameters' .grad) are the ones cleaned.
+    assert [t.data_ptr() for t in tensors] == storage_before
     sparse = torch.sparse_coo_tensor([[0, 2]], torch.tensor([float("nan"), 3.0]), (4,))
-    clean_nonfinite_all_([sparse])
+    clean_nonfinite_all_([sparse], flat=flat)
     assert sparse._values().tolist() == [0.0, 3.0]
+
+
+def test_flat_cleaning_leaves_large_tensors_out_of_the_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large gradients are cleaned in place: the flat buffer never holds a model's worth of gradients."""
+    import apt_model.model.dbc_dac as dbc_dac
+
+    monkeypatch.setattr(dbc_dac, "FLAT_CLEAN_MAX_NUMEL", 10)
+    flattened: list[list[torch.Tensor]] = []
+    real = dbc_dac._clean_flat_
+    monkeypatch.setattr(dbc_dac, "_clean_flat_", lambda group: (flattened.append(list(group)), real(group)))
+    big, small_a, small_b = torch.full((4, 4), float("nan")), torch.full((3,), float("inf")), torch.zeros(2)
+    dbc_dac.clean_nonfinite_all_([big, small_a, small_b], flat=True)
+    assert [[t.numel() for t in group] for group in flattened] == [[3, 2]]
+    assert big.eq(0).all() and small_a.eq(1).all()
