@@ -10,6 +10,9 @@ exact parameter shapes (Playground preset, vocab 5,000 as in ``bench/train_step.
   clean_each      ``clean_nonfinite_`` on each gradient in turn (how DBC-DAC cleaned before)
   clean_all       ``clean_nonfinite_all_`` on all gradients (how it cleans now)
   stabilize       the stabilisation of the target groups alone
+  graphed         (CUDA) one application replayed from a CUDA graph (``DBCDAC(cuda_graph=True)``; the first call,
+                  which runs eagerly and captures, is part of the warm-up), synchronised
+  graphed_dispatch  (CUDA) the same call's host time alone
 
 Each figure is the median of ``--repeats`` timed calls after ``--warmup`` untimed ones. With ``--profile DIR`` it
 also writes the profiler's kernel table of one application. The per-step cost at the default cadence is
@@ -96,6 +99,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "clean_all": _median_seconds(lambda: clean_nonfinite_all_(grads), device, w, r, True),
         "stabilize": _median_seconds(stabilize_groups, device, w, r, True),
     }
+    if device.type == "cuda":
+        graphed = DBCDAC(cfg, seed=0, cuda_graph=True)
+        seconds["graphed"] = _median_seconds(lambda: graphed.step(params, 1), device, max(w, 1), r, True)
+        seconds["graphed_dispatch"] = _median_seconds(lambda: graphed.step(params, 1), device, w, r, False)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -111,6 +118,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "clean_each_over_all": round(seconds["clean_each"] / seconds["clean_all"], 2),
     }
+    if "graphed" in seconds:
+        report["eager_over_graphed"] = round(seconds["application"] / seconds["graphed"], 2)
     if args.profile:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":

@@ -21,6 +21,8 @@
 #                  per shape (torch.compiler.nested_compile_region), the quality runs' shapes (B=256, 40 + 24 tokens).
 #   PART=dbc-compile — GPU 0, one after another: the DBC-DAC cost breakdown (bench/dbc_dac.py, kernel table), the
 #                  B=256 step with DBC-DAC on and off (the <= 3% line), then the compile-time comparison.
+#   PART=dbc-graph — GPU 0: the CUDA-only tests of DBC-DAC's CUDA-graph mode and of the fast path, the DBC-DAC
+#                  breakdown with the graphed application, then B=256 with DBC-DAC eager, graphed and off (one process).
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -191,6 +193,15 @@ if [[ $part == dbc-compile ]]; then
   timeout 260 python3 bench/train_step.py --batch 256 --variants apt-fast apt-fast-nodbc --warmup 8 --steps 20 \
     --repeats 5 --out "$out/train_step_dbc_b256.json" 2>&1 | tee -a "$log"
   timeout 270 python3 bench/compile_time.py --out "$out/compile_time.json" 2>&1 | tee -a "$log"
+fi
+
+if [[ $part == dbc-graph ]]; then
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/model/test_dbc_dac.py tests/training/test_fastpath.py \
+    2>&1 | tail -n 15 | tee -a "$log"
+  timeout 60 python3 bench/dbc_dac.py --out "$out/dbc_dac_graph.json" 2>&1 | tee -a "$log"
+  timeout 300 python3 bench/train_step.py --batch 256 --variants apt-fast apt-fast-dbcgraph apt-fast-nodbc --warmup 8 \
+    --steps 20 --repeats 5 --out "$out/train_step_dbcgraph_b256.json" 2>&1 | tee -a "$log"
 fi
 
 if [[ $part == quality ]]; then

@@ -9,6 +9,7 @@ Variants (each measured at every batch size):
   apt-fast            autopoietic on, the Playground fast path (torch.compile + CUDA graphs, fused AdamW, bf16)
   apt-fast-nographs   as apt-fast without CUDA graphs (torch.compile fusion only)
   apt-fast-nodbc      as apt-fast with DBC-DAC off (the DBC-DAC cost is apt-fast vs this)
+  apt-fast-dbcgraph   as apt-fast with each DBC-DAC application replayed from a CUDA graph (DBCDAC(cuda_graph=True))
   plain-fast          autopoietic off (fused SDPA), fast path
   bart-bf16           transformers' BartForConditionalGeneration of the same size, plain bf16 loop, fused AdamW
 
@@ -42,7 +43,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apt_model.config import DBCDACConfig, TrainConfig, model_preset
 
-VARIANTS = ("apt-eager", "apt-fast", "apt-fast-nographs", "apt-fast-nodbc", "plain-fast", "bart-bf16")
+VARIANTS = (
+    "apt-eager",
+    "apt-fast",
+    "apt-fast-nographs",
+    "apt-fast-nodbc",
+    "apt-fast-dbcgraph",
+    "plain-fast",
+    "bart-bf16",
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -122,6 +131,12 @@ def build_apt_step(
 
     run_step.stepper = stepper  # type: ignore[attr-defined]
     return run_step, sum(p.numel() for p in model.parameters())
+
+
+def _graphed_dbc():
+    from apt_model.model import DBCDAC
+
+    return DBCDAC(DBCDACConfig(), seed=0, cuda_graph=True)
 
 
 def build_bart_step(device: torch.device, vocab: int, max_len: int):
@@ -241,18 +256,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 torch.cuda.empty_cache()
             if variant == "bart-bf16":
                 step_fn, n_params = build_bart_step(device, args.vocab, max_len)
-            elif variant == "apt-fast-nodbc" and fast_step is not None:
-                # The very same compiled step as apt-fast with DBC-DAC switched off, so the difference between
-                # the two rows is DBC-DAC alone (and no second compilation is paid).
+            elif variant in ("apt-fast-nodbc", "apt-fast-dbcgraph") and fast_step is not None:
+                # The very same compiled step as apt-fast with DBC-DAC switched off (or graphed), so the difference
+                # between the rows is DBC-DAC alone (and no second compilation is paid).
                 step_fn, n_params = fast_step
-                step_fn.stepper.dbc = None
+                step_fn.stepper.dbc = _graphed_dbc() if variant == "apt-fast-dbcgraph" else None
             else:
                 graphs = False if variant.endswith("nographs") else None
                 step_fn, n_params = build_apt_step(variant, device, args.vocab, max_len, graphs)
+                if variant == "apt-fast-dbcgraph":
+                    step_fn.stepper.dbc = _graphed_dbc()
                 if variant == "apt-fast":
                     fast_step = (step_fn, n_params)
             r = measure(step_fn, batch, device, args.warmup, args.steps, args.repeats)
-            if args.profile and variant not in ("apt-fast", "apt-fast-nodbc", "plain-fast"):
+            if args.profile and variant not in (
+                "apt-fast",
+                "apt-fast-nodbc",
+                "apt-fast-dbcgraph",
+                "plain-fast",
+            ):
                 r["profile"] = profile_steps(step_fn, batch, device, args.profile, f"{variant}_B{batch_size}")
             r.update(
                 variant=variant,
@@ -306,6 +328,10 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
         if (b, "apt-fast") in by and (b, "apt-fast-nodbc") in by:
             row["dbc_dac_cost_pct"] = 100 * (
                 by[(b, "apt-fast")]["ms_per_step"] / by[(b, "apt-fast-nodbc")]["ms_per_step"] - 1
+            )
+        if (b, "apt-fast-dbcgraph") in by and (b, "apt-fast-nodbc") in by:
+            row["dbc_dac_graph_cost_pct"] = 100 * (
+                by[(b, "apt-fast-dbcgraph")]["ms_per_step"] / by[(b, "apt-fast-nodbc")]["ms_per_step"] - 1
             )
         if (b, "apt-fast") in by and (b, "apt-eager") in by:
             row["fast/eager"] = by[(b, "apt-eager")]["ms_per_step"] / by[(b, "apt-fast")]["ms_per_step"]

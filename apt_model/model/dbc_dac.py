@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,7 @@ __all__ = [
     "clean_nonfinite_",
     "clean_nonfinite_all_",
     "lowrank_project",
+    "omega_shapes",
     "orthonormal_basis",
     "rank_for",
     "stabilize",
@@ -130,17 +132,21 @@ def orthonormal_basis(y: Tensor) -> Tensor:
     return q.to(y.dtype)
 
 
-def lowrank_project(x: Tensor, rank: int, generator: torch.Generator | None = None) -> Tensor:
+def lowrank_project(
+    x: Tensor, rank: int, generator: torch.Generator | None = None, *, omega: Tensor | None = None
+) -> Tensor:
     """Randomized range finder: ``Q Qᵀ x`` with ``Q = orth(x Ω)``, ``Ω`` Gaussian ``[n, rank]``.
 
-    ``x`` is one matrix ``[m, n]`` or a batch ``[k, m, n]`` (one ``Ω`` per matrix, drawn in one call).
+    ``x`` is one matrix ``[m, n]`` or a batch ``[k, m, n]`` (one ``Ω`` per matrix, drawn in one call). ``omega``
+    passes ``Ω`` already drawn (``x``'s batch shape + ``[n, rank]``) instead of drawing it from ``generator``.
     """
     if x.dim() not in (2, 3):
         raise ValueError(
             f"lowrank_project needs a 2-D tensor (or a batch of them), got shape {tuple(x.shape)}"
         )
     n = x.shape[-1]
-    omega = torch.randn(*x.shape[:-2], n, rank, generator=generator, device=x.device, dtype=x.dtype)
+    if omega is None:
+        omega = torch.randn(*x.shape[:-2], n, rank, generator=generator, device=x.device, dtype=x.dtype)
     q = orthonormal_basis(x @ omega)
     return q @ (q.mT @ x)
 
@@ -152,12 +158,25 @@ def stabilize(g: Tensor, cfg: DBCDACConfig, generator: torch.Generator | None = 
     return stabilize_batch(g.unsqueeze(0), cfg, generator)[0]
 
 
-def stabilize_batch(g: Tensor, cfg: DBCDACConfig, generator: torch.Generator | None = None) -> Tensor:
+def omega_shapes(k: int, m: int, n: int, cfg: DBCDACConfig) -> list[tuple[int, int, int]]:
+    """The shapes of the Gaussian test matrices :func:`stabilize_batch` draws for ``[k, m, n]``, in drawing order."""
+    r_res = rank_for(m, n, cfg.rank_ratio_res)
+    return [(k, n, rank_for(m, n, cfg.rank_ratio_proj))] + [(k, n, r_res)] * cfg.iterations
+
+
+def stabilize_batch(
+    g: Tensor,
+    cfg: DBCDACConfig,
+    generator: torch.Generator | None = None,
+    *,
+    omegas: Sequence[Tensor] | None = None,
+) -> Tensor:
     """DBC-DAC of ``k`` same-shape gradients ``g`` ``[k, m, n]`` at once (``g`` is not modified).
 
     Batching the matrices of one shape (every layer's ``in_proj``, every ``ff1`` …) turns ~90 small
     factorizations per application into a few batched ones, which is what keeps DBC-DAC's cost on a GPU to a
-    small share of the step.
+    small share of the step. ``omegas`` passes the test matrices already drawn (shapes :func:`omega_shapes`,
+    float32 — float64 for a float64 ``g``); drawn from ``generator`` in that order they give the same result.
     """
     if g.dim() != 3:
         raise ValueError(f"stabilize_batch needs [k, m, n] gradients, got shape {tuple(g.shape)}")
@@ -168,10 +187,16 @@ def stabilize_batch(g: Tensor, cfg: DBCDACConfig, generator: torch.Generator | N
     sign = torch.where(d >= 0, 1.0, -1.0)
     d = torch.where(d.abs() < cfg.threshold, cfg.threshold * sign, d)
     gn = x / d[..., None]
-    approx = lowrank_project(gn, rank_for(m, n, cfg.rank_ratio_proj), generator)
+    drawn = iter(omegas) if omegas is not None else None
+    if drawn is not None and len(omegas) != 1 + cfg.iterations:  # type: ignore[arg-type]
+        raise ValueError(f"stabilize_batch needs {1 + cfg.iterations} test matrices, got {len(omegas)}")  # type: ignore[arg-type]
+    approx = lowrank_project(
+        gn, rank_for(m, n, cfg.rank_ratio_proj), generator, omega=next(drawn) if drawn else None
+    )
     r_res = rank_for(m, n, cfg.rank_ratio_res)
     for _ in range(cfg.iterations):
-        approx = approx + cfg.res_scale * lowrank_project(gn - approx, r_res, generator)
+        residual = lowrank_project(gn - approx, r_res, generator, omega=next(drawn) if drawn else None)
+        approx = approx + cfg.res_scale * residual
     out = d[..., None] * approx
     return clean_nonfinite_(out).to(g.dtype)
 
@@ -186,16 +211,115 @@ class DBCDACStats:
     seconds: float = 0.0
 
 
+@dataclass
+class _Plan:
+    """One application's work: every gradient to clean, and the same-shape groups of targets to stabilise."""
+
+    grads: list[Tensor]
+    groups: list[list[Tensor]]  # in first-appearance order (deterministic)
+    cleaned: int  # gradients only cleaned
+    key: tuple[Any, ...]  # storage, shape and role of every gradient: what a captured graph was recorded on
+
+    @classmethod
+    def of(cls, params: Sequence[Tensor], is_target: Any) -> _Plan:
+        grads: list[Tensor] = []
+        groups: dict[tuple[torch.Size, torch.dtype, torch.device], list[Tensor]] = {}
+        cleaned = 0
+        key = []
+        for p in params:
+            grad = p.grad
+            assert grad is not None
+            grads.append(grad)
+            target = not grad.is_sparse and is_target(p)
+            if target:
+                groups.setdefault((grad.shape, grad.dtype, grad.device), []).append(grad)
+            else:
+                cleaned += 1
+            storage = None if grad.is_sparse else grad.data_ptr()
+            key.append(
+                (
+                    storage,
+                    tuple(grad.shape),
+                    tuple(grad.stride()) if not grad.is_sparse else None,
+                    grad.dtype,
+                    target,
+                )
+            )
+        return cls(grads, list(groups.values()), cleaned, tuple(key))
+
+    @property
+    def graphable(self) -> bool:
+        return bool(self.grads) and all(
+            g.is_cuda and not g.is_sparse and g.device == self.grads[0].device for g in self.grads
+        )
+
+
+class _CapturedApplication:
+    """One DBC-DAC application recorded as a CUDA graph over fixed gradient buffers and fixed test matrices.
+
+    An application issues ~560 small kernels whose host-side dispatch, not their GPU time, is what it costs
+    (``bench/dbc_dac.py``); a graph replay issues them at once.
+    """
+
+    def __init__(self, plan: _Plan, cfg: DBCDACConfig) -> None:
+        self.key = plan.key
+        self.cfg = cfg
+        self.grads = plan.grads
+        self.groups = plan.groups
+        self.omegas: list[list[Tensor]] = []
+        for group in plan.groups:
+            g = group[0]
+            dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+            shapes = omega_shapes(len(group), g.shape[0], g.shape[1], cfg)
+            self.omegas.append([torch.empty(s, dtype=dtype, device=g.device) for s in shapes])
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def draw(self, generator: torch.Generator) -> None:
+        for buffers in self.omegas:
+            for buf in buffers:
+                torch.randn(buf.shape, generator=generator, out=buf)
+
+    def run(self) -> None:
+        clean_nonfinite_all_(self.grads, flat=True)
+        for group, omegas in zip(self.groups, self.omegas, strict=True):
+            out = stabilize_batch(torch.stack(group), self.cfg, omegas=omegas)
+            torch._foreach_copy_(group, list(out.unbind(0)))
+
+    def capture(self) -> bool:
+        """Record :meth:`run`; False (and no graph) where the device's linear-algebra kernels refuse capture."""
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):  # recorded, not executed: the gradients are not touched here
+                self.run()
+        except RuntimeError as exc:
+            warnings.warn(f"DBC-DAC runs eagerly: its CUDA graph could not be captured ({exc})", stacklevel=3)
+            return False
+        self.graph = graph
+        return True
+
+    def replay(self) -> None:
+        assert self.graph is not None
+        self.graph.replay()
+
+
 class DBCDAC:
     """Applies DBC-DAC to accumulated gradients on a deterministic optimizer-step cadence.
 
-    ``seed`` seeds one ``torch.Generator`` per device (created on first use on that device).
+    ``seed`` seeds one ``torch.Generator`` per device (created on first use on that device). With
+    ``cuda_graph=True`` applications after the first replay a CUDA graph of it (same numbers; see ``__init__``).
     """
 
-    def __init__(self, cfg: DBCDACConfig, *, seed: int = 0, timing: bool = False) -> None:
+    def __init__(
+        self, cfg: DBCDACConfig, *, seed: int = 0, timing: bool = False, cuda_graph: bool = False
+    ) -> None:
         self.cfg = cfg
         self.seed = int(seed)
         self.timing = timing
+        # Replay each application from a CUDA graph when the gradients are dense CUDA tensors that keep their
+        # storage between applications (the fast path's persistent gradient buffers); otherwise run eagerly.
+        self.cuda_graph = cuda_graph
+        self._captured: _CapturedApplication | None = None
         self.stats = DBCDACStats()
         self._generators: dict[str, torch.Generator] = {}
         self._pending_states: dict[str, Tensor] = {}
@@ -229,25 +353,38 @@ class DBCDAC:
         if sync:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        clean_nonfinite_all_([p.grad for p in params])  # type: ignore[misc]
-        # Same-shape targets are stabilised as one batch, groups in first-appearance order (deterministic).
-        groups: dict[tuple[torch.Size, torch.dtype, torch.device], list[Tensor]] = {}
-        for p in params:
-            grad = p.grad
-            assert grad is not None
-            if not grad.is_sparse and self.is_target(p):
-                groups.setdefault((grad.shape, grad.dtype, grad.device), []).append(grad)
-            else:
-                self.stats.cleaned += 1
-        for (_, _, device), grads in groups.items():
-            out = stabilize_batch(torch.stack(grads), self.cfg, self.generator(device))
-            torch._foreach_copy_(grads, list(out.unbind(0)))
-            self.stats.stabilized += len(grads)
+        plan = _Plan.of(params, self.is_target)
+        if self.cuda_graph and plan.graphable:
+            self._apply_graphed(plan)
+        else:
+            clean_nonfinite_all_(plan.grads)
+            for group in plan.groups:
+                out = stabilize_batch(torch.stack(group), self.cfg, self.generator(group[0].device))
+                torch._foreach_copy_(group, list(out.unbind(0)))
+        self.stats.cleaned += plan.cleaned
+        self.stats.stabilized += sum(len(group) for group in plan.groups)
         if sync:
             torch.cuda.synchronize()
         self.stats.seconds += time.perf_counter() - t0
         self.stats.applied_steps += 1
         return True
+
+    def _apply_graphed(self, plan: _Plan) -> None:
+        # The test matrices are drawn outside the graph, from the same generator in the same order as the eager
+        # path draws them, so both paths compute the same numbers and the generator state (saved for resumption)
+        # advances identically.
+        captured = self._captured
+        if captured is None or captured.key != plan.key:
+            captured = _CapturedApplication(plan, self.cfg)
+            captured.draw(self.generator(plan.grads[0].device))
+            captured.run()  # the real application, eagerly; it also initialises cuBLAS/cuSOLVER before capture
+            if captured.capture():
+                self._captured = captured
+            else:
+                self.cuda_graph = False  # the application above already ran; later ones run eagerly
+        else:
+            captured.draw(self.generator(plan.grads[0].device))
+            captured.replay()
 
     def summary(self) -> dict[str, Any]:
         """What the run report records about DBC-DAC: its cadence and running totals."""

@@ -10,6 +10,7 @@ from apt_model.model.dbc_dac import (
     clean_nonfinite_,
     clean_nonfinite_all_,
     lowrank_project,
+    omega_shapes,
     orthonormal_basis,
     rank_for,
     stabilize,
@@ -261,3 +262,92 @@ def test_flat_cleaning_leaves_large_tensors_out_of_the_buffer(monkeypatch: pytes
     dbc_dac.clean_nonfinite_all_([big, small_a, small_b], flat=True)
     assert [[t.numel() for t in group] for group in flattened] == [[3, 2]]
     assert big.eq(0).all() and small_a.eq(1).all()
+
+
+def test_predrawn_test_matrices_give_the_same_result_as_drawing_them() -> None:
+    """The graphed path draws the Gaussian test matrices up front; in omega_shapes' order they are the same draws."""
+    cfg = DBCDACConfig(iterations=2)
+    g = torch.randn(3, 40, 24, generator=_gen(1))
+    drawn = stabilize_batch(g, cfg, _gen(9))
+    gen = _gen(9)
+    omegas = [torch.empty(s) for s in omega_shapes(3, 40, 24, cfg)]
+    for buf in omegas:
+        torch.randn(buf.shape, generator=gen, out=buf)
+    assert torch.equal(stabilize_batch(g, cfg, omegas=omegas), drawn)
+    assert gen.get_state().equal(_drawn_state(cfg))
+    with pytest.raises(ValueError, match="test matrices"):
+        stabilize_batch(g, cfg, omegas=omegas[:1])
+
+
+def _drawn_state(cfg: DBCDACConfig) -> torch.Tensor:
+    gen = _gen(9)
+    stabilize_batch(torch.randn(3, 40, 24, generator=_gen(1)), cfg, gen)
+    return gen.get_state()
+
+
+def _grads_pair(device: str, seed: int) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Two identical parameter sets with gradients: targets of two shapes (one group of two) and small ones."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(64, 48), (64, 48), (48, 80), (7,), (5, 5)]
+    a = [nn.Parameter(torch.zeros(s, device=device)) for s in shapes]
+    b = [nn.Parameter(torch.zeros(s, device=device)) for s in shapes]
+    for pa, pb in zip(a, b, strict=True):
+        grad = torch.randn(pa.shape, generator=g).to(device)
+        grad.view(-1)[0] = float("nan")
+        pa.grad, pb.grad = grad.clone(), grad.clone()
+    return a, b
+
+
+def _refill(params: list[nn.Parameter], seed: int) -> None:
+    """New gradients written into the same buffers, as the fast path's persistent .grad tensors are."""
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad.copy_(torch.randn(p.shape, generator=g))
+
+
+def test_graph_mode_runs_eagerly_off_cuda() -> None:
+    cfg = DBCDACConfig(min_numel=1000, every_n_steps=1)
+    a, b = _grads_pair("cpu", 3)
+    eager, graphed = DBCDAC(cfg, seed=4), DBCDAC(cfg, seed=4, cuda_graph=True)
+    for step in (1, 2):
+        eager.step(a, step)
+        graphed.step(b, step)
+        for pa, pb in zip(a, b, strict=True):
+            assert torch.equal(pa.grad, pb.grad)
+        _refill(a, step)
+        _refill(b, step)
+    assert graphed._captured is None
+    assert (eager.stats.applied_steps, eager.stats.stabilized, eager.stats.cleaned) == (2, 6, 4)
+    assert (graphed.stats.applied_steps, graphed.stats.stabilized, graphed.stats.cleaned) == (2, 6, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the GPU machine)")
+def test_graph_mode_replays_the_eager_numbers_on_cuda() -> None:
+    cfg = DBCDACConfig(min_numel=1000, every_n_steps=1)
+    a, b = _grads_pair("cuda", 3)
+    eager, graphed = DBCDAC(cfg, seed=4), DBCDAC(cfg, seed=4, cuda_graph=True)
+    for step in (1, 2, 3):
+        eager.step(a, step)
+        graphed.step(b, step)
+        torch.cuda.synchronize()
+        for pa, pb in zip(a, b, strict=True):
+            torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-7)
+            assert torch.isfinite(pb.grad).all()
+        _refill(a, 10 + step)
+        _refill(b, 10 + step)
+    assert graphed._captured is not None and graphed.cuda_graph
+    assert eager.stats.applied_steps == graphed.stats.applied_steps == 3
+    assert eager.stats.stabilized == graphed.stats.stabilized and eager.stats.cleaned == graphed.stats.cleaned
+    # Same draws from the same generator: the saved state (resumption) is the same in both modes.
+    assert eager.state_dict()["generator_states"]["cuda:0"].equal(
+        graphed.state_dict()["generator_states"]["cuda:0"]
+    )
+    # New gradient buffers (set_to_none, another model): the old graph is not replayed on them.
+    first = graphed._captured
+    for pa, pb in zip(a, b, strict=True):
+        pa.grad, pb.grad = pa.grad.clone(), pb.grad.clone()
+    eager.step(a, 4)
+    graphed.step(b, 4)
+    assert graphed._captured is not first
+    for pa, pb in zip(a, b, strict=True):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-7)
