@@ -122,8 +122,10 @@ def measured_epochs(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per world size over its runs: median, min and max tokens/s per GPU, the median's ratio to the 1-GPU median,
-    and each repeat's own ratio (against the 1-GPU run of the same repeat), which shows the spread of the ratio."""
+    """Per world size over its runs: median, min and max tokens/s per GPU, the median's ratio to the 1-GPU median
+    (``efficiency_vs_1gpu_median``), each repeat's own ratio (against the 1-GPU run of the same repeat), which shows
+    the spread, and the median of those (``efficiency_per_repeat_median``: the figure BENCHMARKS.md reports, since
+    each of its ratios is taken inside one repeat, on one state of the host)."""
     by_gpus: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
         by_gpus.setdefault(r["gpus"], []).append(r)
@@ -133,15 +135,15 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for n, runs in sorted(by_gpus.items()):
         values = [r["tokens_per_s_per_gpu"] for r in runs]
         median = statistics.median(values)
+        own = [r["tokens_per_s_per_gpu"] / one[r["repeat"]] for r in runs if r["repeat"] in one]
         out[str(n)] = {
             "runs": len(runs),
             "tokens_per_s_per_gpu_median": median,
             "tokens_per_s_per_gpu_min": min(values),
             "tokens_per_s_per_gpu_max": max(values),
             "efficiency_vs_1gpu_median": median / base if base else None,
-            "efficiency_per_repeat": [
-                r["tokens_per_s_per_gpu"] / one[r["repeat"]] for r in runs if r["repeat"] in one
-            ],
+            "efficiency_per_repeat": own,
+            "efficiency_per_repeat_median": statistics.median(own) if own else None,
         }
     return out
 
@@ -327,10 +329,11 @@ def main() -> int:
 
     write(scaling(args, dataset, args.workdir, gpus, on_run=write))
     for n, s in results["summary"].items():
-        ratio = s["efficiency_vs_1gpu_median"]
+        ratio, own = s["efficiency_vs_1gpu_median"], s["efficiency_per_repeat_median"]
         print(
             f"{n} GPU(s): median {s['tokens_per_s_per_gpu_median']:.0f} tokens/s per GPU over {s['runs']} run(s)"
-            + (f", {ratio:.3f} of 1 GPU" if ratio is not None else "")
+            + (f", {ratio:.3f} of the 1-GPU median" if ratio is not None else "")
+            + (f", median of per-repeat ratios {own:.3f}" if own is not None else "")
         )
     if not args.skip_resume and available >= 2:
         results["zero3_offload_resume"] = zero3_resume(args, dataset, args.workdir)

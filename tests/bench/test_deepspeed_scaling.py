@@ -25,6 +25,10 @@ def test_summary_gives_medians_spreads_and_each_repeats_own_ratio() -> None:
     assert s["2"]["efficiency_vs_1gpu_median"] == pytest.approx(800 / 850)
     assert (s["4"]["tokens_per_s_per_gpu_min"], s["4"]["tokens_per_s_per_gpu_max"]) == (700.0, 880.0)
     assert s["4"]["efficiency_per_repeat"] == pytest.approx([720 / 800, 880 / 900, 700 / 850])
+    # The median of the repeats' own ratios is not the ratio of the medians (here 0.900 vs 720 / 850 = 0.847).
+    assert s["4"]["efficiency_per_repeat_median"] == pytest.approx(720 / 800)
+    assert s["4"]["efficiency_vs_1gpu_median"] == pytest.approx(720 / 850)
     assert s["4"]["runs"] == 3
     # Without a 1-GPU run there is nothing to compare with.
-    assert summarize([r for r in rows if r["gpus"] != 1])["2"]["efficiency_vs_1gpu_median"] is None
+    alone = summarize([r for r in rows if r["gpus"] != 1])["2"]
+    assert alone["efficiency_vs_1gpu_median"] is None and alone["efficiency_per_repeat_median"] is None
