@@ -42,17 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from apt_model.config import DBCDACConfig, model_preset
 from apt_model.io import atomic_write_json
 from apt_model.model import APTModel
-from apt_model.model.dbc_dac import (
-    DBCDAC,
-    clean_nonfinite_,
-    clean_nonfinite_all_,
-    stabilize_batch,
-)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from apt_model.model.dbc_dac import DBCDAC, _Plan, clean_nonfinite_, clean_nonfinite_all_, stabilize_batch
+from bench.train_step import _sync
 
 
 def _median_seconds(
@@ -80,15 +71,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         p.grad = torch.randn_like(p)
     cfg = DBCDACConfig(every_n_steps=1)  # every call applies; otherwise the default configuration
     dbc = DBCDAC(cfg, seed=0)
-    grads = [p.grad for p in params]
-    targets: dict[tuple[int, ...], list[torch.Tensor]] = {}
-    for p in params:
-        if dbc.is_target(p):
-            targets.setdefault(tuple(p.shape), []).append(p.grad)
+    plan = _Plan.of(params, dbc.is_target)  # the library's own grouping of the targets
+    grads = plan.grads
     gen = dbc.generator(device)
 
     def stabilize_groups() -> None:
-        for group in targets.values():
+        for group in plan.groups:
             stabilize_batch(torch.stack(group), cfg, gen)
 
     w, r = args.warmup, args.repeats
@@ -109,7 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "preset": args.preset,
         "vocab": args.vocab,
         "parameters": len(params),
-        "target_groups": {"x".join(map(str, s)): len(g) for s, g in targets.items()},
+        "target_groups": {"x".join(map(str, g[0].shape)): len(g) for g in plan.groups},
         "every_n_steps_default": DBCDACConfig().every_n_steps,
         "repeats": r,
         "ms": {k: round(v * 1e3, 3) for k, v in seconds.items()},

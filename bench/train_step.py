@@ -108,7 +108,8 @@ def build_apt_step(
     train_cfg = TrainConfig(dbc_dac=DBCDACConfig(enabled=variant != "apt-fast-nodbc"))
     optimizer = build_optimizer(model, train_cfg, fused=device.type == "cuda")
     schedule = WarmRestartSchedule(optimizer, train_cfg, steps_per_epoch=1000)
-    dbc = DBCDAC(train_cfg.dbc_dac, seed=0) if train_cfg.dbc_dac.enabled else None
+    graphed = variant == "apt-fast-dbcgraph"
+    dbc = DBCDAC(train_cfg.dbc_dac, seed=0, cuda_graph=graphed) if train_cfg.dbc_dac.enabled else None
     stepper = TrainStep(
         model,
         train_cfg,
@@ -131,12 +132,6 @@ def build_apt_step(
 
     run_step.stepper = stepper  # type: ignore[attr-defined]
     return run_step, sum(p.numel() for p in model.parameters())
-
-
-def _graphed_dbc():
-    from apt_model.model import DBCDAC
-
-    return DBCDAC(DBCDACConfig(), seed=0, cuda_graph=True)
 
 
 def build_bart_step(device: torch.device, vocab: int, max_len: int):
@@ -239,6 +234,8 @@ def profile_steps(step_fn, batch: dict, device: torch.device, out_dir: Path, tag
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from apt_model.model import DBCDAC
+
     device = torch.device(args.device)
     torch.manual_seed(0)
     if device.type == "cuda":
@@ -260,12 +257,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # The very same compiled step as apt-fast with DBC-DAC switched off (or graphed), so the difference
                 # between the rows is DBC-DAC alone (and no second compilation is paid).
                 step_fn, n_params = fast_step
-                step_fn.stepper.dbc = _graphed_dbc() if variant == "apt-fast-dbcgraph" else None
+                stepper = step_fn.stepper
+                graphed = variant == "apt-fast-dbcgraph"
+                stepper.dbc = DBCDAC(stepper.cfg.dbc_dac, seed=0, cuda_graph=True) if graphed else None
             else:
                 graphs = False if variant.endswith("nographs") else None
                 step_fn, n_params = build_apt_step(variant, device, args.vocab, max_len, graphs)
-                if variant == "apt-fast-dbcgraph":
-                    step_fn.stepper.dbc = _graphed_dbc()
                 if variant == "apt-fast":
                     fast_step = (step_fn, n_params)
             r = measure(step_fn, batch, device, args.warmup, args.steps, args.repeats)

@@ -32,10 +32,11 @@ synchronises the device around them so the number is real), and :func:`time_stab
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,9 +83,10 @@ def clean_nonfinite_all_(tensors: Sequence[Tensor], *, flat: bool | None = None)
     """
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:
+        gather = t.device.type != "cpu" if flat is None else flat
         if t.is_sparse:
             clean_nonfinite_(t._values())
-        elif t.numel() >= FLAT_CLEAN_MAX_NUMEL or not (t.device.type != "cpu" if flat is None else flat):
+        elif not gather or t.numel() >= FLAT_CLEAN_MAX_NUMEL:
             clean_nonfinite_(t)
         else:
             groups.setdefault((t.device, t.dtype), []).append(t)
@@ -100,6 +102,11 @@ def _clean_flat_(group: Sequence[Tensor]) -> None:
     flat = clean_nonfinite_(torch.cat([t.reshape(-1) for t in group]))
     parts = flat.split([t.numel() for t in group])
     torch._foreach_copy_(list(group), [part.view(t.shape) for part, t in zip(parts, group, strict=True)])
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What DBC-DAC computes in: float64 stays float64 (exactness checks); everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def rank_for(m: int, n: int, ratio: float) -> int:
@@ -181,21 +188,18 @@ def stabilize_batch(
     if g.dim() != 3:
         raise ValueError(f"stabilize_batch needs [k, m, n] gradients, got shape {tuple(g.shape)}")
     _, m, n = g.shape
-    # float64 stays float64 (exactness checks); everything else runs in float32.
-    x = g if g.dtype == torch.float64 else g.float()
+    x = g.to(_work_dtype(g.dtype))
     d = x.sum(dim=-1)
     sign = torch.where(d >= 0, 1.0, -1.0)
     d = torch.where(d.abs() < cfg.threshold, cfg.threshold * sign, d)
     gn = x / d[..., None]
-    drawn = iter(omegas) if omegas is not None else None
-    if drawn is not None and len(omegas) != 1 + cfg.iterations:  # type: ignore[arg-type]
-        raise ValueError(f"stabilize_batch needs {1 + cfg.iterations} test matrices, got {len(omegas)}")  # type: ignore[arg-type]
-    approx = lowrank_project(
-        gn, rank_for(m, n, cfg.rank_ratio_proj), generator, omega=next(drawn) if drawn else None
-    )
+    if omegas is not None and len(omegas) != 1 + cfg.iterations:
+        raise ValueError(f"stabilize_batch needs {1 + cfg.iterations} test matrices, got {len(omegas)}")
+    drawn: Iterator[Tensor | None] = iter(omegas) if omegas is not None else itertools.repeat(None)
+    approx = lowrank_project(gn, rank_for(m, n, cfg.rank_ratio_proj), generator, omega=next(drawn))
     r_res = rank_for(m, n, cfg.rank_ratio_res)
     for _ in range(cfg.iterations):
-        residual = lowrank_project(gn - approx, r_res, generator, omega=next(drawn) if drawn else None)
+        residual = lowrank_project(gn - approx, r_res, generator, omega=next(drawn))
         approx = approx + cfg.res_scale * residual
     out = d[..., None] * approx
     return clean_nonfinite_(out).to(g.dtype)
@@ -218,40 +222,51 @@ class _Plan:
     grads: list[Tensor]
     groups: list[list[Tensor]]  # in first-appearance order (deterministic)
     cleaned: int  # gradients only cleaned
-    key: tuple[Any, ...]  # storage, shape and role of every gradient: what a captured graph was recorded on
 
     @classmethod
-    def of(cls, params: Sequence[Tensor], is_target: Any) -> _Plan:
+    def of(cls, params: Sequence[Tensor], is_target: Callable[[Tensor], bool]) -> _Plan:
         grads: list[Tensor] = []
         groups: dict[tuple[torch.Size, torch.dtype, torch.device], list[Tensor]] = {}
         cleaned = 0
-        key = []
         for p in params:
             grad = p.grad
             assert grad is not None
             grads.append(grad)
-            target = not grad.is_sparse and is_target(p)
-            if target:
+            if not grad.is_sparse and is_target(p):
                 groups.setdefault((grad.shape, grad.dtype, grad.device), []).append(grad)
             else:
                 cleaned += 1
-            storage = None if grad.is_sparse else grad.data_ptr()
-            key.append(
-                (
-                    storage,
-                    tuple(grad.shape),
-                    tuple(grad.stride()) if not grad.is_sparse else None,
-                    grad.dtype,
-                    target,
-                )
-            )
-        return cls(grads, list(groups.values()), cleaned, tuple(key))
+        return cls(grads, list(groups.values()), cleaned)
 
     @property
     def graphable(self) -> bool:
         return bool(self.grads) and all(
             g.is_cuda and not g.is_sparse and g.device == self.grads[0].device for g in self.grads
         )
+
+    def key(self) -> tuple[Any, ...]:
+        """Storage, layout and role of every gradient (graphable plans only): what a captured graph recorded."""
+        targets = {id(g) for group in self.groups for g in group}
+        return tuple(
+            (g.data_ptr(), tuple(g.shape), g.stride(), g.dtype, id(g) in targets) for g in self.grads
+        )
+
+    def apply_(
+        self,
+        cfg: DBCDACConfig,
+        *,
+        generator_for: Callable[[torch.device], torch.Generator] | None = None,
+        omegas: Sequence[Sequence[Tensor]] | None = None,
+    ) -> None:
+        """Clean every gradient, then stabilise each group in place; test matrices drawn from
+        ``generator_for(device)``, or ``omegas`` (one list per group) already drawn."""
+        clean_nonfinite_all_(self.grads)
+        for i, group in enumerate(self.groups):
+            generator = generator_for(group[0].device) if generator_for is not None else None
+            out = stabilize_batch(
+                torch.stack(group), cfg, generator, omegas=omegas[i] if omegas is not None else None
+            )
+            torch._foreach_copy_(group, list(out.unbind(0)))
 
 
 class _CapturedApplication:
@@ -262,16 +277,14 @@ class _CapturedApplication:
     """
 
     def __init__(self, plan: _Plan, cfg: DBCDACConfig) -> None:
-        self.key = plan.key
+        self.key = plan.key()
         self.cfg = cfg
-        self.grads = plan.grads
-        self.groups = plan.groups
+        self.plan = plan
         self.omegas: list[list[Tensor]] = []
         for group in plan.groups:
             g = group[0]
-            dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
             shapes = omega_shapes(len(group), g.shape[0], g.shape[1], cfg)
-            self.omegas.append([torch.empty(s, dtype=dtype, device=g.device) for s in shapes])
+            self.omegas.append([torch.empty(s, dtype=_work_dtype(g.dtype), device=g.device) for s in shapes])
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def draw(self, generator: torch.Generator) -> None:
@@ -280,10 +293,7 @@ class _CapturedApplication:
                 torch.randn(buf.shape, generator=generator, out=buf)
 
     def run(self) -> None:
-        clean_nonfinite_all_(self.grads, flat=True)
-        for group, omegas in zip(self.groups, self.omegas, strict=True):
-            out = stabilize_batch(torch.stack(group), self.cfg, omegas=omegas)
-            torch._foreach_copy_(group, list(out.unbind(0)))
+        self.plan.apply_(self.cfg, omegas=self.omegas)
 
     def capture(self) -> bool:
         """Record :meth:`run`; False (and no graph) where the device's linear-algebra kernels refuse capture."""
@@ -357,10 +367,7 @@ class DBCDAC:
         if self.cuda_graph and plan.graphable:
             self._apply_graphed(plan)
         else:
-            clean_nonfinite_all_(plan.grads)
-            for group in plan.groups:
-                out = stabilize_batch(torch.stack(group), self.cfg, self.generator(group[0].device))
-                torch._foreach_copy_(group, list(out.unbind(0)))
+            plan.apply_(self.cfg, generator_for=self.generator)
         self.stats.cleaned += plan.cleaned
         self.stats.stabilized += sum(len(group) for group in plan.groups)
         if sync:
@@ -374,17 +381,17 @@ class DBCDAC:
         # path draws them, so both paths compute the same numbers and the generator state (saved for resumption)
         # advances identically.
         captured = self._captured
-        if captured is None or captured.key != plan.key:
-            captured = _CapturedApplication(plan, self.cfg)
-            captured.draw(self.generator(plan.grads[0].device))
-            captured.run()  # the real application, eagerly; it also initialises cuBLAS/cuSOLVER before capture
-            if captured.capture():
-                self._captured = captured
-            else:
-                self.cuda_graph = False  # the application above already ran; later ones run eagerly
-        else:
+        if captured is not None and captured.key == plan.key():
             captured.draw(self.generator(plan.grads[0].device))
             captured.replay()
+            return
+        captured = _CapturedApplication(plan, self.cfg)
+        captured.draw(self.generator(plan.grads[0].device))
+        captured.run()  # the real application, eagerly; it also initialises cuBLAS/cuSOLVER before capture
+        if captured.capture():
+            self._captured = captured
+        else:
+            self.cuda_graph = False  # the application above already ran; later ones run eagerly
 
     def summary(self) -> dict[str, Any]:
         """What the run report records about DBC-DAC: its cadence and running totals."""
