@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from bench.deepspeed_scaling import measured_epochs, summarize
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "deepspeed_scaling.py"
 
 
 def test_measured_epochs_leave_out_start_up_and_the_final_validation() -> None:
@@ -32,3 +38,16 @@ def test_summary_gives_medians_spreads_and_each_repeats_own_ratio() -> None:
     # Without a 1-GPU run there is nothing to compare with.
     alone = summarize([r for r in rows if r["gpus"] != 1])["2"]
     assert alone["efficiency_vs_1gpu_median"] is None and alone["efficiency_per_repeat_median"] is None
+
+
+def test_bad_repeats_are_refused_before_any_run(tmp_path: Path) -> None:
+    out = tmp_path / "scaling.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--repeats", "0", "--out", str(out), "--workdir", str(tmp_path / "w")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "--repeats must be >= 1" in proc.stderr
+    assert not out.exists() and not (tmp_path / "w").exists()
