@@ -7,6 +7,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when it defines its own language functions, i.e. on first import (torch's compiler
+# imports it): set it before anything does, so that without a GPU the fused transform's kernels run under Triton's
+# interpreter (tests/model/test_fused_transform.py). With a GPU they are compiled and run on it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.arith_data import write_arith_dataset
 

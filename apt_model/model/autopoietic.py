@@ -31,6 +31,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from apt_model.model.fused_transform import fused_autopoietic_probs, uses_fused
+
 __all__ = [
     "AutopoieticTransform",
     "autopoietic_probs",
@@ -197,11 +199,30 @@ def _autopoietic_probs(
 # once per input signature and the code is reused at every call site, instead of being inlined 18 times: on an
 # H200 the fast path's first step (compilation) took 0.62x as long, steps ran at the same speed and losses matched
 # to 4.5e-6 (bench/compile_time.py, BENCHMARKS.md). In eager mode the wrapper does nothing.
-autopoietic_probs = functools.update_wrapper(
+_autopoietic_probs_region = functools.update_wrapper(
     torch.compiler.nested_compile_region(_autopoietic_probs), _autopoietic_probs
 )
-# Under its public name, so that pickle (multiprocessing, functools.partial) finds it as this module's attribute.
-autopoietic_probs.__name__ = autopoietic_probs.__qualname__ = "autopoietic_probs"
+
+
+def autopoietic_probs(
+    scores: Tensor,
+    masked: Tensor | None,
+    tau: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    *,
+    eps: float,
+) -> Tensor:
+    """Transform (steps 1-14) then the exact masked softmax; probabilities in ``scores.dtype``.
+
+    On CUDA with Triton this is one fused kernel each way (:mod:`apt_model.model.fused_transform`, chosen by
+    ``set_transform_kernel``); elsewhere the torch ops of :func:`autopoietic_transform`.
+    """
+    if uses_fused(scores):
+        return fused_autopoietic_probs(scores, masked, tau, w1, b1, w2, b2, eps)
+    return _autopoietic_probs_region(scores, masked, tau, w1, b1, w2, b2, eps=eps)
 
 
 class AutopoieticTransform(nn.Module):

@@ -1,0 +1,350 @@
+"""Triton kernels: the autopoietic transform and its masked softmax in one pass per batch element, and the backward.
+
+Imported only where Triton is available (see :mod:`apt_model.model.fused_transform`). One program handles one batch
+element ``b``: its ``[Lq, Lk]`` head-mean map and every per-element statistic stay in registers, the ``H`` score
+matrices are streamed from memory (twice in the forward, three times in the backward, where the forward is
+recomputed instead of saved). The steps follow ``shared/spec/apt-model.md`` and
+:func:`apt_model.model.autopoietic.autopoietic_transform` line by line; the backward is that function's autograd
+written out, with torch's conventions at the edges (``clamp`` passes the gradient on its bounds, ``amax`` splits it
+among ties, ``nan_to_num`` blocks it at non-finite inputs). Two deliberate differences, both within float32 rounding
+of the reference or a valid subgradient of it:
+
+* the quantiles are found by bisection on the float bits (the exact order statistics, no sort), and when several
+  entries tie with an order statistic the quantile's gradient is split among them evenly (``torch.sort`` hands it to
+  one of them);
+* sums run in a different order than torch's reductions.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _clamp(x, lo, hi):
+    # torch.clamp keeps NaN; min/max alone would drop it (and with it the step-12 fallback).
+    return tl.where(x != x, x, tl.minimum(tl.maximum(x, lo), hi))
+
+
+@triton.jit
+def _within(x, lo, hi):
+    # Where torch.clamp's backward lets the gradient through: bounds included.
+    return (x >= lo) & (x <= hi)
+
+
+@triton.jit
+def _sum2(x):
+    return tl.sum(tl.sum(x, axis=1), axis=0)
+
+
+@triton.jit
+def _clean(x):
+    """Step 1: nan_to_num(nan=0, +inf=10, -inf=-10), then clamp to [-15, 15]."""
+    y = tl.where(x != x, 0.0, x)
+    y = tl.where(y == float("inf"), 10.0, y)
+    y = tl.where(y == float("-inf"), -10.0, y)
+    return tl.minimum(tl.maximum(y, -15.0), 15.0)
+
+
+@triton.jit
+def _softmax_rows(x, off):
+    """Softmax along each row over the entries not ``off``; ``off`` entries and all-``off`` rows give exactly 0."""
+    xm = tl.where(off, float("-inf"), x)
+    mx = tl.max(xm, axis=1)
+    live = mx > float("-inf")
+    ex = tl.exp(xm - tl.where(live, mx, 0.0)[:, None])
+    den = tl.sum(ex, axis=1)
+    return ex / tl.where(live, den, 1.0)[:, None]
+
+
+@triton.jit
+def _sort_key(x):
+    # Float bits as an int32 whose signed order is the float order (NaN with the sign bit clear sorts last,
+    # as in torch.sort).
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _order_pair(key, x, valid, k):
+    """The k-th and (k+1)-th smallest valid entries (0-based): their keys and values."""
+    big = 2147483647
+    lo = tl.min(tl.min(tl.where(valid, key, big), axis=1), axis=0).to(tl.int64)
+    hi = tl.max(tl.max(tl.where(valid, key, -big - 1), axis=1), axis=0).to(tl.int64)
+    # Smallest K with count(key <= K) >= k + 1; 32 halvings cover the int32 range.
+    for _ in range(32):
+        mid = (lo + hi) >> 1
+        enough = _sum2((valid & (key <= mid)).to(tl.int32)) >= k + 1
+        hi = tl.where(enough, mid, hi)
+        lo = tl.where(enough, lo, mid + 1)
+    k_lo = lo
+    at_or_below = valid & (key <= k_lo)
+    v_lo = tl.max(tl.max(tl.where(at_or_below, x, float("-inf")), axis=1), axis=0)
+    tied_next = _sum2(at_or_below.to(tl.int32)) >= k + 2
+    above = valid & (key > k_lo)
+    k_next = tl.min(tl.min(tl.where(above, key, big), axis=1), axis=0).to(tl.int64)
+    v_next = tl.min(tl.min(tl.where(above, x, float("inf")), axis=1), axis=0)
+    k_hi = tl.where(tied_next, k_lo, k_next)
+    v_hi = tl.where(tied_next, v_lo, v_next)
+    return k_lo, v_lo, k_hi, v_hi
+
+
+@triton.jit
+def _quantile_grad(key, valid, k_lo, k_hi, frac, g):
+    """Gradient of ``v_lo + frac * (v_hi - v_lo)`` (or ``v_lo`` when ``frac == 0``) onto the entries, ties split."""
+    eq_lo = valid & (key == k_lo)
+    eq_hi = valid & (key == k_hi)
+    n_lo = _sum2(eq_lo.to(tl.float32))
+    n_hi = _sum2(eq_hi.to(tl.float32))
+    g_lo = tl.where(frac > 0, g * (1.0 - frac), g)
+    g_hi = tl.where(frac > 0, g * frac, 0.0)
+    return tl.where(eq_lo, g_lo / n_lo, 0.0) + tl.where(eq_hi, g_hi / n_hi, 0.0)
+
+
+@triton.jit
+def _forward_core(
+    S, MSK, W1, B1, W2, B2, TAU, b, Lq, Lk, H,
+    ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k,
+    e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75,
+    HID: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    """Steps 1-12 for batch element ``b``: the shared map ``f`` and what the backward needs."""
+    offs_q = tl.arange(0, BQ)
+    offs_k = tl.arange(0, BK)
+    valid = (offs_q[:, None] < Lq) & (offs_k[None, :] < Lk)
+    s_ptrs = S + b * ss_b + offs_q[:, None] * ss_q + offs_k[None, :] * ss_k
+    # 1-2. clean each head's scores, mean over heads
+    acc = tl.zeros((BQ, BK), dtype=tl.float32)
+    for h in range(H):
+        acc += _clean(tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32))
+    m = acc / H
+    if HAS_MASK:
+        msk = (
+            tl.load(MSK + b * sm_b + offs_q[:, None] * sm_q + offs_k[None, :] * sm_k, mask=valid, other=0)
+            != 0
+        )
+    else:
+        msk = valid & (offs_q[:, None] < 0)
+    # 3-4. per-element MLP
+    a0 = _clamp(_clamp(m, -8.0, 8.0) * e, -10.0, 10.0)
+    mlp = tl.zeros((BQ, BK), dtype=tl.float32)
+    for j in range(HID):
+        zc = _clamp(a0 * tl.load(W1 + j).to(tl.float32) + tl.load(B1 + j).to(tl.float32), -5.0, 5.0)
+        mlp += tl.load(W2 + j).to(tl.float32) * tl.where(zc < 0.0, 0.0, zc)
+    a_pre = mlp + tl.load(B2).to(tl.float32)
+    a = _clamp(a_pre, -5.0, 5.0)
+    # 5. gate
+    tay_pre = 1.0 + 2.5 * a
+    tay = tl.where(msk, 1.0, _clamp(tay_pre, 0.5, 1.5))
+    sg = 1.0 / (1.0 + tl.exp(-tay))
+    # 6. row entropy and focus
+    p = _softmax_rows(_clamp(m, -10.0, 10.0), ~valid)
+    hm = -p * tl.log(p + 1e-6)
+    fz = _softmax_rows(3.0 * hm, ~valid)
+    # 7-8. energy balance
+    t0 = tl.where(valid, sg * fz, 0.0)
+    mv = tl.where(valid, m, 0.0)
+    nm = tl.sqrt(_sum2(mv * mv))
+    nt = tl.sqrt(_sum2(t0 * t0))
+    c_pre = (nm + 1e-4) / (nt + 1e-4)
+    c = _clamp(c_pre, 0.8, 1.2)
+    t = c * t0
+    # 9. spread matching
+    tm = _sum2(t) / n_f
+    om = _sum2(mv) / n_f
+    tc = tl.where(valid, t - tm, 0.0)
+    mc = tl.where(valid, m - om, 0.0)
+    tv_pre = _sum2(tc * tc) / n_f
+    ov_pre = _sum2(mc * mc) / n_f
+    tv = tl.maximum(tv_pre, 1e-2)
+    ov = tl.maximum(ov_pre, 1e-2)
+    g_pre = tl.sqrt(ov) / tl.sqrt(tv)
+    g = _clamp(g_pre, 0.8, 1.2)
+    r_pre = tl.max(tl.max(tl.abs(mv), axis=1), axis=0)
+    big_r = _clamp(r_pre, 1.0, 10.0)
+    mix_pre = 0.3 / tl.log(1.0 + big_r)
+    mix = _clamp(mix_pre, 0.1, 0.5)
+    kappa = mix * g
+    tp = tm + kappa * (t - tm)
+    # 10. entropy mix with M
+    ratio_pre = tl.where(has_ratio > 0.5, (_sum2(tl.where(valid, hm, 0.0)) / n_f) / log_lk, 0.0)
+    r = 0.4 + _clamp(ratio_pre, 0.0, 0.4)
+    f1 = tl.where(valid, (1.0 - r) * tp + r * m, 0.0)
+    # 11. IQR-adaptive temperature
+    key = _sort_key(f1)
+    k25lo, v25lo, k25hi, v25hi = _order_pair(key, f1, valid, lo25)
+    k75lo, v75lo, k75hi, v75hi = _order_pair(key, f1, valid, lo75)
+    q25 = tl.where(frac25 > 0, v25lo + frac25 * (v25hi - v25lo), v25lo)
+    q75 = tl.where(frac75 > 0, v75lo + frac75 * (v75hi - v75lo), v75lo)
+    iqr = q75 - q25
+    iqc = _clamp(iqr, 0.5, 5.0)
+    tau_raw = tl.load(TAU).to(tl.float32)
+    tau0 = _clamp(tau_raw, 1.0, 1.5)
+    temp_pre = tau0 * (1.0 + 0.1 * tl.log(1.0 + iqc))
+    temp = _clamp(temp_pre, 1.0, 2.0)
+    f2_pre = f1 / temp
+    f2 = _clamp(f2_pre, -15.0, 15.0)
+    # 12. fallback to M when over 20% of F is not finite
+    finite = (f2 == f2) & (tl.abs(f2) != float("inf"))
+    bad = (_sum2(tl.where(valid & ~finite, 1.0, 0.0)) / n_f) > 0.2
+    f = tl.where(bad, _clamp(m, -10.0, 10.0), _clamp(tl.where(f2 != f2, 0.0, f2), -10.0, 10.0))
+    return (
+        valid, msk, m, a0, a_pre, tay_pre, sg, p, fz, t0, nm, nt, c_pre, c, t, tm, tc, mc, tv_pre, ov_pre, tv, ov,
+        g_pre, g, r_pre, big_r, mix_pre, mix, kappa, tp, ratio_pre, r, f1, key, k25lo, k25hi, k75lo, k75hi,
+        iqr, iqc, tau_raw, tau0, temp_pre, temp, f2_pre, f2, finite, bad, f,
+    )  # fmt: skip
+
+
+@triton.jit
+def autopoietic_fwd_kernel(
+    S, MSK, P, W1, B1, W2, B2, TAU, Lq, Lk, H,
+    ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, sp_b, sp_h, sp_q,
+    e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75,
+    HID: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    (
+        valid, msk, m, _a0, _a_pre, _tay_pre, _sg, _p, _fz, _t0, _nm, _nt, _c_pre, _c, _t, _tm, _tc, _mc, _tv_pre,
+        _ov_pre, _tv, _ov, _g_pre, _g, _r_pre, _big_r, _mix_pre, _mix, _kappa, _tp, _ratio_pre, _r, _f1, _key,
+        _k25lo, _k25hi, _k75lo, _k75hi, _iqr, _iqc, _tau_raw, _tau0, _temp_pre, _temp, _f2_pre, _f2, _finite, _bad, f,
+    ) = _forward_core(
+        S, MSK, W1, B1, W2, B2, TAU, b, Lq, Lk, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k,
+        e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75, HID, BQ, BK, HAS_MASK,
+    )  # fmt: skip
+    offs_q = tl.arange(0, BQ)
+    offs_k = tl.arange(0, BK)
+    s_ptrs = S + b * ss_b + offs_q[:, None] * ss_q + offs_k[None, :] * ss_k
+    p_ptrs = P + b * sp_b + offs_q[:, None] * sp_q + offs_k[None, :]
+    off = msk | ~valid
+    # 13-14. per-head detail, then the masked softmax (masked entries and all-masked rows exactly 0)
+    for h in range(H):
+        s_h = _clean(tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32))
+        probs = _softmax_rows(_clamp(f + 0.2 * (s_h - m), -15.0, 15.0), off)
+        tl.store(p_ptrs + h * sp_h, probs.to(P.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def autopoietic_bwd_kernel(
+    S, MSK, DP, DS, W1, B1, W2, B2, TAU, DTAU, DW1, DB1, DW2, DB2, Lq, Lk, H,
+    ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, sg_b, sg_h, sg_q, sg_k, sd_b, sd_h, sd_q,
+    e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75,
+    HID: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    (
+        valid, msk, m, a0, a_pre, tay_pre, sg, p, fz, t0, nm, nt, c_pre, c, _t, _tm, tc, mc, tv_pre, ov_pre, tv, ov,
+        g_pre, g, r_pre, big_r, mix_pre, mix, kappa, tp, ratio_pre, r, f1, key, k25lo, k25hi, k75lo, k75hi,
+        iqr, iqc, tau_raw, tau0, temp_pre, temp, f2_pre, f2, finite, bad, f,
+    ) = _forward_core(
+        S, MSK, W1, B1, W2, B2, TAU, b, Lq, Lk, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k,
+        e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75, HID, BQ, BK, HAS_MASK,
+    )  # fmt: skip
+    offs_q = tl.arange(0, BQ)
+    offs_k = tl.arange(0, BK)
+    s_ptrs = S + b * ss_b + offs_q[:, None] * ss_q + offs_k[None, :] * ss_k
+    g_ptrs = DP + b * sg_b + offs_q[:, None] * sg_q + offs_k[None, :] * sg_k
+    off = msk | ~valid
+
+    # 14-13. softmax and per-head detail, summed over heads onto F (and, through -0.2 M, onto M)
+    df = tl.zeros((BQ, BK), dtype=tl.float32)
+    for h in range(H):
+        s_h = _clean(tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32))
+        y = f + 0.2 * (s_h - m)
+        probs = _softmax_rows(_clamp(y, -15.0, 15.0), off)
+        dprobs = tl.load(g_ptrs + h * sg_h, mask=valid, other=0.0).to(tl.float32)
+        d_out = probs * (dprobs - tl.sum(probs * dprobs, axis=1)[:, None])
+        df += tl.where(_within(y, -15.0, 15.0), d_out, 0.0)
+    dm = -0.2 * df
+    # 12
+    dm += tl.where(bad, tl.where(_within(m, -10.0, 10.0), df, 0.0), 0.0)
+    df2 = tl.where(bad, 0.0, tl.where(finite & _within(f2, -10.0, 10.0), df, 0.0))
+    # 11
+    df2p = tl.where(_within(f2_pre, -15.0, 15.0), df2, 0.0)
+    df1 = df2p / temp
+    dtemp = -_sum2(df2p * f1) / (temp * temp)
+    dtemp_pre = tl.where(_within(temp_pre, 1.0, 2.0), dtemp, 0.0)
+    dtau = tl.where(_within(tau_raw, 1.0, 1.5), dtemp_pre * (1.0 + 0.1 * tl.log(1.0 + iqc)), 0.0)
+    diqr = tl.where(_within(iqr, 0.5, 5.0), dtemp_pre * tau0 * 0.1 / (1.0 + iqc), 0.0)
+    df1 += _quantile_grad(key, valid, k75lo, k75hi, frac75, diqr)
+    df1 += _quantile_grad(key, valid, k25lo, k25hi, frac25, -diqr)
+    # 10
+    dtp = tl.where(valid, df1 * (1.0 - r), 0.0)
+    dm += df1 * r
+    dr = _sum2(tl.where(valid, df1 * (m - tp), 0.0))
+    d_hmean = tl.where((has_ratio > 0.5) & _within(ratio_pre, 0.0, 0.4), dr / log_lk, 0.0)
+    dhm = tl.where(valid, d_hmean / n_f, 0.0)
+    # 9
+    dkappa = _sum2(dtp * tc)
+    dt = dtp * kappa
+    dtm = _sum2(dtp) * (1.0 - kappa)
+    dmix = dkappa * g
+    dg = dkappa * mix
+    log_r = tl.log(1.0 + big_r)
+    dbig_r = tl.where(_within(mix_pre, 0.1, 0.5), dmix * -0.3 / (log_r * log_r) / (1.0 + big_r), 0.0)
+    dr_pre = tl.where(_within(r_pre, 1.0, 10.0), dbig_r, 0.0)
+    is_max = valid & (tl.abs(m) == r_pre)
+    n_max = _sum2(is_max.to(tl.float32))
+    sign_m = tl.where(m > 0, 1.0, tl.where(m < 0, -1.0, 0.0))
+    dm += tl.where(is_max, dr_pre / n_max * sign_m, 0.0)
+    dg_pre = tl.where(_within(g_pre, 0.8, 1.2), dg, 0.0)
+    sqrt_ov = tl.sqrt(ov)
+    sqrt_tv = tl.sqrt(tv)
+    dov = dg_pre / sqrt_tv / (2.0 * sqrt_ov)
+    dtv = -dg_pre * sqrt_ov / (sqrt_tv * sqrt_tv) / (2.0 * sqrt_tv)
+    dtv_pre = tl.where(tv_pre >= 1e-2, dtv, 0.0)
+    dov_pre = tl.where(ov_pre >= 1e-2, dov, 0.0)
+    dt += dtv_pre * 2.0 * tc / n_f
+    dtm -= dtv_pre * 2.0 * _sum2(tc) / n_f
+    dm += dov_pre * 2.0 * mc / n_f
+    dom = -dov_pre * 2.0 * _sum2(mc) / n_f
+    dt = tl.where(valid, dt + dtm / n_f, 0.0)
+    dm += dom / n_f
+    # 8
+    dt0 = dt * c
+    dc_pre = tl.where(_within(c_pre, 0.8, 1.2), _sum2(dt * t0), 0.0)
+    dnm = dc_pre / (nt + 1e-4)
+    dnt = -dc_pre * (nm + 1e-4) / ((nt + 1e-4) * (nt + 1e-4))
+    dm += tl.where(nm > 0, dnm / tl.where(nm > 0, nm, 1.0), 0.0) * m
+    dt0 += tl.where(nt > 0, dnt / tl.where(nt > 0, nt, 1.0), 0.0) * t0
+    dt0 = tl.where(valid, dt0, 0.0)
+    # 7
+    dsg = dt0 * fz
+    dfz = dt0 * sg
+    # 6
+    dhm += 3.0 * fz * (dfz - tl.sum(fz * dfz, axis=1)[:, None])
+    dp = tl.where(valid, dhm * -(tl.log(p + 1e-6) + p / (p + 1e-6)), 0.0)
+    dmc = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+    dm += tl.where(_within(m, -10.0, 10.0), dmc, 0.0)
+    # 5
+    dtay = tl.where(msk | ~valid, 0.0, dsg * sg * (1.0 - sg))
+    da_pre = tl.where(_within(tay_pre, 0.5, 1.5) & _within(a_pre, -5.0, 5.0), 2.5 * dtay, 0.0)
+    # 4
+    tl.store(DB2 + b, _sum2(da_pre))
+    da0 = tl.zeros((BQ, BK), dtype=tl.float32)
+    for j in range(HID):
+        w1j = tl.load(W1 + j).to(tl.float32)
+        z = a0 * w1j + tl.load(B1 + j).to(tl.float32)
+        zc = _clamp(z, -5.0, 5.0)
+        tl.store(DW2 + b * HID + j, _sum2(da_pre * tl.where(zc < 0.0, 0.0, zc)))
+        dz = tl.where((zc > 0.0) & _within(z, -5.0, 5.0), da_pre * tl.load(W2 + j).to(tl.float32), 0.0)
+        tl.store(DW1 + b * HID + j, _sum2(dz * a0))
+        tl.store(DB1 + b * HID + j, _sum2(dz))
+        da0 += dz * w1j
+    tl.store(DTAU + b, dtau)
+    # 3
+    dm += tl.where(_within(m, -8.0, 8.0), da0 * e, 0.0)
+    dm_h = dm / H
+
+    # 2-1. onto each head's raw scores
+    d_ptrs = DS + b * sd_b + offs_q[:, None] * sd_q + offs_k[None, :]
+    for h in range(H):
+        x = tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32)
+        s_h = _clean(x)
+        y = f + 0.2 * (s_h - m)
+        probs = _softmax_rows(_clamp(y, -15.0, 15.0), off)
+        dprobs = tl.load(g_ptrs + h * sg_h, mask=valid, other=0.0).to(tl.float32)
+        d_out = probs * (dprobs - tl.sum(probs * dprobs, axis=1)[:, None])
+        ds = 0.2 * tl.where(_within(y, -15.0, 15.0), d_out, 0.0) + dm_h
+        passes = (x == x) & _within(x, -15.0, 15.0)  # finite and not clamped
+        tl.store(d_ptrs + h * sd_h, tl.where(passes, ds, 0.0).to(DS.dtype.element_ty), mask=valid)

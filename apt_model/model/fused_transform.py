@@ -1,0 +1,225 @@
+"""Which implementation runs the autopoietic transform, and the fused one as a torch custom op.
+
+``torch``: :func:`apt_model.model.autopoietic.autopoietic_transform` and the masked softmax as ordinary torch ops
+(any device; compiled by inductor under ``torch.compile``). ``triton``: one Triton kernel per call for the forward and
+one for the backward (:mod:`apt_model.model._transform_triton`), registered as the custom op
+``apt::autopoietic_probs`` so that ``torch.compile`` keeps it whole and eager DeepSpeed runs issue two launches per
+transform instead of a few hundred. ``auto`` (the default) takes Triton for CUDA tensors when it is installed and the
+``[Lq, Lk]`` tile fits, and torch otherwise.
+
+Triton is imported on the first fused call only, so ``import apt_model`` stays light.
+"""
+
+# No ``from __future__ import annotations`` here: torch.library reads the custom op's schema from real annotations.
+import importlib.util
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "KERNELS",
+    "MAX_TILE",
+    "fits_fused",
+    "fused_autopoietic_probs",
+    "set_transform_kernel",
+    "transform_kernel",
+    "triton_available",
+    "uses_fused",
+]
+
+KERNELS = ("auto", "triton", "torch")
+# Largest padded [Lq, Lk] tile one program keeps in registers; beyond it registers spill and torch is used instead.
+MAX_TILE = 128 * 128
+
+# Warps per program; None: by tile size (8 for 64 x 64). bench/transform.py sweeps it.
+NUM_WARPS: int | None = None
+
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_kernel = "auto"
+
+
+def set_transform_kernel(name: str) -> None:
+    """Choose the implementation for this process: ``auto``, ``triton`` or ``torch``."""
+    global _kernel
+    if name not in KERNELS:
+        raise ValueError(f"transform kernel must be one of {', '.join(KERNELS)}, got {name!r}")
+    if name == "triton" and not triton_available():
+        raise ValueError("transform kernel 'triton' needs Triton and a CUDA device; use 'auto' or 'torch'")
+    _kernel = name
+
+
+def transform_kernel() -> str:
+    return _kernel
+
+
+def triton_available() -> bool:
+    return _TRITON_INSTALLED and torch.cuda.is_available()
+
+
+def _tile(lq: int, lk: int) -> tuple[int, int]:
+    return max(16, triton_next_pow2(lq)), max(16, triton_next_pow2(lk))
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def fits_fused(lq: int, lk: int, dtype: torch.dtype) -> bool:
+    """Whether the kernels take ``[.., Lq, Lk]`` scores of this dtype (tile within the register budget)."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    bq, bk = _tile(lq, lk)
+    return bq * bk <= MAX_TILE
+
+
+def uses_fused(scores: Tensor) -> bool:
+    """Whether :func:`apt_model.model.autopoietic.autopoietic_probs` takes the fused kernel for these scores."""
+    if _kernel == "torch" or not _TRITON_INSTALLED or not scores.is_cuda:
+        return False
+    return fits_fused(scores.shape[-2], scores.shape[-1], scores.dtype)
+
+
+def _launch_args(scores: Tensor, masked: Tensor | None, eps: float) -> tuple[list, dict]:
+    batch, _, lq, lk = scores.shape
+    n = lq * lk
+    pos25, pos75 = 0.25 * (n - 1), 0.75 * (n - 1)
+    lo25, lo75 = math.floor(pos25), math.floor(pos75)
+    bq, bk = _tile(lq, lk)
+    if masked is not None:
+        if masked.dim() != 3 or masked.shape[-1] != lk:
+            raise ValueError(f"masked must be [B or 1, Lq or 1, Lk={lk}], got shape {tuple(masked.shape)}")
+        mask = masked.expand(batch, lq, lk).view(torch.uint8)
+        mask_strides = mask.stride()
+    else:
+        mask, mask_strides = scores, (0, 0, 0)
+    scalars = [
+        min(max(eps, 0.05), 0.8),  # step 3's e
+        float(n),
+        math.log(lk) if lk > 1 else 1.0,
+        1.0 if lk > 1 else 0.0,  # step 10's ratio is 0 when Lk == 1
+        lo25,
+        pos25 - lo25,
+        lo75,
+        pos75 - lo75,
+    ]
+    meta = {
+        "BQ": bq,
+        "BK": bk,
+        "HAS_MASK": masked is not None,
+        "num_warps": NUM_WARPS or min(16, max(4, bq * bk // 512)),
+    }
+    return [mask, mask_strides, scalars], meta
+
+
+def _forward(scores: Tensor, masked: Tensor | None, tau, w1, b1, w2, b2, eps: float) -> Tensor:
+    from apt_model.model import _transform_triton as kernels
+
+    batch, heads, lq, lk = scores.shape
+    (mask, mask_strides, scalars), meta = _launch_args(scores, masked, eps)
+    probs = torch.empty((batch, heads, lq, lk), dtype=scores.dtype, device=scores.device)
+    if batch == 0:
+        return probs
+    with torch.cuda.device(scores.device) if scores.is_cuda else _nullcontext():
+        kernels.autopoietic_fwd_kernel[(batch,)](
+            scores, mask, probs, w1, b1, w2, b2, tau, lq, lk, heads,
+            *scores.stride(), *mask_strides, *probs.stride()[:3],
+            *scalars, HID=w1.shape[0], **meta,
+        )  # fmt: skip
+    return probs
+
+
+def _backward(
+    grad: Tensor, scores: Tensor, masked: Tensor | None, tau, w1, b1, w2, b2, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from apt_model.model import _transform_triton as kernels
+
+    batch, heads, lq, lk = scores.shape
+    hidden = w1.shape[0]
+    (mask, mask_strides, scalars), meta = _launch_args(scores, masked, eps)
+    d_scores = torch.empty((batch, heads, lq, lk), dtype=scores.dtype, device=scores.device)
+    # Per batch element partial sums of the parameter gradients, added up below: deterministic, no atomics.
+    d_w1, d_b1, d_w2 = (
+        torch.zeros((batch, hidden), dtype=torch.float32, device=scores.device) for _ in range(3)
+    )
+    d_tau, d_b2 = (torch.zeros(batch, dtype=torch.float32, device=scores.device) for _ in range(2))
+    if batch > 0:
+        with torch.cuda.device(scores.device) if scores.is_cuda else _nullcontext():
+            kernels.autopoietic_bwd_kernel[(batch,)](
+                scores, mask, grad, d_scores, w1, b1, w2, b2, tau,
+                d_tau, d_w1, d_b1, d_w2, d_b2, lq, lk, heads,
+                *scores.stride(), *mask_strides, *grad.stride(), *d_scores.stride()[:3],
+                *scalars, HID=hidden, **meta,
+            )  # fmt: skip
+    return (
+        d_scores,
+        d_tau.sum().to(tau.dtype).reshape(tau.shape),
+        d_w1.sum(0).to(w1.dtype).reshape(w1.shape),
+        d_b1.sum(0).to(b1.dtype).reshape(b1.shape),
+        d_w2.sum(0).to(w2.dtype).reshape(w2.shape),
+        d_b2.sum().to(b2.dtype).reshape(b2.shape),
+    )
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@torch.library.custom_op("apt::autopoietic_probs", mutates_args=())
+def fused_autopoietic_probs(
+    scores: Tensor,
+    masked: Tensor | None,
+    tau: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    eps: float,
+) -> Tensor:
+    """Steps 1-14 and the masked softmax, fused: probabilities ``[B, H, Lq, Lk]`` in ``scores.dtype``."""
+    return _forward(scores, masked, tau, w1, b1, w2, b2, eps)
+
+
+@fused_autopoietic_probs.register_fake
+def _(scores, masked, tau, w1, b1, w2, b2, eps):
+    return scores.new_empty(scores.shape)
+
+
+@torch.library.custom_op("apt::autopoietic_probs_backward", mutates_args=())
+def fused_autopoietic_probs_backward(
+    grad: Tensor,
+    scores: Tensor,
+    masked: Tensor | None,
+    tau: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _backward(grad, scores, masked, tau, w1, b1, w2, b2, eps)
+
+
+@fused_autopoietic_probs_backward.register_fake
+def _(grad, scores, masked, tau, w1, b1, w2, b2, eps):
+    return tuple(x.new_empty(x.shape) for x in (scores, tau, w1, b1, w2, b2))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    scores, masked, tau, w1, b1, w2, b2, eps = inputs
+    ctx.save_for_backward(scores, masked, tau, w1, b1, w2, b2)
+    ctx.eps = eps
+
+
+def _autograd_backward(ctx, grad):
+    scores, masked, tau, w1, b1, w2, b2 = ctx.saved_tensors
+    grads = torch.ops.apt.autopoietic_probs_backward(grad, scores, masked, tau, w1, b1, w2, b2, ctx.eps)
+    d_scores, d_tau, d_w1, d_b1, d_w2, d_b2 = grads
+    return d_scores, None, d_tau, d_w1, d_b1, d_w2, d_b2, None
+
+
+fused_autopoietic_probs.register_autograd(_autograd_backward, setup_context=_setup_context)

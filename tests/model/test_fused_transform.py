@@ -1,0 +1,211 @@
+"""The fused (Triton) autopoietic transform against the torch one, values and gradients.
+
+On the CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), which executes the same kernel code
+with NumPy; the GPU machine runs the compiled kernels (``tests/training/test_fastpath.py`` and ``bench/``). The
+reference is :func:`apt_model.model.autopoietic._autopoietic_probs` (itself checked against the per-sample loop of
+the spec in ``test_autopoietic.py``) evaluated in float64, and the fused kernel must be as close to it as torch's own
+float32 evaluation is, within a small factor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from apt_model.config import TrainConfig
+from apt_model.errors import ConfigError
+from apt_model.model import autopoietic, fused_transform
+from apt_model.training.loop import resolve_transform_kernel
+
+PARAM_NAMES = ("tau", "w1", "b1", "w2", "b2")
+
+
+@pytest.fixture(scope="module")
+def device() -> torch.device:
+    """Where the kernels run: the GPU when there is one, else Triton's interpreter on the CPU (tests/conftest.py
+    sets ``TRITON_INTERPRET=1`` before Triton is first imported)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU, and Triton's interpreter was not switched on before Triton was imported")
+    return torch.device("cpu")
+
+
+def _case(
+    seed: int,
+    shape: tuple[int, int, int, int],
+    mask: str | None,
+    scale: float,
+    device: torch.device,
+    hidden: int = 16,
+):
+    b, h, lq, lk = shape
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(b, h, lq, lk, generator=g) * scale
+    masked = None
+    if mask == "causal":
+        masked = torch.ones(lq, lk, dtype=torch.bool).triu(1)[None]
+    elif mask == "keys":
+        kp = torch.zeros(b, lk, dtype=torch.bool)
+        kp[0, -2:] = True
+        masked = kp[:, None, :]
+    elif mask == "padding":  # key and query padding: the last element's last query rows are fully masked
+        kp = torch.zeros(b, lk, dtype=torch.bool)
+        kp[0, -2:] = True
+        qp = torch.zeros(b, lq, dtype=torch.bool)
+        qp[-1, -2:] = True
+        masked = kp[:, None, :] | qp[:, :, None]
+    if masked is not None:
+        scores = scores.masked_fill(masked.unsqueeze(1), float("-inf"))
+    torch.manual_seed(seed)
+    mod = autopoietic.AutopoieticTransform(hidden)
+    with torch.no_grad():
+        mod.b1.normal_(0.0, 0.5, generator=g)
+        mod.b2.fill_(0.05 * (seed % 3 - 1))
+        mod.tau.fill_(1.0 + 0.15 * (seed % 5))
+    params = [getattr(mod, n).detach().to(device) for n in PARAM_NAMES]
+    grad_out = torch.randn(b, h, lq, lk, generator=g, dtype=torch.float64).to(device)
+    masked = None if masked is None else masked.to(device)
+    return scores.to(device), masked, params, mod.eps, grad_out
+
+
+def _grads(fn, scores, masked, params, eps, grad_out, dtype):
+    s = scores.detach().to(dtype).clone().requires_grad_(True)
+    ps = [p.to(dtype).clone().requires_grad_(True) for p in params]
+    out = fn(s, masked, *ps, eps)
+    (out.double() * grad_out).sum().backward()
+    return out.detach().double(), [s.grad.double(), *(p.grad.double() for p in ps)]
+
+
+def _torch_probs(s, masked, tau, w1, b1, w2, b2, eps):
+    return autopoietic._autopoietic_probs(s, masked, tau, w1, b1, w2, b2, eps=eps)
+
+
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+
+
+CASES = [
+    (1, (2, 2, 8, 8), None, 0.3),
+    (2, (2, 4, 6, 10), "keys", 3.0),
+    (3, (2, 3, 7, 7), "causal", 1.0),
+    (4, (3, 2, 7, 5), "padding", 1.0),
+    (5, (2, 8, 16, 16), None, 0.05),  # small scores: the element MLP and the gate are in their linear range
+    (6, (2, 2, 9, 12), "padding", 20.0),  # large scores: clamps at +-15 and the fallback-free saturation
+    (7, (1, 2, 5, 1), None, 1.0),  # Lk == 1: the entropy ratio is 0
+    (8, (2, 2, 24, 40), "padding", 1.0),  # tile padding in both directions (32 x 64)
+]
+
+
+@pytest.mark.parametrize(("seed", "shape", "mask", "scale"), CASES)
+def test_fused_transform_matches_the_torch_transform_in_value_and_gradient(
+    device, seed, shape, mask, scale
+) -> None:
+    scores, masked, params, eps, grad_out = _case(seed, shape, mask, scale, device)
+    ref_out, ref_grads = _grads(_torch_probs, scores, masked, params, eps, grad_out, torch.float64)
+    _, t32_grads = _grads(_torch_probs, scores, masked, params, eps, grad_out, torch.float32)
+    out, grads = _grads(
+        fused_transform.fused_autopoietic_probs, scores, masked, params, eps, grad_out, torch.float32
+    )
+    # Probabilities: float32 rounding of values in [0, 1].
+    assert (out - ref_out).abs().max().item() < 1e-6
+    if masked is not None:  # masked entries (and fully masked rows) are exactly zero
+        assert (out.masked_select(masked.unsqueeze(1).expand_as(out)) == 0).all()
+    for name, got, t32, ref in zip(("scores", *PARAM_NAMES), grads, t32_grads, ref_grads, strict=True):
+        # As close to the float64 gradient as torch's float32 evaluation, up to a small factor (the sums run
+        # in another order), and never worse than 2e-5 relative where torch itself is that close.
+        assert _rel_err(got, ref) <= max(10 * _rel_err(t32, ref), 2e-5), name
+    # A test that cannot pass vacuously: the scores get a gradient (except with one key, whose probability is 1).
+    assert (ref_grads[0].abs().max() > 0) == (shape[-1] > 1)
+
+
+def test_fused_transform_in_bfloat16_stays_within_bfloat16_of_float32(device) -> None:
+    scores, masked, params, eps, grad_out = _case(11, (2, 4, 24, 40), "padding", 1.0, device)
+    out32, grads32 = _grads(
+        fused_transform.fused_autopoietic_probs, scores, masked, params, eps, grad_out, torch.float32
+    )
+    s = scores.to(torch.bfloat16).requires_grad_(True)
+    ps = [p.clone().requires_grad_(True) for p in params]  # parameters stay float32, as under autocast
+    out = fused_transform.fused_autopoietic_probs(s, masked, *ps, eps)
+    assert out.dtype == torch.bfloat16
+    (out.double() * grad_out).sum().backward()
+    assert (out.double() - out32).abs().max().item() < 2e-2 * out32.abs().max().item()
+    assert _rel_err(s.grad.double(), grads32[0]) < 5e-2
+    assert _rel_err(ps[0].grad.double(), grads32[1]) < 5e-2  # tau
+
+
+def test_fused_transform_falls_back_to_the_head_mean_like_torch_when_the_mlp_is_not_finite(
+    device,
+) -> None:
+    scores, masked, params, eps, _ = _case(12, (2, 2, 8, 8), "causal", 1.0, device)
+    params[1] = params[1].clone()
+    params[1][0, 0] = float("nan")  # w1: A, and with it most of F, is NaN -> step 12 takes clamp(M)
+    expected = _torch_probs(scores, masked, *params, eps)
+    got = fused_transform.fused_autopoietic_probs(scores, masked, *params, eps)
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_custom_op_registration_passes_torch_opcheck(device) -> None:
+    """Schema, fake (meta) implementation and autograd registration, as torch.compile relies on them."""
+    scores, masked, params, eps, _ = _case(13, (2, 2, 6, 6), "padding", 1.0, device)
+    args = (scores.requires_grad_(True), masked, *(p.requires_grad_(True) for p in params), eps)
+    torch.library.opcheck(fused_transform.fused_autopoietic_probs, args)
+
+
+def test_compiled_graph_keeps_the_fused_op_whole(device) -> None:
+    scores, masked, params, eps, grad_out = _case(14, (2, 2, 6, 6), "causal", 1.0, device)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    def fn(s, *ps):
+        return fused_transform.fused_autopoietic_probs(s, masked, *ps, eps)
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(fn, backend=recording_backend, fullgraph=True)
+        out, grads = _grads(
+            lambda s, _m, *ps: compiled(s, *ps[:-1]), scores, masked, params, eps, grad_out, torch.float32
+        )
+    finally:
+        torch._dynamo.reset()
+    eager_out, eager_grads = _grads(
+        fused_transform.fused_autopoietic_probs, scores, masked, params, eps, grad_out, torch.float32
+    )
+    torch.testing.assert_close(out, eager_out)
+    for got, want in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want)
+    (gm,) = graphs
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.ops.apt.autopoietic_probs.default in targets
+
+
+def test_kernel_choice_is_torch_off_cuda_and_triton_cannot_be_forced_there(monkeypatch) -> None:
+    monkeypatch.setattr(fused_transform, "_kernel", "auto")
+    scores = torch.zeros(1, 1, 4, 4)
+    assert not fused_transform.uses_fused(scores)  # CPU tensors always take the torch ops
+    assert resolve_transform_kernel("auto", torch.device("cpu")) == "torch"
+    assert resolve_transform_kernel("torch", torch.device("cpu")) == "torch"
+    with pytest.raises(ConfigError, match="transform_kernel='triton' needs a CUDA device"):
+        resolve_transform_kernel("triton", torch.device("cpu"))
+    with pytest.raises(ValueError, match="transform kernel must be one of auto, triton, torch"):
+        fused_transform.set_transform_kernel("cuda")
+    with pytest.raises(ConfigError, match="transform_kernel"):
+        TrainConfig(transform_kernel="fast")
+    fused_transform.set_transform_kernel("auto")
+
+
+def test_tiles_beyond_the_register_budget_or_other_dtypes_take_the_torch_ops() -> None:
+    side = math.isqrt(fused_transform.MAX_TILE)
+    assert fused_transform.fits_fused(64, 64, torch.bfloat16)
+    assert fused_transform.fits_fused(side, side, torch.float32)
+    assert fused_transform.fits_fused(5, 1, torch.float16)  # padded up to the 16-wide minimum tile
+    assert not fused_transform.fits_fused(side + 1, side, torch.float32)
+    assert not fused_transform.fits_fused(64, 64, torch.float64)
