@@ -251,6 +251,7 @@ class TrainConfig(_Config):
     eval_every: int = 1
     deterministic: bool = False
     compile: str = "auto"  # auto | on | off  (the fast GPU path)
+    transform_kernel: str = "auto"  # auto | triton | torch  (fused Triton autopoietic transform on CUDA)
     nan_policy: str = "stop"  # stop | skip
     log_every: int = 10
     dbc_dac: DBCDACConfig = field(default_factory=DBCDACConfig)
@@ -282,5 +283,10 @@ class TrainConfig(_Config):
         self._check(self.save_interval >= 1, "save_interval", "must be >= 1")
         self._check(self.eval_every >= 1, "eval_every", "must be >= 1")
         self._check(self.compile in ("auto", "on", "off"), "compile", "must be auto, on or off")
+        self._check(
+            self.transform_kernel in ("auto", "triton", "torch"),
+            "transform_kernel",
+            "must be auto, triton or torch",
+        )
         self._check(self.nan_policy in ("stop", "skip"), "nan_policy", "must be stop or skip")
         self._check(self.log_every >= 1, "log_every", "must be >= 1")

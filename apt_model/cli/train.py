@@ -60,6 +60,7 @@ TRAIN_FLAGS = {
     "log_every": "log_every",
     "nan_policy": "nan_policy",
     "compile": "compile",
+    "transform_kernel": "transform_kernel",
 }
 DATA_FLAGS = {"max_src_len": "max_src_len", "max_tgt_len": "max_tgt_len"}
 
@@ -126,6 +127,12 @@ def register(subparsers: Any) -> None:
     )
     t.add_argument("--nan-policy", choices=("stop", "skip"), default=None)
     t.add_argument("--compile", choices=("auto", "on", "off"), default=None)
+    t.add_argument(
+        "--transform-kernel",
+        choices=("auto", "triton", "torch"),
+        default=None,
+        help="autopoietic transform: fused Triton kernels (auto: on CUDA when Triton is installed) or torch ops",
+    )
     t.add_argument("--deterministic", action="store_true", default=None)
     t.add_argument("--no-dbc-dac", action="store_true", help="switch DBC-DAC gradient stabilisation off")
     t.add_argument("--dbc-dac-every", type=int, default=None, help="apply DBC-DAC every N optimizer steps")

@@ -93,8 +93,23 @@ class Prepared:
     precision: str  # fp32 | bf16 | fp16
     compiled: bool
     pad_mode: str
+    transform_kernel: str  # what runs the autopoietic transform: triton | torch
     resume_state: dict[str, Any] | None = None
     start_epoch: int = 0
+
+
+def resolve_transform_kernel(option: str, device: torch.device) -> str:
+    """Select the autopoietic transform's implementation for this process; returns ``triton`` or ``torch``."""
+    from apt_model.model.fused_transform import set_transform_kernel, triton_available
+
+    fused_possible = device.type == "cuda" and triton_available()
+    if option == "triton" and not fused_possible:
+        raise ConfigError(
+            f"TrainConfig.transform_kernel='triton' needs a CUDA device and Triton (device {device}); "
+            "use auto or torch"
+        )
+    set_transform_kernel(option)
+    return "triton" if option != "torch" and fused_possible else "torch"
 
 
 def resolve_device(option: str | None) -> torch.device:
@@ -190,6 +205,7 @@ def prepare(request: TrainRequest) -> Prepared:
     pad_mode = opts.get("pad") or ("fixed" if compiled else "bucket")
     if pad_mode not in PAD_MODES:
         raise ConfigError(f"option pad must be one of {', '.join(PAD_MODES)} (got {pad_mode!r})")
+    transform_kernel = resolve_transform_kernel(request.train.transform_kernel, device)
 
     resume_state = None
     start_epoch = 0
@@ -262,6 +278,7 @@ def prepare(request: TrainRequest) -> Prepared:
         precision=precision,
         compiled=compiled,
         pad_mode=pad_mode,
+        transform_kernel=transform_kernel,
         resume_state=resume_state,
         start_epoch=start_epoch,
     )
@@ -514,6 +531,7 @@ class _Trainer:
                 "device": str(self.device),
                 "precision": prep.precision,
                 "compiled": prep.compiled,
+                "transform_kernel": prep.transform_kernel,
                 "pad_mode": prep.pad_mode,
                 "steps_per_epoch": self.steps_per_epoch,
                 "n_parameters": sum(p.numel() for p in self.params),

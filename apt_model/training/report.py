@@ -11,7 +11,7 @@ Schema (``schema_version`` 1; keys are always present, values may be ``null`` wh
       "updated_at": "...",                          # last rewrite
       "config": {"model": {...}, "train": {...}, "data": {...}},   # ModelConfig/TrainConfig/DataConfig.to_dict()
       "dataset": {"path": str, "sha256": str, "n_train": int, "n_val": int},
-      "runtime": {"device": "cpu"|"cuda:0"|..., "precision": "fp32"|"bf16"|"fp16", "compiled": bool,
+      "runtime": {"device": "cpu"|"cuda:0"|..., "precision": "fp32"|"bf16"|"fp16", "compiled": bool, "transform_kernel": "triton"|"torch",
                   "pad_mode": "bucket"|"fixed", "steps_per_epoch": int, "n_parameters": int,
                   "resumed_from": [{"path": str, "epoch": int}, ...]},
       "epochs": [                                   # one row per finished epoch, in order
