@@ -1,10 +1,13 @@
-"""Cold compile time of the Playground fast path, with the autopoietic transform traced once per shape or 18 times.
+"""Cold compile time of the Playground fast path: the autopoietic transform inlined 18 times, traced once per shape,
+or the fused Triton kernels (one opaque op, nothing for inductor to generate).
 
 The fast path compiles the loss (model forward with its 18 autopoietic transforms, cross-entropy) and its backward as
 one graph; inductor then generates and compiles code for every inlined copy of the transform. Wrapping the transform
 in ``torch.compiler.nested_compile_region`` asks Dynamo to trace it once per distinct input signature and reuse that
 subgraph at every call site; the library does so since the measurement on an H200 (``inlined`` here runs the
-undecorated function, as before). This script measures what that does to the first step (compilation included), to the
+undecorated function, as before). ``fused`` is the default on CUDA since: the transform is the custom op
+``apt::autopoietic_probs`` (``apt_model.model.fused_transform``), so inductor compiles only the rest of the model;
+the kernels themselves are compiled by Triton on first use (two per distinct tile shape). This script measures what that does to the first step (compilation included), to the
 steady-state step, and to the numbers: each variant runs in its own process with an empty inductor/Triton cache (a
 cold start, as on a fresh machine), same seed, same batches, through the Playground loop's own step (``bench/train_step.py``'s ``build_apt_step``).
 
@@ -31,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from apt_model.io import atomic_write_json  # noqa: E402
 
-VARIANTS = ("inlined", "nested")
+VARIANTS = ("inlined", "nested", "fused")
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
@@ -40,12 +43,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     import apt_model.model.autopoietic as autopoietic
     from apt_model.config import model_preset
+    from apt_model.model.fused_transform import set_transform_kernel
     from apt_model.training.loop import resolve_precision
 
+    # inlined and nested: the transform as torch ops for inductor; fused: the default choice (Triton on CUDA).
+    set_transform_kernel("auto" if args.variant == "fused" else "torch")
     if args.variant == "inlined":
         # The library marks the transform as a nested compile region; the undecorated function is what was inlined
-        # before. The module's forward looks the function up at call time, so rebinding the attribute is enough.
-        autopoietic.autopoietic_probs = autopoietic._autopoietic_probs
+        # before. autopoietic_probs looks the region up at call time, so rebinding the attribute is enough.
+        autopoietic._autopoietic_probs_region = autopoietic._autopoietic_probs
     device = torch.device(args.device)
     torch.manual_seed(0)
     # Without DBC-DAC and dropout: the same numbers in both variants, and only the compiled region differs.
@@ -93,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=5000)
     p.add_argument("--steps", type=int, default=20, help="steps after the first (median of the second half)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="the first is the baseline"
+    )
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # set in the child processes
     args = p.parse_args(argv)
     if args.variant:
@@ -101,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out.parent.is_dir():
         p.error(f"--out: folder {args.out.parent} does not exist")
     results = []
-    for variant in VARIANTS:
+    for variant in args.variants:
         with tempfile.TemporaryDirectory(prefix=f"apt_compile_{variant}_") as cache:
             env = {
                 **os.environ,
@@ -118,21 +127,29 @@ def main(argv: list[str] | None = None) -> int:
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = results[-1]
         print(f"{variant:8s} first step {r['first_step_s']:7.1f} s   step {r['step_ms_median']:8.2f} ms")
-    a, b = results
-    diff = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a["losses"], b["losses"], strict=True))
+    base = results[0]
     report = {
         "bench": "compile_time",
         "args": {k: v for k, v in vars(args).items() if k not in ("out", "variant")},
         "results": results,
-        "first_step_ratio_nested_vs_inlined": b["first_step_s"] / a["first_step_s"],
-        "step_ratio_nested_vs_inlined": b["step_ms_median"] / a["step_ms_median"],
-        "max_relative_loss_difference": diff,
+        "baseline": args.variants[0],
+        "vs_baseline": {
+            r["variant"]: {
+                "first_step_ratio": r["first_step_s"] / base["first_step_s"],
+                "step_ratio": r["step_ms_median"] / base["step_ms_median"],
+                "max_relative_loss_difference": max(
+                    abs(x - y) / max(abs(y), 1e-12) for x, y in zip(r["losses"], base["losses"], strict=True)
+                ),
+            }
+            for r in results[1:]
+        },
     }
     atomic_write_json(args.out, report)
-    print(
-        f"nested / inlined: first step {report['first_step_ratio_nested_vs_inlined']:.2f}x, "
-        f"step {report['step_ratio_nested_vs_inlined']:.2f}x; max relative loss difference {diff:.1e}"
-    )
+    for name, row in report["vs_baseline"].items():
+        print(
+            f"{name} / {args.variants[0]}: first step {row['first_step_ratio']:.2f}x, step {row['step_ratio']:.2f}x; "
+            f"max relative loss difference {row['max_relative_loss_difference']:.1e}"
+        )
     return 0
 
 

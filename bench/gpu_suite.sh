@@ -21,6 +21,10 @@
 #                  per shape (torch.compiler.nested_compile_region), the quality runs' shapes (B=256, 40 + 24 tokens).
 #   PART=dbc-compile — GPU 0, one after another: the DBC-DAC cost breakdown (bench/dbc_dac.py, kernel table), the
 #                  B=256 step with DBC-DAC on and off (the <= 3% line), then the compile-time comparison.
+#   PART=fused — the fused Triton transform (the default on CUDA since): GPU 0 runs its tests and the fast path's
+#                  (stopping there if they fail), the transform alone (bench/transform.py), then the step table at
+#                  B=16 and B=256 (fused vs the torch-op transform, BART, plain attention); GPU 1 (or GPU 0 after)
+#                  the best xl quality recipe (X3) from a cold compile, then compile time nested vs fused.
 #   PART=dbc-graph — GPU 0: the CUDA-only tests of DBC-DAC's CUDA-graph mode and of the fast path, the DBC-DAC
 #                  breakdown with the graphed application, then B=256 with DBC-DAC eager, graphed and off (one process).
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
@@ -193,6 +197,30 @@ if [[ $part == dbc-compile ]]; then
   timeout 260 python3 bench/train_step.py --batch 256 --variants apt-fast apt-fast-nodbc --warmup 8 --steps 20 \
     --repeats 5 --out "$out/train_step_dbc_b256.json" 2>&1 | tee -a "$log"
   timeout 270 python3 bench/compile_time.py --out "$out/compile_time.json" 2>&1 | tee -a "$log"
+fi
+
+if [[ $part == fused ]]; then
+  ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+  second=$(( ngpu > 1 ? 1 : 0 ))
+  x3="--batch-size 256 --gradient-accumulation 1 --warmup-steps 300 --weight-decay 0.1 --embedding-init-std 1.0 --lr 1e-3 --dropout 0"
+  (
+    QUALITY_TIMEOUT=300 run_quality_recipes quality_fused "$second" xl "X3 $x3 --t0 50 --epochs 50"
+    CUDA_VISIBLE_DEVICES=$second timeout 240 python3 bench/compile_time.py --variants nested fused \
+      --out "$out/compile_time_fused.json" 2>&1 | tee -a "$log"
+  ) &
+  side_pid=$!
+  export CUDA_VISIBLE_DEVICES=0
+  if timeout 200 python3 -m pytest -q -p no:cacheprovider tests/model/test_fused_transform.py \
+      tests/training/test_fastpath.py 2>&1 | tail -n 15 | tee -a "$log" | grep -q ' passed' \
+      && ! grep -q ' failed' "$log"; then
+    timeout 120 python3 bench/transform.py --out "$out/transform_fused.json" 2>&1 | tee -a "$log"
+    timeout 330 python3 bench/train_step.py --batch 16 256 --variants apt-fast bart-bf16 plain-fast apt-eager \
+      apt-fast-torch apt-eager-torch --warmup 8 --steps 20 --repeats 5 --out "$out/train_step_fused.json" 2>&1 \
+      | tee -a "$log"
+  else
+    echo "fused tests failed: benchmarks skipped" | tee -a "$log"
+  fi
+  wait "$side_pid"
 fi
 
 if [[ $part == dbc-graph ]]; then

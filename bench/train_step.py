@@ -6,7 +6,10 @@ What one "step" is: forward, backward, gradient clipping, the optimizer step and
 
 Variants (each measured at every batch size):
   apt-eager           autopoietic on, eager PyTorch, bf16 autocast
-  apt-fast            autopoietic on, the Playground fast path (torch.compile + CUDA graphs, fused AdamW, bf16)
+  apt-fast            autopoietic on, the Playground fast path (torch.compile + CUDA graphs, fused AdamW, bf16); the
+                      transform is the default kernel choice (on CUDA with Triton: the fused Triton kernels)
+  apt-fast-torch      as apt-fast with the transform as torch ops compiled by inductor (--transform-kernel torch)
+  apt-eager-torch     as apt-eager with the transform as eager torch ops
   apt-fast-nographs   as apt-fast without CUDA graphs (torch.compile fusion only)
   apt-fast-nodbc      as apt-fast with DBC-DAC off (the DBC-DAC cost is apt-fast vs this)
   apt-fast-dbcgraph   as apt-fast with each DBC-DAC application replayed from a CUDA graph (DBCDAC(cuda_graph=True))
@@ -45,7 +48,9 @@ from apt_model.config import DBCDACConfig, TrainConfig, model_preset
 
 VARIANTS = (
     "apt-eager",
+    "apt-eager-torch",
     "apt-fast",
+    "apt-fast-torch",
     "apt-fast-nographs",
     "apt-fast-nodbc",
     "apt-fast-dbcgraph",
@@ -117,7 +122,9 @@ def build_apt_step(
         device=device,
         precision=resolve_precision("auto", device),
         pad_id=0,
-        compiled=(variant != "apt-eager" and device.type == "cuda") if compiled is None else compiled,
+        compiled=(not variant.startswith("apt-eager") and device.type == "cuda")
+        if compiled is None
+        else compiled,
         cuda_graphs=graphs,
         dbc=dbc,
     )
@@ -235,6 +242,7 @@ def profile_steps(step_fn, batch: dict, device: torch.device, out_dir: Path, tag
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from apt_model.model import DBCDAC
+    from apt_model.model.fused_transform import set_transform_kernel
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -251,6 +259,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            # Read while the step is traced (compiled variants) or at every call (eager): set for build and timing.
+            set_transform_kernel("torch" if variant.endswith("-torch") else "auto")
             if variant == "bart-bf16":
                 step_fn, n_params = build_bart_step(device, args.vocab, max_len)
             elif variant in ("apt-fast-nodbc", "apt-fast-dbcgraph") and fast_step is not None:
@@ -291,6 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             del step_fn
         del fast_step
+    set_transform_kernel("auto")
     return _summary(args, device, results)
 
 
@@ -332,6 +343,12 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
             )
         if (b, "apt-fast") in by and (b, "apt-eager") in by:
             row["fast/eager"] = by[(b, "apt-eager")]["ms_per_step"] / by[(b, "apt-fast")]["ms_per_step"]
+        # Speed-up of the default kernel choice (fused Triton on CUDA) over the torch-op transform.
+        for kind in ("fast", "eager"):
+            if (b, f"apt-{kind}") in by and (b, f"apt-{kind}-torch") in by:
+                row[f"{kind}: torch-transform ms / default ms"] = (
+                    by[(b, f"apt-{kind}-torch")]["ms_per_step"] / by[(b, f"apt-{kind}")]["ms_per_step"]
+                )
         out[str(b)] = row
     return out
 

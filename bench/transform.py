@@ -2,7 +2,8 @@
 
 Measures `apt_model.model.autopoietic.autopoietic_probs` on scores `[B, 8, 64, 64]` (the Playground shape, causal
 mask) against the same transform whose step-4 MLP is a matmul over the hidden dim (the formulation the library
-used before; kept here only as the comparison). Also times the plain softmax of the same scores, the floor any
+used before; kept here only as the comparison), and the fused Triton kernels (`apt_model.model.fused_transform`,
+the default on CUDA) at 4, 8 and 16 warps per program. Also times the plain softmax of the same scores, the floor any
 attention pays. CUDA events, warm-up excluded, median of repeats.
 
 Usage: python bench/transform.py --out bench/results/transform.json
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from apt_model.model import autopoietic
+from apt_model.model import autopoietic, fused_transform
 from apt_model.model.attention import causal_mask
 
 
@@ -33,6 +34,10 @@ def _matmul_element_mlp(a0, w1, b1, w2):
 
 def _softmax_only(scores, masked, tau, w1, b1, w2, b2, *, eps):
     return autopoietic.masked_softmax(scores, masked).to(scores.dtype)
+
+
+def _fused(scores, masked, tau, w1, b1, w2, b2, *, eps):
+    return fused_transform.fused_autopoietic_probs(scores, masked, tau, w1, b1, w2, b2, eps)
 
 
 def time_fn(fn, args: tuple, device: torch.device, warmup: int, iters: int, repeats: int) -> float:
@@ -72,12 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     mod = autopoietic.AutopoieticTransform(args.hidden).to(device)
     weights = (mod.tau, mod.w1, mod.b1, mod.w2, mod.b2)
     library_mlp = autopoietic.element_mlp
-    variants = {  # name: (function, step-4 implementation in place while it is traced and timed)
+    # name: (function, step-4 implementation in place while it is traced and timed, warps of the fused kernels)
+    variants = {
         # The undecorated transform: one call compiles the same with or without the nested-region marker, and
         # the published figures were taken without it.
-        "library (sum over h)": (autopoietic._autopoietic_probs, library_mlp),
-        "matmul over h": (autopoietic._autopoietic_probs, _matmul_element_mlp),
-        "softmax only": (_softmax_only, library_mlp),
+        "library (sum over h)": (autopoietic._autopoietic_probs, library_mlp, None),
+        "matmul over h": (autopoietic._autopoietic_probs, _matmul_element_mlp, None),
+        "softmax only": (_softmax_only, library_mlp, None),
+        "fused Triton, 4 warps": (_fused, library_mlp, 4),
+        "fused Triton, 8 warps": (_fused, library_mlp, 8),
+        "fused Triton, 16 warps": (_fused, library_mlp, 16),
     }
     results: list[dict[str, Any]] = []
     for b in args.batch:
@@ -85,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         scores = torch.randn(b, 8, 64, 64, device=device, generator=g, dtype=torch.bfloat16) * 3
         masked = causal_mask(64, 64, device).unsqueeze(0)
         scores = scores.masked_fill(masked.unsqueeze(1), float("-inf")).requires_grad_(True)
-        for name, (fn, mlp) in variants.items():
-            compiled = torch.compile(fn, dynamic=False)
+        for name, (fn, mlp, warps) in variants.items():
+            # The fused kernels are one launch each way already: nothing for inductor to fuse.
+            compiled = fn if fn is _fused else torch.compile(fn, dynamic=False)
+            fused_transform.NUM_WARPS = warps
             autopoietic.element_mlp = mlp
             try:
                 ms = time_fn(
@@ -94,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             finally:
                 autopoietic.element_mlp = library_mlp
+                fused_transform.NUM_WARPS = None
             results.append({"batch": b, "variant": name, "ms_fwd_bwd": ms})
             print(f"B={b:<4} {name:<22} {ms:7.3f} ms fwd+bwd", flush=True)
             torch._dynamo.reset()
