@@ -105,7 +105,12 @@ def test_bad_arguments_exit_2_with_one_line_and_touch_nothing(trained, tmp_path,
         ([*base, "--config", str(dataset)], "unknown section"),
         ([*base, "--max-src-len", "4096"], "exceeds ModelConfig.max_len"),
         ([*base, "--embedding-init-std", "-1"], "ModelConfig.embedding_init_std: must be positive"),
+        ([*base, "--transform-kernel", "fused"], "invalid choice"),
     ]
+    if not torch.cuda.is_available():
+        cases.append(
+            ([*base, "--transform-kernel", "triton"], "transform_kernel='triton' needs a CUDA device")
+        )
     for argv, message in cases:
         try:
             code = main(argv)
