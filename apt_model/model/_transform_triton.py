@@ -67,18 +67,37 @@ def _sort_key(x):
 
 
 @triton.jit
-def _order_pair(key, x, valid, k):
-    """The k-th and (k+1)-th smallest valid entries (0-based): their keys and values."""
+def _order_pairs(key, x, valid, k1, k2):
+    """The k-th and (k+1)-th smallest valid entries (0-based), for k = k1 and k = k2: their keys and values.
+
+    Both searches run in one loop of 32 halvings (the int32 range), and each halving counts for both with one
+    reduction: the two counts (each at most the tile size, < 2^15) packed in one int32.
+    """
     big = 2147483647
-    lo = tl.min(tl.min(tl.where(valid, key, big), axis=1), axis=0).to(tl.int64)
-    hi = tl.max(tl.max(tl.where(valid, key, -big - 1), axis=1), axis=0).to(tl.int64)
-    # Smallest K with count(key <= K) >= k + 1; 32 halvings cover the int32 range.
+    lo1 = tl.min(tl.min(tl.where(valid, key, big), axis=1), axis=0).to(tl.int64)
+    hi1 = tl.max(tl.max(tl.where(valid, key, -big - 1), axis=1), axis=0).to(tl.int64)
+    lo2 = lo1
+    hi2 = hi1
+    # Smallest K with count(key <= K) >= k + 1.
     for _ in range(32):
-        mid = (lo + hi) >> 1
-        enough = _sum2((valid & (key <= mid)).to(tl.int32)) >= k + 1
-        hi = tl.where(enough, mid, hi)
-        lo = tl.where(enough, lo, mid + 1)
-    k_lo = lo
+        mid1 = (lo1 + hi1) >> 1
+        mid2 = (lo2 + hi2) >> 1
+        packed = _sum2(tl.where(valid & (key <= mid1), 1, 0) + tl.where(valid & (key <= mid2), 65536, 0))
+        enough1 = (packed & 65535) >= k1 + 1
+        enough2 = (packed >> 16) >= k2 + 1
+        hi1 = tl.where(enough1, mid1, hi1)
+        lo1 = tl.where(enough1, lo1, mid1 + 1)
+        hi2 = tl.where(enough2, mid2, hi2)
+        lo2 = tl.where(enough2, lo2, mid2 + 1)
+    k1_lo, v1_lo, k1_hi, v1_hi = _next_order(key, x, valid, lo1, k1)
+    k2_lo, v2_lo, k2_hi, v2_hi = _next_order(key, x, valid, lo2, k2)
+    return k1_lo, v1_lo, k1_hi, v1_hi, k2_lo, v2_lo, k2_hi, v2_hi
+
+
+@triton.jit
+def _next_order(key, x, valid, k_lo, k):
+    """Given the key ``k_lo`` of the k-th smallest entry: its value, and the key and value of the (k+1)-th."""
+    big = 2147483647
     at_or_below = valid & (key <= k_lo)
     v_lo = tl.max(tl.max(tl.where(at_or_below, x, float("-inf")), axis=1), axis=0)
     tied_next = _sum2(at_or_below.to(tl.int32)) >= k + 2
@@ -173,8 +192,7 @@ def _forward_core(
     f1 = tl.where(valid, (1.0 - r) * tp + r * m, 0.0)
     # 11. IQR-adaptive temperature
     key = _sort_key(f1)
-    k25lo, v25lo, k25hi, v25hi = _order_pair(key, f1, valid, lo25)
-    k75lo, v75lo, k75hi, v75hi = _order_pair(key, f1, valid, lo75)
+    k25lo, v25lo, k25hi, v25hi, k75lo, v75lo, k75hi, v75hi = _order_pairs(key, f1, valid, lo25, lo75)
     q25 = tl.where(frac25 > 0, v25lo + frac25 * (v25hi - v25lo), v25lo)
     q75 = tl.where(frac75 > 0, v75lo + frac75 * (v75hi - v75lo), v75lo)
     iqr = q75 - q25
@@ -196,7 +214,27 @@ def _forward_core(
     )  # fmt: skip
 
 
-@triton.jit
+# Lengths, strides and quantile ranks are not specialised on (divisibility by 16, == 1): decoding visits many lengths,
+# and each specialisation would be another compilation; the tile sizes alone select the code.
+@triton.jit(
+    do_not_specialize=[
+        "Lq",
+        "Lk",
+        "H",
+        "ss_b",
+        "ss_h",
+        "ss_q",
+        "ss_k",
+        "sm_b",
+        "sm_q",
+        "sm_k",
+        "sp_b",
+        "sp_h",
+        "sp_q",
+        "lo25",
+        "lo75",
+    ]
+)
 def autopoietic_fwd_kernel(
     S, MSK, P, W1, B1, W2, B2, TAU, Lq, Lk, H,
     ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, sp_b, sp_h, sp_q,
@@ -224,7 +262,29 @@ def autopoietic_fwd_kernel(
         tl.store(p_ptrs + h * sp_h, probs.to(P.dtype.element_ty), mask=valid)
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=[
+        "Lq",
+        "Lk",
+        "H",
+        "ss_b",
+        "ss_h",
+        "ss_q",
+        "ss_k",
+        "sm_b",
+        "sm_q",
+        "sm_k",
+        "sg_b",
+        "sg_h",
+        "sg_q",
+        "sg_k",
+        "sd_b",
+        "sd_h",
+        "sd_q",
+        "lo25",
+        "lo75",
+    ]
+)
 def autopoietic_bwd_kernel(
     S, MSK, DP, DS, W1, B1, W2, B2, TAU, DTAU, DW1, DB1, DW2, DB2, Lq, Lk, H,
     ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, sg_b, sg_h, sg_q, sg_k, sd_b, sd_h, sd_q,
@@ -326,10 +386,12 @@ def autopoietic_bwd_kernel(
         w1j = tl.load(W1 + j).to(tl.float32)
         z = a0 * w1j + tl.load(B1 + j).to(tl.float32)
         zc = _clamp(z, -5.0, 5.0)
-        tl.store(DW2 + b * HID + j, _sum2(da_pre * tl.where(zc < 0.0, 0.0, zc)))
+        # Row sums only (within a warp, no block-wide barrier); the host adds the rows and the batch.
+        row = (b * HID + j) * BQ + offs_q
+        tl.store(DW2 + row, tl.sum(da_pre * tl.where(zc < 0.0, 0.0, zc), axis=1))
         dz = tl.where((zc > 0.0) & _within(z, -5.0, 5.0), da_pre * tl.load(W2 + j).to(tl.float32), 0.0)
-        tl.store(DW1 + b * HID + j, _sum2(dz * a0))
-        tl.store(DB1 + b * HID + j, _sum2(dz))
+        tl.store(DW1 + row, tl.sum(dz * a0, axis=1))
+        tl.store(DB1 + row, tl.sum(dz, axis=1))
         da0 += dz * w1j
     tl.store(DTAU + b, dtau)
     # 3

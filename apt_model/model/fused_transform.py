@@ -138,9 +138,11 @@ def _backward(
     hidden = w1.shape[0]
     (mask, mask_strides, scalars), meta = _launch_args(scores, masked, eps)
     d_scores = torch.empty((batch, heads, lq, lk), dtype=scores.dtype, device=scores.device)
-    # Per batch element partial sums of the parameter gradients, added up below: deterministic, no atomics.
+    bq = meta["BQ"]
+    # Partial sums of the parameter gradients, per batch element (and for the MLP per row of the tile), added up
+    # below: deterministic, no atomics.
     d_w1, d_b1, d_w2 = (
-        torch.zeros((batch, hidden), dtype=torch.float32, device=scores.device) for _ in range(3)
+        torch.zeros((batch, hidden, bq), dtype=torch.float32, device=scores.device) for _ in range(3)
     )
     d_tau, d_b2 = (torch.zeros(batch, dtype=torch.float32, device=scores.device) for _ in range(2))
     if batch > 0:
@@ -154,9 +156,9 @@ def _backward(
     return (
         d_scores,
         d_tau.sum().to(tau.dtype).reshape(tau.shape),
-        d_w1.sum(0).to(w1.dtype).reshape(w1.shape),
-        d_b1.sum(0).to(b1.dtype).reshape(b1.shape),
-        d_w2.sum(0).to(w2.dtype).reshape(w2.shape),
+        d_w1.sum((0, 2)).to(w1.dtype).reshape(w1.shape),
+        d_b1.sum((0, 2)).to(b1.dtype).reshape(b1.shape),
+        d_w2.sum((0, 2)).to(w2.dtype).reshape(w2.shape),
         d_b2.sum().to(b2.dtype).reshape(b2.shape),
     )
 
