@@ -25,6 +25,10 @@
 #                  (stopping there if they fail), the transform alone (bench/transform.py), then the step table at
 #                  B=16 and B=256 (fused vs the torch-op transform, BART, plain attention); GPU 1 (or GPU 0 after)
 #                  the best xl quality recipe (X3) from a cold compile, then compile time nested vs fused.
+#   PART=fused2 — GPU 0 alone, one thing at a time (no run beside the timings): the fused transform's and the fast
+#                  path's tests, the transform alone with its GPU kernel time, the step table at B=256 and B=16 (APT
+#                  fast path, BART, plain attention), then at B=256 the torch-op transform compiled and eager, and eager
+#                  with the fused kernels.
 #   PART=dbc-graph — GPU 0: the CUDA-only tests of DBC-DAC's CUDA-graph mode and of the fast path, the DBC-DAC
 #                  breakdown with the graphed application, then B=256 with DBC-DAC eager, graphed and off (one process).
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
@@ -221,6 +225,21 @@ if [[ $part == fused ]]; then
     echo "fused tests failed: benchmarks skipped" | tee -a "$log"
   fi
   wait "$side_pid"
+fi
+
+if [[ $part == fused2 ]]; then
+  export CUDA_VISIBLE_DEVICES=0
+  if timeout 170 python3 -m pytest -q -p no:cacheprovider tests/model/test_fused_transform.py \
+      tests/training/test_fastpath.py 2>&1 | tail -n 15 | tee -a "$log" | grep -q ' passed' \
+      && ! grep -q ' failed' "$log"; then
+    timeout 90 python3 bench/transform.py --out "$out/transform_fused2.json" 2>&1 | tee -a "$log"
+    timeout 200 python3 bench/train_step.py --batch 256 16 --variants apt-fast bart-bf16 plain-fast --warmup 8 \
+      --steps 20 --repeats 5 --out "$out/train_step_fused2.json" 2>&1 | tee -a "$log"
+    timeout 150 python3 bench/train_step.py --batch 256 --variants apt-fast-torch apt-eager apt-eager-torch \
+      --warmup 3 --steps 10 --repeats 3 --out "$out/train_step_fused2_torch.json" 2>&1 | tee -a "$log"
+  else
+    echo "fused tests failed: benchmarks skipped" | tee -a "$log"
+  fi
 fi
 
 if [[ $part == dbc-graph ]]; then

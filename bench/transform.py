@@ -64,6 +64,33 @@ def time_fn(fn, args: tuple, device: torch.device, warmup: int, iters: int, repe
     return statistics.median(windows)
 
 
+def gpu_time(fn, args: tuple, device: torch.device, iters: int) -> dict[str, float]:
+    """Kernel time on the GPU per forward + backward (torch.profiler), all kernels and the fused ones by name.
+
+    Wall time (``time_fn``) can be the host's: an eager call issues its launches from Python. This is the GPU's own.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    params = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            out = fn(*args, eps=1e-6)
+            out.float().square().sum().backward()
+            for p in params:
+                p.grad = None
+        torch.cuda.synchronize(device)
+    per_call = {"all kernels": 0.0}
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", 0.0)
+        if us <= 0:
+            continue
+        per_call["all kernels"] += us / 1000 / iters
+        if "autopoietic" in evt.key:
+            per_call[evt.key] = us / 1000 / iters
+    return per_call
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, nargs="+", default=[16, 256])
@@ -103,11 +130,16 @@ def main(argv: list[str] | None = None) -> int:
                 ms = time_fn(
                     compiled, (scores, masked, *weights), device, args.warmup, args.iters, args.repeats
                 )
+                gpu = gpu_time(compiled, (scores, masked, *weights), device, args.iters)
             finally:
                 autopoietic.element_mlp = library_mlp
                 fused_transform.NUM_WARPS = None
-            results.append({"batch": b, "variant": name, "ms_fwd_bwd": ms})
-            print(f"B={b:<4} {name:<22} {ms:7.3f} ms fwd+bwd", flush=True)
+            results.append({"batch": b, "variant": name, "ms_fwd_bwd": ms, "gpu_ms": gpu})
+            kernels = "  ".join(f"{k} {v:.3f}" for k, v in gpu.items() if k != "all kernels")
+            print(
+                f"B={b:<4} {name:<22} {ms:7.3f} ms fwd+bwd (wall)  GPU {gpu['all kernels']:7.3f} ms  {kernels}",
+                flush=True,
+            )
             torch._dynamo.reset()
     report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "results": results}
     if args.out:
