@@ -29,6 +29,8 @@
 #                  path's tests, the transform alone with its GPU kernel time, the step table at B=256 and B=16 (APT
 #                  fast path, BART, plain attention), then at B=256 the torch-op transform compiled and eager, and eager
 #                  with the fused kernels.
+#   PART=quality-fused — GPU 0 alone: the best xl recipe (X3) from a cold compile with the fused transform, the
+#                  user path's wall time with nothing else on the card.
 #   PART=dbc-graph — GPU 0: the CUDA-only tests of DBC-DAC's CUDA-graph mode and of the fast path, the DBC-DAC
 #                  breakdown with the graphed application, then B=256 with DBC-DAC eager, graphed and off (one process).
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
@@ -240,6 +242,11 @@ if [[ $part == fused2 ]]; then
   else
     echo "fused tests failed: benchmarks skipped" | tee -a "$log"
   fi
+fi
+
+if [[ $part == quality-fused ]]; then
+  x3="--batch-size 256 --gradient-accumulation 1 --warmup-steps 300 --weight-decay 0.1 --embedding-init-std 1.0 --lr 1e-3 --dropout 0"
+  run_quality_recipes quality_fused_alone 0 xl "X3 $x3 --t0 50 --epochs 50"
 fi
 
 if [[ $part == dbc-graph ]]; then
