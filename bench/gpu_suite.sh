@@ -29,6 +29,9 @@
 #                  path's tests, the transform alone with its GPU kernel time, the step table at B=256 and B=16 (APT
 #                  fast path, BART, plain attention), then at B=256 the torch-op transform compiled and eager, and eager
 #                  with the fused kernels.
+#   PART=fused3 — GPU 0 alone, after the backward kernel's rework (quantile keys saved by the forward, the MLP's
+#                  parameter gradients in a parallel kernel): the fused tests, the transform alone with GPU kernel
+#                  times, then the step at B=256 and B=16: fused vs torch-op transform, and BART.
 #   PART=quality-fused — GPU 0 alone: the best xl recipe (X3) from a cold compile with the fused transform, the
 #                  user path's wall time with nothing else on the card.
 #   PART=dbc-graph — GPU 0: the CUDA-only tests of DBC-DAC's CUDA-graph mode and of the fast path, the DBC-DAC
@@ -239,6 +242,18 @@ if [[ $part == fused2 ]]; then
       --steps 20 --repeats 5 --out "$out/train_step_fused2.json" 2>&1 | tee -a "$log"
     timeout 150 python3 bench/train_step.py --batch 256 --variants apt-fast-torch apt-eager apt-eager-torch \
       --warmup 3 --steps 10 --repeats 3 --out "$out/train_step_fused2_torch.json" 2>&1 | tee -a "$log"
+  else
+    echo "fused tests failed: benchmarks skipped" | tee -a "$log"
+  fi
+fi
+
+if [[ $part == fused3 ]]; then
+  export CUDA_VISIBLE_DEVICES=0
+  if timeout 90 python3 -m pytest -q -p no:cacheprovider tests/model/test_fused_transform.py 2>&1 | tail -n 8 \
+      | tee -a "$log" | grep -q ' passed' && ! grep -q ' failed' "$log"; then
+    timeout 80 python3 bench/transform.py --iters 10 --repeats 3 --out "$out/transform_fused3.json" 2>&1 | tee -a "$log"
+    timeout 330 python3 bench/train_step.py --batch 256 16 --variants apt-fast bart-bf16 apt-fast-torch --warmup 5 \
+      --steps 20 --repeats 3 --out "$out/train_step_fused3.json" 2>&1 | tee -a "$log"
   else
     echo "fused tests failed: benchmarks skipped" | tee -a "$log"
   fi

@@ -95,6 +95,13 @@ def _order_pairs(key, x, valid, k1, k2):
 
 
 @triton.jit
+def _key_value(k):
+    """Inverse of :func:`_sort_key` (the same xor undoes itself: it leaves the sign bit alone)."""
+    bits = k.to(tl.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _next_order(key, x, valid, k_lo, k):
     """Given the key ``k_lo`` of the k-th smallest entry: its value, and the key and value of the (k+1)-th."""
     big = 2147483647
@@ -123,12 +130,18 @@ def _quantile_grad(key, valid, k_lo, k_hi, frac, g):
 
 @triton.jit
 def _forward_core(
-    S, MSK, W1, B1, W2, B2, TAU, b, Lq, Lk, H,
+    S, MSK, KEYS, W1, B1, W2, B2, TAU, b, Lq, Lk, H,
     ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k,
     e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75,
-    HID: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
+    HID: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr, SEARCH: tl.constexpr,
+    NEED_PSI: tl.constexpr,
 ):  # fmt: skip
-    """Steps 1-12 for batch element ``b``: the shared map ``f`` and what the backward needs."""
+    """Steps 1-12 for batch element ``b``: the shared map ``f`` and what the backward needs.
+
+    ``SEARCH``: find the quantiles' order statistics and store their keys in ``KEYS[b]`` (forward); otherwise load
+    them from there (backward: the same F, so the same entries). ``NEED_PSI``: also ``psi = dA/dA0 / 1``, the MLP's
+    derivative at each entry, ``sum_j w2_j w1_j [unit j passes]``.
+    """
     offs_q = tl.arange(0, BQ)
     offs_k = tl.arange(0, BK)
     valid = (offs_q[:, None] < Lq) & (offs_k[None, :] < Lk)
@@ -148,9 +161,15 @@ def _forward_core(
     # 3-4. per-element MLP
     a0 = _clamp(_clamp(m, -8.0, 8.0) * e, -10.0, 10.0)
     mlp = tl.zeros((BQ, BK), dtype=tl.float32)
+    psi = tl.zeros((BQ, BK), dtype=tl.float32)
     for j in range(HID):
-        zc = _clamp(a0 * tl.load(W1 + j).to(tl.float32) + tl.load(B1 + j).to(tl.float32), -5.0, 5.0)
-        mlp += tl.load(W2 + j).to(tl.float32) * tl.where(zc < 0.0, 0.0, zc)
+        w1j = tl.load(W1 + j).to(tl.float32)
+        w2j = tl.load(W2 + j).to(tl.float32)
+        z = a0 * w1j + tl.load(B1 + j).to(tl.float32)
+        zc = _clamp(z, -5.0, 5.0)
+        mlp += w2j * tl.where(zc < 0.0, 0.0, zc)
+        if NEED_PSI:  # relu passes where its output is > 0, the clamp on its bounds included
+            psi += tl.where((zc > 0.0) & _within(z, -5.0, 5.0), w2j * w1j, 0.0)
     a_pre = mlp + tl.load(B2).to(tl.float32)
     a = _clamp(a_pre, -5.0, 5.0)
     # 5. gate
@@ -192,7 +211,21 @@ def _forward_core(
     f1 = tl.where(valid, (1.0 - r) * tp + r * m, 0.0)
     # 11. IQR-adaptive temperature
     key = _sort_key(f1)
-    k25lo, v25lo, k25hi, v25hi, k75lo, v75lo, k75hi, v75hi = _order_pairs(key, f1, valid, lo25, lo75)
+    if SEARCH:
+        k25lo, v25lo, k25hi, v25hi, k75lo, v75lo, k75hi, v75hi = _order_pairs(key, f1, valid, lo25, lo75)
+        tl.store(KEYS + b * 4, k25lo.to(tl.int32))
+        tl.store(KEYS + b * 4 + 1, k25hi.to(tl.int32))
+        tl.store(KEYS + b * 4 + 2, k75lo.to(tl.int32))
+        tl.store(KEYS + b * 4 + 3, k75hi.to(tl.int32))
+    else:
+        k25lo = tl.load(KEYS + b * 4).to(tl.int64)
+        k25hi = tl.load(KEYS + b * 4 + 1).to(tl.int64)
+        k75lo = tl.load(KEYS + b * 4 + 2).to(tl.int64)
+        k75hi = tl.load(KEYS + b * 4 + 3).to(tl.int64)
+        v25lo = _key_value(k25lo)
+        v25hi = _key_value(k25hi)
+        v75lo = _key_value(k75lo)
+        v75hi = _key_value(k75hi)
     q25 = tl.where(frac25 > 0, v25lo + frac25 * (v25hi - v25lo), v25lo)
     q75 = tl.where(frac75 > 0, v75lo + frac75 * (v75hi - v75lo), v75lo)
     iqr = q75 - q25
@@ -208,8 +241,8 @@ def _forward_core(
     bad = (_sum2(tl.where(valid & ~finite, 1.0, 0.0)) / n_f) > 0.2
     f = tl.where(bad, _clamp(m, -10.0, 10.0), _clamp(tl.where(f2 != f2, 0.0, f2), -10.0, 10.0))
     return (
-        valid, msk, m, a0, a_pre, tay_pre, sg, p, fz, t0, nm, nt, c_pre, c, t, tm, tc, mc, tv_pre, ov_pre, tv, ov,
-        g_pre, g, r_pre, big_r, mix_pre, mix, kappa, tp, ratio_pre, r, f1, key, k25lo, k25hi, k75lo, k75hi,
+        valid, msk, m, a0, a_pre, psi, tay_pre, sg, p, fz, t0, nm, nt, c_pre, c, t, tm, tc, mc, tv_pre, ov_pre, tv,
+        ov, g_pre, g, r_pre, big_r, mix_pre, mix, kappa, tp, ratio_pre, r, f1, key, k25lo, k25hi, k75lo, k75hi,
         iqr, iqc, tau_raw, tau0, temp_pre, temp, f2_pre, f2, finite, bad, f,
     )  # fmt: skip
 
@@ -236,19 +269,19 @@ def _forward_core(
     ]
 )
 def autopoietic_fwd_kernel(
-    S, MSK, P, W1, B1, W2, B2, TAU, Lq, Lk, H,
+    S, MSK, P, KEYS, W1, B1, W2, B2, TAU, Lq, Lk, H,
     ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, sp_b, sp_h, sp_q,
     e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75,
     HID: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     (
-        valid, msk, m, _a0, _a_pre, _tay_pre, _sg, _p, _fz, _t0, _nm, _nt, _c_pre, _c, _t, _tm, _tc, _mc, _tv_pre,
-        _ov_pre, _tv, _ov, _g_pre, _g, _r_pre, _big_r, _mix_pre, _mix, _kappa, _tp, _ratio_pre, _r, _f1, _key,
+        valid, msk, m, _a0, _a_pre, _psi, _tay_pre, _sg, _p, _fz, _t0, _nm, _nt, _c_pre, _c, _t, _tm, _tc, _mc,
+        _tv_pre, _ov_pre, _tv, _ov, _g_pre, _g, _r_pre, _big_r, _mix_pre, _mix, _kappa, _tp, _ratio_pre, _r, _f1, _key,
         _k25lo, _k25hi, _k75lo, _k75hi, _iqr, _iqc, _tau_raw, _tau0, _temp_pre, _temp, _f2_pre, _f2, _finite, _bad, f,
     ) = _forward_core(
-        S, MSK, W1, B1, W2, B2, TAU, b, Lq, Lk, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k,
-        e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75, HID, BQ, BK, HAS_MASK,
+        S, MSK, KEYS, W1, B1, W2, B2, TAU, b, Lq, Lk, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k,
+        e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75, HID, BQ, BK, HAS_MASK, True, False,
     )  # fmt: skip
     offs_q = tl.arange(0, BQ)
     offs_k = tl.arange(0, BK)
@@ -286,19 +319,19 @@ def autopoietic_fwd_kernel(
     ]
 )
 def autopoietic_bwd_kernel(
-    S, MSK, DP, DS, W1, B1, W2, B2, TAU, DTAU, DW1, DB1, DW2, DB2, Lq, Lk, H,
+    S, MSK, KEYS, DP, DS, A0, DA, W1, B1, W2, B2, TAU, DTAU, DB2, Lq, Lk, H,
     ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, sg_b, sg_h, sg_q, sg_k, sd_b, sd_h, sd_q,
     e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75,
     HID: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     (
-        valid, msk, m, a0, a_pre, tay_pre, sg, p, fz, t0, nm, nt, c_pre, c, _t, _tm, tc, mc, tv_pre, ov_pre, tv, ov,
-        g_pre, g, r_pre, big_r, mix_pre, mix, kappa, tp, ratio_pre, r, f1, key, k25lo, k25hi, k75lo, k75hi,
+        valid, msk, m, a0, a_pre, psi, tay_pre, sg, p, fz, t0, nm, nt, c_pre, c, _t, _tm, tc, mc, tv_pre, ov_pre, tv,
+        ov, g_pre, g, r_pre, big_r, mix_pre, mix, kappa, tp, ratio_pre, r, f1, key, k25lo, k25hi, k75lo, k75hi,
         iqr, iqc, tau_raw, tau0, temp_pre, temp, f2_pre, f2, finite, bad, f,
     ) = _forward_core(
-        S, MSK, W1, B1, W2, B2, TAU, b, Lq, Lk, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k,
-        e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75, HID, BQ, BK, HAS_MASK,
+        S, MSK, KEYS, W1, B1, W2, B2, TAU, b, Lq, Lk, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k,
+        e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75, HID, BQ, BK, HAS_MASK, False, True,
     )  # fmt: skip
     offs_q = tl.arange(0, BQ)
     offs_k = tl.arange(0, BK)
@@ -379,20 +412,13 @@ def autopoietic_bwd_kernel(
     # 5
     dtay = tl.where(msk | ~valid, 0.0, dsg * sg * (1.0 - sg))
     da_pre = tl.where(_within(tay_pre, 0.5, 1.5) & _within(a_pre, -5.0, 5.0), 2.5 * dtay, 0.0)
-    # 4
+    # 4. dA0 through the MLP here; its parameters' gradients are sums over every entry of the batch, made in
+    # mlp_param_grad_kernel (parallel over entries) from the A0 and dA_pre written out here.
     tl.store(DB2 + b, _sum2(da_pre))
-    da0 = tl.zeros((BQ, BK), dtype=tl.float32)
-    for j in range(HID):
-        w1j = tl.load(W1 + j).to(tl.float32)
-        z = a0 * w1j + tl.load(B1 + j).to(tl.float32)
-        zc = _clamp(z, -5.0, 5.0)
-        # Row sums only (within a warp, no block-wide barrier); the host adds the rows and the batch.
-        row = (b * HID + j) * BQ + offs_q
-        tl.store(DW2 + row, tl.sum(da_pre * tl.where(zc < 0.0, 0.0, zc), axis=1))
-        dz = tl.where((zc > 0.0) & _within(z, -5.0, 5.0), da_pre * tl.load(W2 + j).to(tl.float32), 0.0)
-        tl.store(DW1 + row, tl.sum(dz * a0, axis=1))
-        tl.store(DB1 + row, tl.sum(dz, axis=1))
-        da0 += dz * w1j
+    da0 = da_pre * psi
+    e_ptrs = b * Lq * Lk + offs_q[:, None] * Lk + offs_k[None, :]
+    tl.store(A0 + e_ptrs, a0, mask=valid)
+    tl.store(DA + e_ptrs, da_pre, mask=valid)
     tl.store(DTAU + b, dtau)
     # 3
     dm += tl.where(_within(m, -8.0, 8.0), da0 * e, 0.0)
@@ -410,3 +436,27 @@ def autopoietic_bwd_kernel(
         ds = 0.2 * tl.where(_within(y, -15.0, 15.0), d_out, 0.0) + dm_h
         passes = (x == x) & _within(x, -15.0, 15.0)  # finite and not clamped
         tl.store(d_ptrs + h * sd_h, tl.where(passes, ds, 0.0).to(DS.dtype.element_ty), mask=valid)
+
+
+@triton.jit(do_not_specialize=["n_elem"])
+def mlp_param_grad_kernel(
+    A0, DA, W1, B1, W2, DW1, DB1, DW2, n_elem, HID: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Step 4's parameter gradients over ``BLOCK`` entries: ``[BLOCK, HID]`` tiles, summed over the entries."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n_elem
+    a0 = tl.load(A0 + offs, mask=ok, other=0.0)
+    da = tl.load(DA + offs, mask=ok, other=0.0)  # 0 past the end: no contribution
+    units = tl.arange(0, HP)
+    live = units < HID
+    w1 = tl.load(W1 + units, mask=live, other=0.0).to(tl.float32)
+    b1 = tl.load(B1 + units, mask=live, other=0.0).to(tl.float32)
+    w2 = tl.load(W2 + units, mask=live, other=0.0).to(tl.float32)
+    z = a0[:, None] * w1[None, :] + b1[None, :]
+    zc = _clamp(z, -5.0, 5.0)
+    out = pid.to(tl.int64) * HP + units
+    tl.store(DW2 + out, tl.sum(da[:, None] * tl.where(zc < 0.0, 0.0, zc), axis=0))
+    dz = tl.where((zc > 0.0) & _within(z, -5.0, 5.0), da[:, None] * w2[None, :], 0.0)
+    tl.store(DW1 + out, tl.sum(dz * a0[:, None], axis=0))
+    tl.store(DB1 + out, tl.sum(dz, axis=0))

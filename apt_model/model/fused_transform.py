@@ -11,6 +11,7 @@ Triton is imported on the first fused call only, so ``import apt_model`` stays l
 """
 
 # No ``from __future__ import annotations`` here: torch.library reads the custom op's schema from real annotations.
+import contextlib
 import importlib.util
 import math
 
@@ -20,6 +21,7 @@ from torch import Tensor
 __all__ = [
     "KERNELS",
     "MAX_TILE",
+    "autopoietic_probs_op",
     "fits_fused",
     "fused_autopoietic_probs",
     "set_transform_kernel",
@@ -112,66 +114,108 @@ def _launch_args(scores: Tensor, masked: Tensor | None, eps: float) -> tuple[lis
     return [mask, mask_strides, scalars], meta
 
 
-def _forward(scores: Tensor, masked: Tensor | None, tau, w1, b1, w2, b2, eps: float) -> Tensor:
+# Entries per program of the kernel that sums the MLP's parameter gradients.
+_MLP_BLOCK = 128
+
+
+def _cuda_guard(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _forward(scores: Tensor, masked: Tensor | None, tau, w1, b1, w2, b2, eps: float) -> tuple[Tensor, Tensor]:
     from apt_model.model import _transform_triton as kernels
 
     batch, heads, lq, lk = scores.shape
     (mask, mask_strides, scalars), meta = _launch_args(scores, masked, eps)
     probs = torch.empty((batch, heads, lq, lk), dtype=scores.dtype, device=scores.device)
-    if batch == 0:
-        return probs
-    with torch.cuda.device(scores.device) if scores.is_cuda else _nullcontext():
-        kernels.autopoietic_fwd_kernel[(batch,)](
-            scores, mask, probs, w1, b1, w2, b2, tau, lq, lk, heads,
-            *scores.stride(), *mask_strides, *probs.stride()[:3],
-            *scalars, HID=w1.shape[0], **meta,
-        )  # fmt: skip
-    return probs
+    # Per batch element, the keys of the entries at the quantiles' ranks: the backward reuses them.
+    keys = torch.empty((batch, 4), dtype=torch.int32, device=scores.device)
+    if batch > 0:
+        with _cuda_guard(scores):
+            kernels.autopoietic_fwd_kernel[(batch,)](
+                scores, mask, probs, keys, w1, b1, w2, b2, tau, lq, lk, heads,
+                *scores.stride(), *mask_strides, *probs.stride()[:3],
+                *scalars, HID=w1.shape[0], **meta,
+            )  # fmt: skip
+    return probs, keys
 
 
 def _backward(
-    grad: Tensor, scores: Tensor, masked: Tensor | None, tau, w1, b1, w2, b2, eps: float
+    grad: Tensor, scores: Tensor, masked: Tensor | None, keys: Tensor, tau, w1, b1, w2, b2, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from apt_model.model import _transform_triton as kernels
 
     batch, heads, lq, lk = scores.shape
     hidden = w1.shape[0]
+    dev = scores.device
     (mask, mask_strides, scalars), meta = _launch_args(scores, masked, eps)
-    d_scores = torch.empty((batch, heads, lq, lk), dtype=scores.dtype, device=scores.device)
-    bq = meta["BQ"]
-    # Partial sums of the parameter gradients, per batch element (and for the MLP per row of the tile), added up
-    # below: deterministic, no atomics.
-    d_w1, d_b1, d_w2 = (
-        torch.zeros((batch, hidden, bq), dtype=torch.float32, device=scores.device) for _ in range(3)
-    )
-    d_tau, d_b2 = (torch.zeros(batch, dtype=torch.float32, device=scores.device) for _ in range(2))
+    d_scores = torch.empty((batch, heads, lq, lk), dtype=scores.dtype, device=dev)
+    # What the MLP's parameter gradients are made of, per entry: A0 and the gradient at the MLP's output.
+    a0 = torch.empty((batch, lq, lk), dtype=torch.float32, device=dev)
+    d_a = torch.empty((batch, lq, lk), dtype=torch.float32, device=dev)
+    d_tau, d_b2 = (torch.zeros(batch, dtype=torch.float32, device=dev) for _ in range(2))
+    n_elem = batch * lq * lk
+    programs = triton_cdiv(n_elem, _MLP_BLOCK)
+    hp = max(16, triton_next_pow2(hidden))
+    # Per-program partial sums, added up below: deterministic, no atomics.
+    d_w1, d_b1, d_w2 = (torch.zeros((programs, hp), dtype=torch.float32, device=dev) for _ in range(3))
     if batch > 0:
-        with torch.cuda.device(scores.device) if scores.is_cuda else _nullcontext():
+        with _cuda_guard(scores):
             kernels.autopoietic_bwd_kernel[(batch,)](
-                scores, mask, grad, d_scores, w1, b1, w2, b2, tau,
-                d_tau, d_w1, d_b1, d_w2, d_b2, lq, lk, heads,
+                scores, mask, keys, grad, d_scores, a0, d_a, w1, b1, w2, b2, tau, d_tau, d_b2, lq, lk, heads,
                 *scores.stride(), *mask_strides, *grad.stride(), *d_scores.stride()[:3],
                 *scalars, HID=hidden, **meta,
             )  # fmt: skip
+            kernels.mlp_param_grad_kernel[(programs,)](
+                a0,
+                d_a,
+                w1,
+                b1,
+                w2,
+                d_w1,
+                d_b1,
+                d_w2,
+                n_elem,
+                HID=hidden,
+                HP=hp,
+                BLOCK=_MLP_BLOCK,
+                num_warps=4,
+            )
     return (
         d_scores,
         d_tau.sum().to(tau.dtype).reshape(tau.shape),
-        d_w1.sum((0, 2)).to(w1.dtype).reshape(w1.shape),
-        d_b1.sum((0, 2)).to(b1.dtype).reshape(b1.shape),
-        d_w2.sum((0, 2)).to(w2.dtype).reshape(w2.shape),
+        d_w1[:, :hidden].sum(0).to(w1.dtype).reshape(w1.shape),
+        d_b1[:, :hidden].sum(0).to(b1.dtype).reshape(b1.shape),
+        d_w2[:, :hidden].sum(0).to(w2.dtype).reshape(w2.shape),
         d_b2.sum().to(b2.dtype).reshape(b2.shape),
     )
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+def triton_cdiv(n: int, d: int) -> int:
+    return -(-n // d)
 
 
 @torch.library.custom_op("apt::autopoietic_probs", mutates_args=())
+def autopoietic_probs_op(
+    scores: Tensor,
+    masked: Tensor | None,
+    tau: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Steps 1-14 and the masked softmax, fused: probabilities ``[B, H, Lq, Lk]`` in ``scores.dtype``, and the
+    ``[B, 4]`` int32 keys of the quantiles' order statistics (saved for the backward)."""
+    return _forward(scores, masked, tau, w1, b1, w2, b2, eps)
+
+
+@autopoietic_probs_op.register_fake
+def _(scores, masked, tau, w1, b1, w2, b2, eps):
+    return scores.new_empty(scores.shape), scores.new_empty((scores.shape[0], 4), dtype=torch.int32)
+
+
 def fused_autopoietic_probs(
     scores: Tensor,
     masked: Tensor | None,
@@ -182,20 +226,16 @@ def fused_autopoietic_probs(
     b2: Tensor,
     eps: float,
 ) -> Tensor:
-    """Steps 1-14 and the masked softmax, fused: probabilities ``[B, H, Lq, Lk]`` in ``scores.dtype``."""
-    return _forward(scores, masked, tau, w1, b1, w2, b2, eps)
-
-
-@fused_autopoietic_probs.register_fake
-def _(scores, masked, tau, w1, b1, w2, b2, eps):
-    return scores.new_empty(scores.shape)
+    """The fused transform's probabilities (see :func:`autopoietic_probs_op`)."""
+    return autopoietic_probs_op(scores, masked, tau, w1, b1, w2, b2, eps)[0]
 
 
 @torch.library.custom_op("apt::autopoietic_probs_backward", mutates_args=())
-def fused_autopoietic_probs_backward(
+def autopoietic_probs_backward_op(
     grad: Tensor,
     scores: Tensor,
     masked: Tensor | None,
+    keys: Tensor,
     tau: Tensor,
     w1: Tensor,
     b1: Tensor,
@@ -203,25 +243,26 @@ def fused_autopoietic_probs_backward(
     b2: Tensor,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _backward(grad, scores, masked, tau, w1, b1, w2, b2, eps)
+    return _backward(grad, scores, masked, keys, tau, w1, b1, w2, b2, eps)
 
 
-@fused_autopoietic_probs_backward.register_fake
-def _(grad, scores, masked, tau, w1, b1, w2, b2, eps):
+@autopoietic_probs_backward_op.register_fake
+def _(grad, scores, masked, keys, tau, w1, b1, w2, b2, eps):
     return tuple(x.new_empty(x.shape) for x in (scores, tau, w1, b1, w2, b2))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     scores, masked, tau, w1, b1, w2, b2, eps = inputs
-    ctx.save_for_backward(scores, masked, tau, w1, b1, w2, b2)
+    ctx.save_for_backward(scores, masked, output[1], tau, w1, b1, w2, b2)
     ctx.eps = eps
 
 
-def _autograd_backward(ctx, grad):
-    scores, masked, tau, w1, b1, w2, b2 = ctx.saved_tensors
-    grads = torch.ops.apt.autopoietic_probs_backward(grad, scores, masked, tau, w1, b1, w2, b2, ctx.eps)
-    d_scores, d_tau, d_w1, d_b1, d_w2, d_b2 = grads
+def _autograd_backward(ctx, grad, _grad_keys):
+    scores, masked, keys, tau, w1, b1, w2, b2 = ctx.saved_tensors
+    d_scores, d_tau, d_w1, d_b1, d_w2, d_b2 = torch.ops.apt.autopoietic_probs_backward(
+        grad, scores, masked, keys, tau, w1, b1, w2, b2, ctx.eps
+    )
     return d_scores, None, d_tau, d_w1, d_b1, d_w2, d_b2, None
 
 
-fused_autopoietic_probs.register_autograd(_autograd_backward, setup_context=_setup_context)
+autopoietic_probs_op.register_autograd(_autograd_backward, setup_context=_setup_context)

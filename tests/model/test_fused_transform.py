@@ -42,6 +42,7 @@ def _case(
     scale: float,
     device: torch.device,
     hidden: int = 16,
+    eps: float = 1e-6,
 ):
     b, h, lq, lk = shape
     g = torch.Generator().manual_seed(seed)
@@ -62,7 +63,8 @@ def _case(
     if masked is not None:
         scores = scores.masked_fill(masked.unsqueeze(1), float("-inf"))
     torch.manual_seed(seed)
-    mod = autopoietic.AutopoieticTransform(hidden)
+    # eps sets step 3's e = clamp(eps, 0.05, 0.8): the weight of the MLP's path back onto the scores.
+    mod = autopoietic.AutopoieticTransform(hidden, eps=eps)
     with torch.no_grad():
         mod.b1.normal_(0.0, 0.5, generator=g)
         mod.b2.fill_(0.05 * (seed % 3 - 1))
@@ -90,22 +92,36 @@ def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 CASES = [
-    (1, (2, 2, 8, 8), None, 0.3),
-    (2, (2, 4, 6, 10), "keys", 3.0),
-    (3, (2, 3, 7, 7), "causal", 1.0),
-    (4, (3, 2, 7, 5), "padding", 1.0),
-    (5, (2, 8, 16, 16), None, 0.05),  # small scores: the element MLP and the gate are in their linear range
-    (6, (2, 2, 9, 12), "padding", 20.0),  # large scores: clamps at +-15 and the fallback-free saturation
-    (7, (1, 2, 5, 1), None, 1.0),  # Lk == 1: the entropy ratio is 0
-    (8, (2, 2, 24, 40), "padding", 1.0),  # tile padding in both directions (32 x 64)
+    (1, (2, 2, 8, 8), None, 0.3, 1e-6),
+    (2, (2, 4, 6, 10), "keys", 3.0, 1e-6),
+    (3, (2, 3, 7, 7), "causal", 1.0, 1e-6),
+    (4, (3, 2, 7, 5), "padding", 1.0, 1e-6),
+    (
+        5,
+        (2, 8, 16, 16),
+        None,
+        0.05,
+        1e-6,
+    ),  # small scores: the element MLP and the gate are in their linear range
+    (
+        6,
+        (2, 2, 9, 12),
+        "padding",
+        20.0,
+        1e-6,
+    ),  # large scores: clamps at +-15 and the fallback-free saturation
+    (7, (1, 2, 5, 1), None, 1.0, 1e-6),  # Lk == 1: the entropy ratio is 0
+    (8, (2, 2, 24, 40), "padding", 1.0, 1e-6),  # tile padding in both directions (32 x 64)
+    (9, (2, 4, 12, 12), "causal", 0.1, 0.8),  # e = 0.8: the MLP's path back onto the scores weighs 16x more
+    (10, (2, 4, 12, 12), None, 0.3, 0.5),
 ]
 
 
-@pytest.mark.parametrize(("seed", "shape", "mask", "scale"), CASES)
+@pytest.mark.parametrize(("seed", "shape", "mask", "scale", "eps"), CASES)
 def test_fused_transform_matches_the_torch_transform_in_value_and_gradient(
-    device, seed, shape, mask, scale
+    device, seed, shape, mask, scale, eps
 ) -> None:
-    scores, masked, params, eps, grad_out = _case(seed, shape, mask, scale, device)
+    scores, masked, params, eps, grad_out = _case(seed, shape, mask, scale, device, eps=eps)
     ref_out, ref_grads = _grads(_torch_probs, scores, masked, params, eps, grad_out, torch.float64)
     _, t32_grads = _grads(_torch_probs, scores, masked, params, eps, grad_out, torch.float32)
     out, grads = _grads(
@@ -121,6 +137,25 @@ def test_fused_transform_matches_the_torch_transform_in_value_and_gradient(
         assert _rel_err(got, ref) <= max(10 * _rel_err(t32, ref), 2e-5), name
     # A test that cannot pass vacuously: the scores get a gradient (except with one key, whose probability is 1).
     assert (ref_grads[0].abs().max() > 0) == (shape[-1] > 1)
+
+
+def test_gradient_through_the_element_mlp_reaches_the_scores_exactly(device, monkeypatch) -> None:
+    """The MLP's share of the scores' gradient (A0 -> MLP -> gate) is small next to the rest, so the comparison above
+    would not see an error in it: isolate it (the torch gradient with and without A0 detached) and compare there."""
+    scores, masked, params, eps, grad_out = _case(21, (2, 4, 12, 12), "causal", 1.0, device, eps=0.8)
+    # A small MLP output keeps the gate (clamp(1 + 2.5 A, 0.5, 1.5)) off its bounds, where gradient flows.
+    params[2], params[3] = params[2] * 0.1, params[3] * 0.2  # b1, w2
+    _, (ref_ds, *_) = _grads(_torch_probs, scores, masked, params, eps, grad_out, torch.float64)
+    library_mlp = autopoietic.element_mlp
+    monkeypatch.setattr(autopoietic, "element_mlp", lambda a0, *w: library_mlp(a0.detach(), *w))
+    _, (no_mlp_ds, *_) = _grads(_torch_probs, scores, masked, params, eps, grad_out, torch.float64)
+    monkeypatch.undo()
+    through_mlp = ref_ds - no_mlp_ds
+    assert through_mlp.abs().max() > 1e-4 * ref_ds.abs().max()  # the path carries gradient here
+    _, (ds, *_) = _grads(
+        fused_transform.fused_autopoietic_probs, scores, masked, params, eps, grad_out, torch.float32
+    )
+    assert (ds - ref_ds).abs().max() < 2e-3 * through_mlp.abs().max()
 
 
 def test_fused_transform_in_bfloat16_stays_within_bfloat16_of_float32(device) -> None:
@@ -154,7 +189,7 @@ def test_custom_op_registration_passes_torch_opcheck(device) -> None:
     """Schema, fake (meta) implementation and autograd registration, as torch.compile relies on them."""
     scores, masked, params, eps, _ = _case(13, (2, 2, 6, 6), "padding", 1.0, device)
     args = (scores.requires_grad_(True), masked, *(p.requires_grad_(True) for p in params), eps)
-    torch.library.opcheck(fused_transform.fused_autopoietic_probs, args)
+    torch.library.opcheck(fused_transform.autopoietic_probs_op, args)
 
 
 def test_compiled_graph_keeps_the_fused_op_whole(device) -> None:
