@@ -1,10 +1,11 @@
 """Which implementation runs the autopoietic transform, and the fused one as a torch custom op.
 
 ``torch``: :func:`apt_model.model.autopoietic.autopoietic_transform` and the masked softmax as ordinary torch ops
-(any device; compiled by inductor under ``torch.compile``). ``triton``: one Triton kernel per call for the forward and
-one for the backward (:mod:`apt_model.model._transform_triton`), registered as the custom op
-``apt::autopoietic_probs`` so that ``torch.compile`` keeps it whole and eager DeepSpeed runs issue two launches per
-transform instead of a few hundred. ``auto`` (the default) takes Triton for CUDA tensors when it is installed and the
+(any device; compiled by inductor under ``torch.compile``). ``triton``: one Triton kernel for the forward, and for
+the backward one kernel per batch element plus one that sums the MLP's parameter gradients
+(:mod:`apt_model.model._transform_triton`), registered as the custom op ``apt::autopoietic_probs`` so that
+``torch.compile`` keeps it whole and an eager step (DeepSpeed's default) issues about a dozen kernels per transform
+instead of a few hundred. ``auto`` (the default) takes Triton for CUDA tensors when it is installed and the
 ``[Lq, Lk]`` tile fits, and torch otherwise.
 
 Triton is imported on the first fused call only, so ``import apt_model`` stays light.
@@ -31,8 +32,9 @@ __all__ = [
 ]
 
 KERNELS = ("auto", "triton", "torch")
-# Largest padded [Lq, Lk] tile one program keeps in registers; beyond it registers spill and torch is used instead.
-MAX_TILE = 128 * 128
+# Largest padded [Lq, Lk] tile one program keeps in registers: 64 x 64, the largest measured (the Playground's
+# lengths); a larger tile would spill registers, so longer sequences take the torch ops.
+MAX_TILE = 64 * 64
 
 # Warps per program; None: by tile size (8 for 64 x 64). bench/transform.py sweeps it.
 NUM_WARPS: int | None = None
