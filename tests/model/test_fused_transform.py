@@ -244,3 +244,95 @@ def test_tiles_beyond_the_register_budget_or_other_dtypes_take_the_torch_ops() -
     assert fused_transform.fits_fused(5, 1, torch.float16)  # padded up to the 16-wide minimum tile
     assert not fused_transform.fits_fused(side + 1, side, torch.float32)
     assert not fused_transform.fits_fused(64, 64, torch.float64)
+
+
+# --------------------------------------------------------------------------- the model with its transforms fused
+
+
+@pytest.fixture
+def fused_model_transforms(device, monkeypatch):
+    """Route the model's transforms through the fused op on ``device`` (on the CPU, under Triton's interpreter),
+    with the library's own size rule, as ``auto`` does on CUDA."""
+    from apt_model.config import model_preset
+    from apt_model.model.apt import APTModel
+
+    calls = {"n": 0}
+
+    def fused_when_it_fits(scores):
+        ok = fused_transform.fits_fused(scores.shape[-2], scores.shape[-1], scores.dtype)
+        calls["n"] += ok
+        return ok
+
+    torch.manual_seed(0)
+    model = APTModel(model_preset("tiny", vocab_size=64)).to(device)
+    # Two sequences (the interpreter runs one program per sequence, in turn): padding in the source (keys of the
+    # encoder and of cross-attention) of one and in the target (decoder queries) of the other.
+    src = torch.randint(4, 64, (2, 9), device=device)
+    src[0, 6:] = model.config.pad_id
+    tgt = torch.randint(4, 64, (2, 7), device=device)
+    tgt[1, 5:] = model.config.pad_id
+    use_fused = lambda on: monkeypatch.setattr(  # noqa: E731
+        autopoietic, "uses_fused", fused_when_it_fits if on else (lambda scores: False)
+    )
+    return model, src, tgt, use_fused, calls
+
+
+def _loss_and_grads(model, src, tgt):
+    model.zero_grad(set_to_none=True)
+    logits = model(src, tgt)
+    loss = logits.float().log_softmax(-1).mean()
+    loss.backward()
+    return logits.detach(), {
+        n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
+    }
+
+
+def test_model_with_fused_transforms_matches_the_model_with_torch_transforms(fused_model_transforms) -> None:
+    model, src, tgt, use_fused, calls = fused_model_transforms
+    use_fused(False)
+    logits_ref, grads_ref = _loss_and_grads(model, src, tgt)
+    use_fused(True)
+    logits, grads = _loss_and_grads(model, src, tgt)
+    assert calls["n"] == 6  # 2 encoder self, 2 decoder self (causal), 2 cross
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == grads_ref.keys() and any("transform" in n for n in grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Greedy decoding (growing decoder lengths, cached cross-attention keys) gives the same tokens.
+    model.eval()
+    with torch.no_grad():
+        model.embedding.weight.mul_(30)  # sharper logits: varied tokens from an untrained model
+        got = model.generate(src, max_new_tokens=3, bos_id=2, eos_id=3)
+        use_fused(False)
+        expected = model.generate(src, max_new_tokens=3, bos_id=2, eos_id=3)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.slow
+def test_compiled_model_keeps_one_fused_op_per_transform(fused_model_transforms) -> None:
+    model, src, tgt, use_fused, _ = fused_model_transforms
+    use_fused(False)
+    logits_ref, grads_ref = _loss_and_grads(model, src, tgt)
+    use_fused(True)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend=recording_backend, fullgraph=True)
+        logits, grads = _loss_and_grads(compiled, src, tgt)
+    finally:
+        torch._dynamo.reset()
+    # The compiled model with the fused op gives the eager torch-transform model's numbers.
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(grads_ref)
+    for name, g in grads.items():
+        torch.testing.assert_close(
+            g, grads_ref[name.removeprefix("_orig_mod.")], rtol=1e-4, atol=1e-6, msg=name
+        )
+    (gm,) = graphs
+    ops = [n for n in gm.graph.nodes if n.target is torch.ops.apt.autopoietic_probs.default]
+    assert len(ops) == 6
