@@ -173,6 +173,32 @@ def test_fused_transform_in_bfloat16_stays_within_bfloat16_of_float32(device) ->
     assert _rel_err(ps[0].grad.double(), grads32[1]) < 5e-2  # tau
 
 
+def test_fused_transform_reads_any_strides_and_writes_float16(device) -> None:
+    """Scores and the incoming gradient as non-contiguous views (the kernels take strides), and float16 scores."""
+    scores, masked, params, eps, grad_out = _case(16, (2, 3, 10, 10), "causal", 1.0, device)
+    ref, ref_grads = _grads(
+        fused_transform.fused_autopoietic_probs, scores, masked, params, eps, grad_out, torch.float32
+    )
+    # The same values laid out [B, Lq, H, Lk] and viewed back as [B, H, Lq, Lk]; the gradient as a transpose.
+    s = scores.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    assert not s.is_contiguous()
+    ps = [p.clone().requires_grad_(True) for p in params]
+    out = fused_transform.fused_autopoietic_probs(s, masked, *ps, eps)
+    g = grad_out.float().transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not g.is_contiguous()
+    out.backward(g)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-7)
+    for got, want in zip([s.grad, *(p.grad for p in ps)], ref_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+
+    s16 = scores.to(torch.float16).requires_grad_(True)
+    out16 = fused_transform.fused_autopoietic_probs(s16, masked, *params, eps)
+    assert out16.dtype == torch.float16
+    (out16.double() * grad_out).sum().backward()
+    assert (out16.double() - ref).abs().max().item() < 2e-3
+    assert _rel_err(s16.grad.double(), ref_grads[0]) < 1e-2
+
+
 def test_fused_transform_falls_back_to_the_head_mean_like_torch_when_the_mlp_is_not_finite(
     device,
 ) -> None:
