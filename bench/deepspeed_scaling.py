@@ -68,6 +68,7 @@ def run(
     accum: int,
     save_interval: int | None = None,
     compile_model: str = "off",
+    transform_kernel: str = "auto",
     **options: Any,
 ) -> tuple[dict[str, Any], dict[str, Any], float]:
     request = TrainRequest(
@@ -83,6 +84,7 @@ def run(
             log_every=1,
             precision="auto",
             compile=compile_model,
+            transform_kernel=transform_kernel,
         ),
         data=DataConfig(max_src_len=64, max_tgt_len=64),
         dataset=dataset,
@@ -167,7 +169,7 @@ def scaling(
             opts["bind_cores"] = True
         result, report, wall = run(
             dataset, root / f"zero2_{n}gpu_r{repeat}", preset=args.preset, epochs=args.epochs, micro=args.micro,
-            accum=args.accum, compile_model=args.compile, **opts,
+            accum=args.accum, compile_model=args.compile, transform_kernel=args.transform_kernel, **opts,
         )  # fmt: skip
         measured = measured_epochs(report["epochs"])
         tokens_per_s = statistics.median(e["tokens_per_s"] for e in measured)
@@ -179,6 +181,7 @@ def scaling(
                 "epochs_measured": len(measured),
                 "zero_stage": 2,
                 "compiled": report["runtime"]["compiled"],
+                "transform_kernel": report["runtime"].get("transform_kernel"),
                 "precision": report["runtime"]["precision"],
                 "micro_batch_per_gpu": args.micro,
                 "grad_accum": args.accum,
@@ -215,7 +218,14 @@ def zero3_resume(args: argparse.Namespace, dataset: Path, root: Path) -> dict[st
     opts: dict[str, Any] = {"num_gpus": 2, "zero_stage": 3, "cpu_offload": True}
     if not args.cpu_smoke:
         opts["bf16"] = True
-    common = dict(preset=args.preset, epochs=2, micro=args.micro, accum=args.accum, save_interval=1)
+    common = dict(
+        preset=args.preset,
+        epochs=2,
+        micro=args.micro,
+        accum=args.accum,
+        save_interval=1,
+        transform_kernel=args.transform_kernel,
+    )
     full, full_report, wall_full = run(dataset, root / "zero3_offload_full", **common, **opts)
     ckpt = Path(full["out_dir"]) / "checkpoint_epoch_1"
     resumed, res_report, wall_res = run(
@@ -234,6 +244,7 @@ def zero3_resume(args: argparse.Namespace, dataset: Path, root: Path) -> dict[st
         "gpus": 2,
         "zero_stage": 3,
         "offload": True,
+        "transform_kernel": full_report["runtime"].get("transform_kernel"),
         "precision": full_report["runtime"]["precision"],
         "steps_compared": len(a),
         "max_abs_loss_diff_after_resume": diff,
@@ -263,6 +274,12 @@ def main() -> int:
         choices=("off", "on"),
         default="off",
         help="scaling runs with the compiled model (ZeRO-2)",
+    )
+    parser.add_argument(
+        "--transform-kernel",
+        choices=("auto", "triton", "torch"),
+        default="auto",
+        help="the autopoietic transform: fused Triton kernels (auto on CUDA) or torch ops",
     )
     parser.add_argument(
         "--profile",

@@ -32,6 +32,9 @@
 #   PART=fused3 — GPU 0 alone, after the backward kernel's rework (quantile keys saved by the forward, the MLP's
 #                  parameter gradients in a parallel kernel): the fused tests, the transform alone with GPU kernel
 #                  times, then the step at B=256 and B=16: fused vs torch-op transform, and BART.
+#   PART=deepspeed-fused — on a 4-GPU host: the scaling line with the fused transform (the default since; the eager
+#                  step it runs is 2.2x faster on one GPU): ZeRO-2 bf16 1/2/4 GPUs, three interleaved repeats, micro 256,
+#                  large data, ranks pinned; then ZeRO-3 + CPU offload train + resume on 2 GPUs with it.
 #   PART=quality-fused — GPU 0 alone: the best xl recipe (X3) from a cold compile with the fused transform, the
 #                  user path's wall time with nothing else on the card.
 #   PART=dbc-graph — GPU 0: the CUDA-only tests of DBC-DAC's CUDA-graph mode and of the fast path, the DBC-DAC
@@ -257,6 +260,16 @@ if [[ $part == fused3 ]]; then
   else
     echo "fused tests failed: benchmarks skipped" | tee -a "$log"
   fi
+fi
+
+if [[ $part == deepspeed-fused ]]; then
+  unset CUDA_VISIBLE_DEVICES
+  timeout 420 python3 bench/deepspeed_scaling.py --gpus 1 2 4 --micro 256 --size large --epochs 3 --repeats 3 \
+    --skip-resume --bind-cores --workdir "$work/ds_fused" --out "$out/ds_repeats_fused.json" 2>&1 \
+    | grep -E 'ZeRO|GPU\(s\)|wrote|Error' | tee -a "$log"
+  # ZeRO-3 + offload train + exact resume on 2 GPUs (after a short 2-GPU ZeRO-2 run, which the script always makes).
+  timeout 150 python3 bench/deepspeed_scaling.py --gpus 2 --micro 64 --epochs 2 --workdir "$work/ds_fused_z3" \
+    --out "$out/ds_zero3_offload_fused.json" 2>&1 | tail -n 5 | tee -a "$log"
 fi
 
 if [[ $part == quality-fused ]]; then
