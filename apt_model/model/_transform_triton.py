@@ -3,7 +3,9 @@
 Imported only where Triton is available (see :mod:`apt_model.model.fused_transform`). One program handles one batch
 element ``b``: its ``[Lq, Lk]`` head-mean map and every per-element statistic stay in registers, the ``H`` score
 matrices are streamed from memory (twice in the forward, three times in the backward, where the forward is
-recomputed instead of saved). The steps follow ``shared/spec/apt-model.md`` and
+recomputed instead of saved, except the keys of the quantiles' order statistics: four int32 per element). The element
+MLP's parameter gradients are sums over every entry of the batch: :func:`mlp_param_grad_kernel` makes them, parallel
+over entries, from the ``A0`` and ``dA`` the backward writes out. The steps follow ``shared/spec/apt-model.md`` and
 :func:`apt_model.model.autopoietic.autopoietic_transform` line by line; the backward is that function's autograd
 written out, with torch's conventions at the edges (``clamp`` passes the gradient on its bounds, ``amax`` splits it
 among ties, ``nan_to_num`` blocks it at non-finite inputs). Two deliberate differences, both within float32 rounding
