@@ -131,7 +131,8 @@ def register(subparsers: Any) -> None:
         "--transform-kernel",
         choices=("auto", "triton", "torch"),
         default=None,
-        help="autopoietic transform: fused Triton kernels (auto: on CUDA when Triton is installed) or torch ops",
+        help="autopoietic transform: fused Triton kernels (auto: on CUDA when Triton is installed; sequences up to "
+        "64 tokens, longer ones use torch ops) or torch ops",
     )
     t.add_argument("--deterministic", action="store_true", default=None)
     t.add_argument("--no-dbc-dac", action="store_true", help="switch DBC-DAC gradient stabilisation off")
