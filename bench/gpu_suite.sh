@@ -254,7 +254,7 @@ if [[ $part == fused3 ]]; then
   export CUDA_VISIBLE_DEVICES=0
   if timeout 90 python3 -m pytest -q -p no:cacheprovider tests/model/test_fused_transform.py 2>&1 | tail -n 8 \
       | tee -a "$log" | grep -q ' passed' && ! grep -q ' failed' "$log"; then
-    timeout 80 python3 bench/transform.py --iters 10 --repeats 3 --out "$out/transform_fused3.json" 2>&1 | tee -a "$log"
+    timeout 150 python3 bench/transform.py --iters 10 --repeats 3 --out "$out/transform_fused3.json" 2>&1 | tee -a "$log"
     timeout 330 python3 bench/train_step.py --batch 256 16 --variants apt-fast bart-bf16 apt-fast-torch --warmup 5 \
       --steps 20 --repeats 3 --out "$out/train_step_fused3.json" 2>&1 | tee -a "$log"
   else

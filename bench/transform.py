@@ -3,8 +3,8 @@
 Measures `apt_model.model.autopoietic.autopoietic_probs` on scores `[B, 8, 64, 64]` (the Playground shape, causal
 mask) against the same transform whose step-4 MLP is a matmul over the hidden dim (the formulation the library
 used before; kept here only as the comparison), and the fused Triton kernels (`apt_model.model.fused_transform`,
-the default on CUDA) at 4, 8 and 16 warps per program. Also times the plain softmax of the same scores, the floor any
-attention pays. CUDA events, warm-up excluded, median of repeats.
+the default on CUDA) at 4, 8 and 16 warps per program, and at 8 warps with the MLP's hidden units unrolled by 4.
+Also times the plain softmax of the same scores, the floor any attention pays. CUDA events, warm-up excluded, median of repeats.
 
 Usage: python bench/transform.py --out bench/results/transform.json
 """
@@ -104,16 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     mod = autopoietic.AutopoieticTransform(args.hidden).to(device)
     weights = (mod.tau, mod.w1, mod.b1, mod.w2, mod.b2)
     library_mlp = autopoietic.element_mlp
-    # name: (function, step-4 implementation in place while it is traced and timed, warps of the fused kernels)
+    # name: (function, step-4 implementation in place while it is traced and timed, warps of the fused kernels,
+    # the fused kernels' MLP unroll)
     variants = {
         # The undecorated transform: one call compiles the same with or without the nested-region marker, and
         # the published figures were taken without it.
-        "library (sum over h)": (autopoietic._autopoietic_probs, library_mlp, None),
-        "matmul over h": (autopoietic._autopoietic_probs, _matmul_element_mlp, None),
-        "softmax only": (_softmax_only, library_mlp, None),
-        "fused Triton, 4 warps": (_fused, library_mlp, 4),
-        "fused Triton, 8 warps": (_fused, library_mlp, 8),
-        "fused Triton, 16 warps": (_fused, library_mlp, 16),
+        "library (sum over h)": (autopoietic._autopoietic_probs, library_mlp, None, 1),
+        "matmul over h": (autopoietic._autopoietic_probs, _matmul_element_mlp, None, 1),
+        "softmax only": (_softmax_only, library_mlp, None, 1),
+        "fused Triton, 4 warps": (_fused, library_mlp, 4, 1),
+        "fused Triton, 8 warps": (_fused, library_mlp, 8, 1),
+        "fused Triton, 16 warps": (_fused, library_mlp, 16, 1),
+        "fused Triton, 8 warps, MLP x4": (_fused, library_mlp, 8, 4),
     }
     results: list[dict[str, Any]] = []
     for b in args.batch:
@@ -121,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         scores = torch.randn(b, 8, 64, 64, device=device, generator=g, dtype=torch.bfloat16) * 3
         masked = causal_mask(64, 64, device).unsqueeze(0)
         scores = scores.masked_fill(masked.unsqueeze(1), float("-inf")).requires_grad_(True)
-        for name, (fn, mlp, warps) in variants.items():
+        for name, (fn, mlp, warps, unroll) in variants.items():
             # The fused kernels are one launch each way already: nothing for inductor to fuse.
             compiled = fn if fn is _fused else torch.compile(fn, dynamic=False)
             fused_transform.NUM_WARPS = warps
+            fused_transform.MLP_UNROLL = unroll
             autopoietic.element_mlp = mlp
             try:
                 ms = time_fn(
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 autopoietic.element_mlp = library_mlp
                 fused_transform.NUM_WARPS = None
+                fused_transform.MLP_UNROLL = 1
             results.append({"batch": b, "variant": name, "ms_fwd_bwd": ms, "gpu_ms": gpu})
             kernels = "  ".join(f"{k} {v:.3f}" for k, v in gpu.items() if k != "all kernels")
             print(

@@ -136,13 +136,15 @@ def _forward_core(
     ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k,
     e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75,
     HID: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr, SEARCH: tl.constexpr,
-    NEED_PSI: tl.constexpr,
+    NEED_PSI: tl.constexpr, MLP_UNROLL: tl.constexpr,
 ):  # fmt: skip
     """Steps 1-12 for batch element ``b``: the shared map ``f`` and what the backward needs.
 
     ``SEARCH``: find the quantiles' order statistics and store their keys in ``KEYS[b]`` (forward); otherwise load
     them from there (backward: the same F, so the same entries). ``NEED_PSI``: also ``psi = dA/dA0 / 1``, the MLP's
-    derivative at each entry, ``sum_j w2_j w1_j [unit j passes]``.
+    derivative at each entry, ``sum_j w2_j w1_j [unit j passes]``. ``MLP_UNROLL`` > 1: the MLP's hidden units in
+    unrolled blocks of that many, so that their weights are loaded together (an experiment, see
+    ``fused_transform.MLP_UNROLL``); 1 is the loop that BENCHMARKS.md measured.
     """
     offs_q = tl.arange(0, BQ)
     offs_k = tl.arange(0, BK)
@@ -164,14 +166,27 @@ def _forward_core(
     a0 = _clamp(_clamp(m, -8.0, 8.0) * e, -10.0, 10.0)
     mlp = tl.zeros((BQ, BK), dtype=tl.float32)
     psi = tl.zeros((BQ, BK), dtype=tl.float32)
-    for j in range(HID):
-        w1j = tl.load(W1 + j).to(tl.float32)
-        w2j = tl.load(W2 + j).to(tl.float32)
-        z = a0 * w1j + tl.load(B1 + j).to(tl.float32)
-        zc = _clamp(z, -5.0, 5.0)
-        mlp += w2j * tl.where(zc < 0.0, 0.0, zc)
-        if NEED_PSI:  # relu passes where its output is > 0, the clamp on its bounds included
-            psi += tl.where((zc > 0.0) & _within(z, -5.0, 5.0), w2j * w1j, 0.0)
+    if MLP_UNROLL == 1:
+        for j in range(HID):
+            w1j = tl.load(W1 + j).to(tl.float32)
+            w2j = tl.load(W2 + j).to(tl.float32)
+            z = a0 * w1j + tl.load(B1 + j).to(tl.float32)
+            zc = _clamp(z, -5.0, 5.0)
+            mlp += w2j * tl.where(zc < 0.0, 0.0, zc)
+            if NEED_PSI:  # relu passes where its output is > 0, the clamp on its bounds included
+                psi += tl.where((zc > 0.0) & _within(z, -5.0, 5.0), w2j * w1j, 0.0)
+    else:
+        for j0 in range(0, HID, MLP_UNROLL):
+            for u in tl.static_range(MLP_UNROLL):
+                # Past the last unit the weights load as 0: no contribution to the sum or to psi.
+                live = j0 + u < HID
+                w1j = tl.load(W1 + j0 + u, mask=live, other=0.0).to(tl.float32)
+                w2j = tl.load(W2 + j0 + u, mask=live, other=0.0).to(tl.float32)
+                z = a0 * w1j + tl.load(B1 + j0 + u, mask=live, other=0.0).to(tl.float32)
+                zc = _clamp(z, -5.0, 5.0)
+                mlp += w2j * tl.where(zc < 0.0, 0.0, zc)
+                if NEED_PSI:
+                    psi += tl.where((zc > 0.0) & _within(z, -5.0, 5.0), w2j * w1j, 0.0)
     a_pre = mlp + tl.load(B2).to(tl.float32)
     a = _clamp(a_pre, -5.0, 5.0)
     # 5. gate
@@ -274,7 +289,7 @@ def autopoietic_fwd_kernel(
     S, MSK, P, KEYS, W1, B1, W2, B2, TAU, Lq, Lk, H,
     ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, sp_b, sp_h, sp_q,
     e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75,
-    HID: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
+    HID: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr, MLP_UNROLL: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     (
@@ -283,7 +298,7 @@ def autopoietic_fwd_kernel(
         _k25lo, _k25hi, _k75lo, _k75hi, _iqr, _iqc, _tau_raw, _tau0, _temp_pre, _temp, _f2_pre, _f2, _finite, _bad, f,
     ) = _forward_core(
         S, MSK, KEYS, W1, B1, W2, B2, TAU, b, Lq, Lk, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k,
-        e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75, HID, BQ, BK, HAS_MASK, True, False,
+        e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75, HID, BQ, BK, HAS_MASK, True, False, MLP_UNROLL,
     )  # fmt: skip
     offs_q = tl.arange(0, BQ)
     offs_k = tl.arange(0, BK)
@@ -324,7 +339,7 @@ def autopoietic_bwd_kernel(
     S, MSK, KEYS, DP, DS, A0, DA, W1, B1, W2, B2, TAU, DTAU, DB2, Lq, Lk, H,
     ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, sg_b, sg_h, sg_q, sg_k, sd_b, sd_h, sd_q,
     e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75,
-    HID: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
+    HID: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr, MLP_UNROLL: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     (
@@ -333,7 +348,7 @@ def autopoietic_bwd_kernel(
         iqr, iqc, tau_raw, tau0, temp_pre, temp, f2_pre, f2, finite, bad, f,
     ) = _forward_core(
         S, MSK, KEYS, W1, B1, W2, B2, TAU, b, Lq, Lk, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k,
-        e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75, HID, BQ, BK, HAS_MASK, False, True,
+        e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75, HID, BQ, BK, HAS_MASK, False, True, MLP_UNROLL,
     )  # fmt: skip
     offs_q = tl.arange(0, BQ)
     offs_k = tl.arange(0, BK)

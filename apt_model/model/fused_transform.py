@@ -38,6 +38,9 @@ MAX_TILE = 64 * 64
 
 # Warps per program; None: by tile size (8 for 64 x 64). bench/transform.py sweeps it.
 NUM_WARPS: int | None = None
+# The element MLP's hidden units per unrolled block in the per-element kernels. 1 (a plain loop) is what
+# BENCHMARKS.md measured; bench/transform.py also times 4 (the weights of 4 units loaded together), not yet measured.
+MLP_UNROLL = 1
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _kernel = "auto"
@@ -112,6 +115,7 @@ def _launch_args(scores: Tensor, masked: Tensor | None, eps: float) -> tuple[lis
         "BK": bk,
         "HAS_MASK": masked is not None,
         "num_warps": NUM_WARPS or min(16, max(4, bq * bk // 512)),
+        "MLP_UNROLL": MLP_UNROLL,
     }
     return [mask, mask_strides, scalars], meta
 

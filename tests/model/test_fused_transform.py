@@ -199,6 +199,27 @@ def test_fused_transform_reads_any_strides_and_writes_float16(device) -> None:
     assert _rel_err(s16.grad.double(), ref_grads[0]) < 1e-2
 
 
+@pytest.mark.parametrize("unroll", [3, 4])
+def test_unrolled_mlp_blocks_give_the_plain_loops_numbers(device, monkeypatch, unroll) -> None:
+    """The experimental unrolled MLP loop (3 does not divide the 16 hidden units: the last block is partly empty)."""
+    scores, masked, params, eps, grad_out = _case(17, (2, 3, 9, 9), "causal", 0.3, device, eps=0.5)
+    params[2], params[3] = (
+        params[2] * 0.1,
+        params[3] * 0.2,
+    )  # keep the gate off its bounds: the MLP's gradients flow
+    ref, ref_grads = _grads(
+        fused_transform.fused_autopoietic_probs, scores, masked, params, eps, grad_out, torch.float32
+    )
+    assert all(g.abs().max() > 0 for g in ref_grads)
+    monkeypatch.setattr(fused_transform, "MLP_UNROLL", unroll)
+    out, grads = _grads(
+        fused_transform.fused_autopoietic_probs, scores, masked, params, eps, grad_out, torch.float32
+    )
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-7)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+
+
 def test_fused_transform_falls_back_to_the_head_mean_like_torch_when_the_mlp_is_not_finite(
     device,
 ) -> None:
