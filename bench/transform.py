@@ -12,7 +12,6 @@ Usage: python bench/transform.py --out bench/results/transform.json
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from apt_model.io import atomic_write_json
 from apt_model.model import autopoietic, fused_transform
 from apt_model.model.attention import causal_mask
 
@@ -91,6 +91,14 @@ def gpu_time(fn, args: tuple, device: torch.device, iters: int) -> dict[str, flo
     return per_call
 
 
+def write(out: Path | None, device: torch.device, results: list[dict[str, Any]]) -> None:
+    if out is None:
+        return
+    report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "results": results}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, report)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, nargs="+", default=[16, 256])
@@ -139,16 +147,14 @@ def main(argv: list[str] | None = None) -> int:
                 fused_transform.NUM_WARPS = None
                 fused_transform.MLP_UNROLL = 1
             results.append({"batch": b, "variant": name, "ms_fwd_bwd": ms, "gpu_ms": gpu})
+            write(args.out, device, results)  # after every variant: a run cut short keeps what it measured
             kernels = "  ".join(f"{k} {v:.3f}" for k, v in gpu.items() if k != "all kernels")
             print(
                 f"B={b:<4} {name:<22} {ms:7.3f} ms fwd+bwd (wall)  GPU {gpu['all kernels']:7.3f} ms  {kernels}",
                 flush=True,
             )
             torch._dynamo.reset()
-    report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "results": results}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write(args.out, device, results)
     return 0
 
 
