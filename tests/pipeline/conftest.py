@@ -102,9 +102,25 @@ class LiveStack:
             time.sleep(1.0)
         raise AssertionError(f"flow run {run_id} did not finish in {timeout_s} s")
 
-    def task_runs(self, run_id: str) -> list[dict[str, Any]]:
+    def task_runs(
+        self, run_id: str, *, attempt: int | None = None, settle_s: float = 30
+    ) -> list[dict[str, Any]]:
+        """The flow run's task runs (of one ``attempt`` of it, if given), once each has a final state (or after
+        ``settle_s``, as they are then).
+
+        Prefect 3 records task-run states from events, which the server persists on its own schedule: right after
+        the flow run is Completed, its last task run can still read Running for a moment.
+        """
         body = {"flow_runs": {"id": {"any_": [run_id]}}}
-        return self.http.post("/task_runs/filter", json=body).json()
+        deadline = time.monotonic() + settle_s
+        while True:
+            runs = self.http.post("/task_runs/filter", json=body).json()
+            if attempt is not None:
+                runs = [tr for tr in runs if tr["flow_run_run_count"] == attempt]
+            settled = all(tr["state"] and tr["state"]["type"] in TERMINAL for tr in runs)
+            if settled or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.5)
 
     def artifacts(self, run_id: str) -> list[dict[str, Any]]:
         body = {"artifacts": {"flow_run_id": {"any_": [run_id]}}}

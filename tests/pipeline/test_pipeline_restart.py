@@ -177,11 +177,7 @@ def _wait_state(stack, run_id: str, types: set[str], timeout_s: float) -> dict[s
 
 def _attempt_tasks(stack, run_id: str, attempt: int) -> dict[str, dict[str, Any]]:
     """Task runs of one attempt of the flow run, by stage name."""
-    out = {}
-    for tr in stack.task_runs(run_id):
-        if tr["flow_run_run_count"] == attempt:
-            out[tr["name"].rsplit("-", 1)[0]] = tr
-    return out
+    return {tr["name"].rsplit("-", 1)[0]: tr for tr in stack.task_runs(run_id, attempt=attempt)}
 
 
 def _task_log(stack, task_run_id: str) -> str:
