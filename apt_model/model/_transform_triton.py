@@ -61,6 +61,21 @@ def _softmax_rows(x, off):
 
 
 @triton.jit
+def _head_probs(s_h, f, m, off):
+    """Steps 13-14 for one head's cleaned scores: its detail sum before the clamp, and its probabilities."""
+    y = f + 0.2 * (s_h - m)
+    return y, _softmax_rows(_clamp(y, -15.0, 15.0), off)
+
+
+@triton.jit
+def _head_grad(s_h, f, m, off, dprobs):
+    """The gradient at one head's detail sum (before the clamp), from the gradient at its probabilities."""
+    y, probs = _head_probs(s_h, f, m, off)
+    d_out = probs * (dprobs - tl.sum(probs * dprobs, axis=1)[:, None])
+    return tl.where(_within(y, -15.0, 15.0), d_out, 0.0)
+
+
+@triton.jit
 def _sort_key(x):
     # Float bits as an int32 whose signed order is the float order (NaN with the sign bit clear sorts last,
     # as in torch.sort).
@@ -265,26 +280,12 @@ def _forward_core(
 
 
 # Lengths, strides and quantile ranks are not specialised on (divisibility by 16, == 1): decoding visits many lengths,
-# and each specialisation would be another compilation; the tile sizes alone select the code.
-@triton.jit(
-    do_not_specialize=[
-        "Lq",
-        "Lk",
-        "H",
-        "ss_b",
-        "ss_h",
-        "ss_q",
-        "ss_k",
-        "sm_b",
-        "sm_q",
-        "sm_k",
-        "sp_b",
-        "sp_h",
-        "sp_q",
-        "lo25",
-        "lo75",
-    ]
-)
+# and each specialisation would be another compilation; the tile sizes alone select the code. These are the two
+# per-element kernels' common ones; each adds its own output strides.
+_UNSPECIALISED = ("Lq", "Lk", "H", "ss_b", "ss_h", "ss_q", "ss_k", "sm_b", "sm_q", "sm_k", "lo25", "lo75")
+
+
+@triton.jit(do_not_specialize=[*_UNSPECIALISED, "sp_b", "sp_h", "sp_q"])
 def autopoietic_fwd_kernel(
     S, MSK, P, KEYS, W1, B1, W2, B2, TAU, Lq, Lk, H,
     ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, sp_b, sp_h, sp_q,
@@ -308,33 +309,11 @@ def autopoietic_fwd_kernel(
     # 13-14. per-head detail, then the masked softmax (masked entries and all-masked rows exactly 0)
     for h in range(H):
         s_h = _clean(tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32))
-        probs = _softmax_rows(_clamp(f + 0.2 * (s_h - m), -15.0, 15.0), off)
+        _y, probs = _head_probs(s_h, f, m, off)
         tl.store(p_ptrs + h * sp_h, probs.to(P.dtype.element_ty), mask=valid)
 
 
-@triton.jit(
-    do_not_specialize=[
-        "Lq",
-        "Lk",
-        "H",
-        "ss_b",
-        "ss_h",
-        "ss_q",
-        "ss_k",
-        "sm_b",
-        "sm_q",
-        "sm_k",
-        "sg_b",
-        "sg_h",
-        "sg_q",
-        "sg_k",
-        "sd_b",
-        "sd_h",
-        "sd_q",
-        "lo25",
-        "lo75",
-    ]
-)
+@triton.jit(do_not_specialize=[*_UNSPECIALISED, "sg_b", "sg_h", "sg_q", "sg_k", "sd_b", "sd_h", "sd_q"])
 def autopoietic_bwd_kernel(
     S, MSK, KEYS, DP, DS, A0, DA, W1, B1, W2, B2, TAU, DTAU, DB2, Lq, Lk, H,
     ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, sg_b, sg_h, sg_q, sg_k, sd_b, sd_h, sd_q,
@@ -360,11 +339,7 @@ def autopoietic_bwd_kernel(
     df = tl.zeros((BQ, BK), dtype=tl.float32)
     for h in range(H):
         s_h = _clean(tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32))
-        y = f + 0.2 * (s_h - m)
-        probs = _softmax_rows(_clamp(y, -15.0, 15.0), off)
-        dprobs = tl.load(g_ptrs + h * sg_h, mask=valid, other=0.0).to(tl.float32)
-        d_out = probs * (dprobs - tl.sum(probs * dprobs, axis=1)[:, None])
-        df += tl.where(_within(y, -15.0, 15.0), d_out, 0.0)
+        df += _head_grad(s_h, f, m, off, tl.load(g_ptrs + h * sg_h, mask=valid, other=0.0).to(tl.float32))
     dm = -0.2 * df
     # 12
     dm += tl.where(bad, tl.where(_within(m, -10.0, 10.0), df, 0.0), 0.0)
@@ -445,12 +420,9 @@ def autopoietic_bwd_kernel(
     d_ptrs = DS + b * sd_b + offs_q[:, None] * sd_q + offs_k[None, :]
     for h in range(H):
         x = tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32)
-        s_h = _clean(x)
-        y = f + 0.2 * (s_h - m)
-        probs = _softmax_rows(_clamp(y, -15.0, 15.0), off)
         dprobs = tl.load(g_ptrs + h * sg_h, mask=valid, other=0.0).to(tl.float32)
-        d_out = probs * (dprobs - tl.sum(probs * dprobs, axis=1)[:, None])
-        ds = 0.2 * tl.where(_within(y, -15.0, 15.0), d_out, 0.0) + dm_h
+        # The head's own share (0.2 * dy) is recomputed here rather than kept from the pass above.
+        ds = 0.2 * _head_grad(_clean(x), f, m, off, dprobs) + dm_h
         passes = (x == x) & _within(x, -15.0, 15.0)  # finite and not clamped
         tl.store(d_ptrs + h * sd_h, tl.where(passes, ds, 0.0).to(DS.dtype.element_ty), mask=valid)
 
