@@ -65,10 +65,10 @@ def triton_available() -> bool:
 
 
 def _tile(lq: int, lk: int) -> tuple[int, int]:
-    return max(16, triton_next_pow2(lq)), max(16, triton_next_pow2(lk))
+    return max(16, _next_pow2(lq)), max(16, _next_pow2(lk))
 
 
-def triton_next_pow2(n: int) -> int:
+def _next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
@@ -159,12 +159,13 @@ def _backward(
     # What the MLP's parameter gradients are made of, per entry: A0 and the gradient at the MLP's output.
     a0 = torch.empty((batch, lq, lk), dtype=torch.float32, device=dev)
     d_a = torch.empty((batch, lq, lk), dtype=torch.float32, device=dev)
-    d_tau, d_b2 = (torch.zeros(batch, dtype=torch.float32, device=dev) for _ in range(2))
+    # Every entry of these is written by the kernels (no fill needed).
+    d_tau, d_b2 = (torch.empty(batch, dtype=torch.float32, device=dev) for _ in range(2))
     n_elem = batch * lq * lk
-    programs = triton_cdiv(n_elem, _MLP_BLOCK)
-    hp = max(16, triton_next_pow2(hidden))
+    programs = -(-n_elem // _MLP_BLOCK)
+    hp = max(16, _next_pow2(hidden))
     # Per-program partial sums, added up below: deterministic, no atomics.
-    d_w1, d_b1, d_w2 = (torch.zeros((programs, hp), dtype=torch.float32, device=dev) for _ in range(3))
+    d_w1, d_b1, d_w2 = (torch.empty((programs, hp), dtype=torch.float32, device=dev) for _ in range(3))
     if batch > 0:
         with _cuda_guard(scores):
             kernels.autopoietic_bwd_kernel[(batch,)](
@@ -195,10 +196,6 @@ def _backward(
         d_w2[:, :hidden].sum(0).to(w2.dtype).reshape(w2.shape),
         d_b2.sum().to(b2.dtype).reshape(b2.shape),
     )
-
-
-def triton_cdiv(n: int, d: int) -> int:
-    return -(-n // d)
 
 
 @torch.library.custom_op("apt::autopoietic_probs", mutates_args=())
