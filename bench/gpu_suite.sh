@@ -35,6 +35,9 @@
 #   PART=deepspeed-fused — on a 4-GPU host: the scaling line with the fused transform (the default since; the eager
 #                  step it runs is 2.2x faster on one GPU): ZeRO-2 bf16 1/2/4 GPUs, three interleaved repeats, micro 256,
 #                  large data, ranks pinned; then ZeRO-3 + CPU offload train + resume on 2 GPUs with it.
+#   PART=split — GPU 0 alone, after the fused transform's work was split over three kinds of program (rows, the
+#                  per-element statistics, heads): the fused tests, the transform alone (kernel times, warps and rows
+#                  per program), the step at B=256 (fused vs torch-op transform, BART, plain attention) and at B=16.
 #   PART=quality-fused — GPU 0 alone: the best xl recipe (X3) from a cold compile with the fused transform, the
 #                  user path's wall time with nothing else on the card.
 #   PART=dbc-graph — GPU 0: the CUDA-only tests of DBC-DAC's CUDA-graph mode and of the fast path, the DBC-DAC
@@ -257,6 +260,21 @@ if [[ $part == fused3 ]]; then
     timeout 150 python3 bench/transform.py --iters 10 --repeats 3 --out "$out/transform_fused3.json" 2>&1 | tee -a "$log"
     timeout 330 python3 bench/train_step.py --batch 256 16 --variants apt-fast bart-bf16 apt-fast-torch --warmup 5 \
       --steps 20 --repeats 3 --out "$out/train_step_fused3.json" 2>&1 | tee -a "$log"
+  else
+    echo "fused tests failed: benchmarks skipped" | tee -a "$log"
+  fi
+fi
+
+if [[ $part == split ]]; then
+  export CUDA_VISIBLE_DEVICES=0
+  if timeout 90 python3 -m pytest -q -p no:cacheprovider tests/model/test_fused_transform.py 2>&1 | tail -n 8 \
+      | tee -a "$log" | grep -q ' passed' && ! grep -q ' failed' "$log"; then
+    timeout 120 python3 bench/transform.py --skip-matmul --iters 10 --repeats 3 --out "$out/transform_split.json" \
+      2>&1 | tee -a "$log"
+    timeout 240 python3 bench/train_step.py --batch 256 --variants apt-fast bart-bf16 apt-fast-torch plain-fast \
+      --warmup 5 --steps 20 --repeats 3 --out "$out/train_step_split_b256.json" 2>&1 | tee -a "$log"
+    timeout 100 python3 bench/train_step.py --batch 16 --variants apt-fast bart-bf16 --warmup 5 --steps 20 \
+      --repeats 3 --out "$out/train_step_split_b16.json" 2>&1 | tee -a "$log"
   else
     echo "fused tests failed: benchmarks skipped" | tee -a "$log"
   fi

@@ -3,7 +3,8 @@
 Measures `apt_model.model.autopoietic.autopoietic_probs` on scores `[B, 8, 64, 64]` (the Playground shape, causal
 mask) against the same transform whose step-4 MLP is a matmul over the hidden dim (the formulation the library
 used before; kept here only as the comparison), and the fused Triton kernels (`apt_model.model.fused_transform`,
-the default on CUDA) at 4, 8 and 16 warps per program, and at 8 warps with the MLP's hidden units unrolled by 4.
+the default on CUDA) with their defaults, with 4 and 16 warps in the per-element statistics programs, 8 and 32 rows
+per program in the row and head kernels, and the MLP's hidden units unrolled by 4.
 Also times the plain softmax of the same scores, the floor any attention pays. CUDA events, warm-up excluded, median of repeats.
 
 Usage: python bench/transform.py --out bench/results/transform.json
@@ -86,9 +87,22 @@ def gpu_time(fn, args: tuple, device: torch.device, iters: int) -> dict[str, flo
         if us <= 0:
             continue
         per_call["all kernels"] += us / 1000 / iters
-        if "autopoietic" in evt.key:
+        if any(name in evt.key for name in FUSED_KERNELS):
             per_call[evt.key] = us / 1000 / iters
     return per_call
+
+
+# The fused transform's kernels (apt_model/model/_transform_triton.py), timed one by one.
+FUSED_KERNELS = (
+    "rows_fwd_kernel",
+    "stats_fwd_kernel",
+    "heads_fwd_kernel",
+    "heads_bwd_kernel",
+    "stats_bwd_kernel",
+    "rows_bwd_kernel",
+    "scores_bwd_kernel",
+    "mlp_param_grad_kernel",
+)
 
 
 def write(out: Path | None, device: torch.device, results: list[dict[str, Any]]) -> None:
@@ -107,35 +121,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--skip-matmul",
+        action="store_true",
+        help="leave out the matmul-MLP comparison (measured before, slow)",
+    )
     args = p.parse_args(argv)
     device = torch.device("cuda")
     mod = autopoietic.AutopoieticTransform(args.hidden).to(device)
     weights = (mod.tau, mod.w1, mod.b1, mod.w2, mod.b2)
     library_mlp = autopoietic.element_mlp
-    # name: (function, step-4 implementation in place while it is traced and timed, warps of the fused kernels,
-    # the fused kernels' MLP unroll)
+    # name: (function, step-4 implementation in place while it is traced and timed, fused_transform settings)
+    default = {"NUM_WARPS": None, "ROWS_PER_PROGRAM": 16, "MLP_UNROLL": 1}
     variants = {
         # The undecorated transform: one call compiles the same with or without the nested-region marker, and
         # the published figures were taken without it.
-        "library (sum over h)": (autopoietic._autopoietic_probs, library_mlp, None, 1),
-        "matmul over h": (autopoietic._autopoietic_probs, _matmul_element_mlp, None, 1),
-        "softmax only": (_softmax_only, library_mlp, None, 1),
-        "fused Triton, 4 warps": (_fused, library_mlp, 4, 1),
-        "fused Triton, 8 warps": (_fused, library_mlp, 8, 1),
-        "fused Triton, 16 warps": (_fused, library_mlp, 16, 1),
-        "fused Triton, 8 warps, MLP x4": (_fused, library_mlp, 8, 4),
+        "library (sum over h)": (autopoietic._autopoietic_probs, library_mlp, {}),
+        "matmul over h": (autopoietic._autopoietic_probs, _matmul_element_mlp, {}),
+        "softmax only": (_softmax_only, library_mlp, {}),
+        "fused Triton": (_fused, library_mlp, {}),
+        "fused, stats 4 warps": (_fused, library_mlp, {"NUM_WARPS": 4}),
+        "fused, stats 16 warps": (_fused, library_mlp, {"NUM_WARPS": 16}),
+        "fused, 8 rows/program": (_fused, library_mlp, {"ROWS_PER_PROGRAM": 8}),
+        "fused, 32 rows/program": (_fused, library_mlp, {"ROWS_PER_PROGRAM": 32}),
+        "fused, MLP x4": (_fused, library_mlp, {"MLP_UNROLL": 4}),
     }
+    if args.skip_matmul:
+        del variants["matmul over h"]
     results: list[dict[str, Any]] = []
     for b in args.batch:
         g = torch.Generator(device=device).manual_seed(b)
         scores = torch.randn(b, 8, 64, 64, device=device, generator=g, dtype=torch.bfloat16) * 3
         masked = causal_mask(64, 64, device).unsqueeze(0)
         scores = scores.masked_fill(masked.unsqueeze(1), float("-inf")).requires_grad_(True)
-        for name, (fn, mlp, warps, unroll) in variants.items():
+        for name, (fn, mlp, settings) in variants.items():
             # The fused kernels are one launch each way already: nothing for inductor to fuse.
             compiled = fn if fn is _fused else torch.compile(fn, dynamic=False)
-            fused_transform.NUM_WARPS = warps
-            fused_transform.MLP_UNROLL = unroll
+            for key, value in {**default, **settings}.items():
+                setattr(fused_transform, key, value)
             autopoietic.element_mlp = mlp
             try:
                 ms = time_fn(
@@ -144,13 +167,13 @@ def main(argv: list[str] | None = None) -> int:
                 gpu = gpu_time(compiled, (scores, masked, *weights), device, args.iters)
             finally:
                 autopoietic.element_mlp = library_mlp
-                fused_transform.NUM_WARPS = None
-                fused_transform.MLP_UNROLL = 1
+                for key, value in default.items():
+                    setattr(fused_transform, key, value)
             results.append({"batch": b, "variant": name, "ms_fwd_bwd": ms, "gpu_ms": gpu})
             write(args.out, device, results)  # after every variant: a run cut short keeps what it measured
             kernels = "  ".join(f"{k} {v:.3f}" for k, v in gpu.items() if k != "all kernels")
             print(
-                f"B={b:<4} {name:<22} {ms:7.3f} ms fwd+bwd (wall)  GPU {gpu['all kernels']:7.3f} ms  {kernels}",
+                f"B={b:<4} {name:<24} {ms:7.3f} ms fwd+bwd (wall)  GPU {gpu['all kernels']:7.3f} ms  {kernels}",
                 flush=True,
             )
             torch._dynamo.reset()

@@ -1,11 +1,21 @@
-"""Triton kernels: the autopoietic transform and its masked softmax in one pass per batch element, and the backward.
+"""Triton kernels: the autopoietic transform and its masked softmax, forward and backward.
 
-Imported only where Triton is available (see :mod:`apt_model.model.fused_transform`). One program handles one batch
-element ``b``: its ``[Lq, Lk]`` head-mean map and every per-element statistic stay in registers, the ``H`` score
-matrices are streamed from memory (twice in the forward, three times in the backward, where the forward is
-recomputed instead of saved, except the keys of the quantiles' order statistics: four int32 per element). The element
-MLP's parameter gradients are sums over every entry of the batch: :func:`mlp_param_grad_kernel` makes them, parallel
-over entries, from the ``A0`` and ``dA`` the backward writes out. The steps follow ``shared/spec/apt-model.md`` and
+Imported only where Triton is available (see :mod:`apt_model.model.fused_transform`). The transform's work splits
+three ways, and each part gets its own grid, so that no program runs more of the chain than it must:
+
+* **row work** (steps 1-7: the head mean, the element MLP, the gate, the row softmaxes of step 6): every entry
+  depends only on its own row, so programs take ``RB`` rows of one batch element, grid ``B x row blocks``;
+* **per-matrix statistics** (steps 8-12: norms, means, variances, the maximum, the quantiles, the fallback): one
+  program per batch element over its whole ``[Lq, Lk]`` tile, which arrives as three float32 maps written by the row
+  kernel (``M``, ``T0 = Sg * Fz`` and ``Hm``), so this program does only the statistics;
+* **head work** (steps 13-14 and the softmax): grid ``B x H x row blocks``, one head's rows each.
+
+The forward is rows -> statistics -> heads; it keeps ``M``, ``T0``, ``Hm`` and ``base = F - 0.2 M`` (four float32
+maps per element, the "work" tensor) and the keys of the quantiles' order statistics (four int32 per element) for
+the backward. The backward is heads (the gradient at ``F``, summed over heads) -> statistics (steps 12-8 back: the
+gradients at ``T0`` and, from the statistics, at ``M``) -> rows (steps 7-3 back: the full gradient at ``M``) ->
+heads (the scores' gradient), and :func:`mlp_param_grad_kernel` sums the element MLP's parameter gradients over
+every entry, parallel over entries. The steps follow ``shared/spec/apt-model.md`` and
 :func:`apt_model.model.autopoietic.autopoietic_transform` line by line; the backward is that function's autograd
 written out, with torch's conventions at the edges (``clamp`` passes the gradient on its bounds, ``amax`` splits it
 among ties, ``nan_to_num`` blocks it at non-finite inputs). Two deliberate differences, both within float32 rounding
@@ -14,13 +24,19 @@ of the reference or a valid subgradient of it:
 * the quantiles are found by bisection on the float bits (the exact order statistics, no sort), and when several
   entries tie with an order statistic the quantile's gradient is split among them evenly (``torch.sort`` hands it to
   one of them);
-* sums run in a different order than torch's reductions.
+* sums run in a different order than torch's reductions, and step 13 adds ``0.2 S_h`` to ``F - 0.2 M``.
+
+No atomics: every sum over programs is written as per-program partials and added up by the caller (deterministic).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+# Planes of the forward's saved float32 "work" tensor [B, 4, Lq, Lk], and of the backward's scratch of the same shape.
+W_M, W_T0, W_HM, W_BASE = 0, 1, 2, 3
+G_DF, G_DT0, G_DMS, G_DM = 0, 1, 2, 3
 
 
 @triton.jit
@@ -61,16 +77,17 @@ def _softmax_rows(x, off):
 
 
 @triton.jit
-def _head_probs(s_h, f, m, off):
-    """Steps 13-14 for one head's cleaned scores: its detail sum before the clamp, and its probabilities."""
-    y = f + 0.2 * (s_h - m)
+def _head_probs(s_h, base, off):
+    """Steps 13-14 for one head's cleaned scores (``base = F - 0.2 M``): the detail sum before the clamp, and the
+    probabilities."""
+    y = base + 0.2 * s_h
     return y, _softmax_rows(_clamp(y, -15.0, 15.0), off)
 
 
 @triton.jit
-def _head_grad(s_h, f, m, off, dprobs):
+def _head_grad(s_h, base, off, dprobs):
     """The gradient at one head's detail sum (before the clamp), from the gradient at its probabilities."""
-    y, probs = _head_probs(s_h, f, m, off)
+    y, probs = _head_probs(s_h, base, off)
     d_out = probs * (dprobs - tl.sum(probs * dprobs, axis=1)[:, None])
     return tl.where(_within(y, -15.0, 15.0), d_out, 0.0)
 
@@ -81,6 +98,13 @@ def _sort_key(x):
     # as in torch.sort).
     bits = x.to(tl.int32, bitcast=True)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _key_value(k):
+    """Inverse of :func:`_sort_key` (the same xor undoes itself: it leaves the sign bit alone)."""
+    bits = k.to(tl.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -112,13 +136,6 @@ def _order_pairs(key, x, valid, k1, k2):
 
 
 @triton.jit
-def _key_value(k):
-    """Inverse of :func:`_sort_key` (the same xor undoes itself: it leaves the sign bit alone)."""
-    bits = k.to(tl.int32)
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _next_order(key, x, valid, k_lo, k):
     """Given the key ``k_lo`` of the k-th smallest entry: its value, and the key and value of the (k+1)-th."""
     big = 2147483647
@@ -146,30 +163,16 @@ def _quantile_grad(key, valid, k_lo, k_hi, frac, g):
 
 
 @triton.jit
-def _forward_core(
-    S, MSK, KEYS, W1, B1, W2, B2, TAU, b, Lq, Lk, H,
-    ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k,
-    e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75,
-    HID: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr, SEARCH: tl.constexpr,
-    NEED_PSI: tl.constexpr, MLP_UNROLL: tl.constexpr,
-):  # fmt: skip
-    """Steps 1-12 for batch element ``b``: the shared map ``f`` and what the backward needs.
-
-    ``SEARCH``: find the quantiles' order statistics and store their keys in ``KEYS[b]`` (forward); otherwise load
-    them from there (backward: the same F, so the same entries). ``NEED_PSI``: also ``psi = dA/dA0 / 1``, the MLP's
-    derivative at each entry, ``sum_j w2_j w1_j [unit j passes]``. ``MLP_UNROLL`` > 1: the MLP's hidden units in
-    unrolled blocks of that many, so that their weights are loaded together (an experiment, see
-    ``fused_transform.MLP_UNROLL``); 1 is the loop that BENCHMARKS.md measured.
-    """
-    offs_q = tl.arange(0, BQ)
+def _row_block(Lq, Lk, AXIS: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr):
+    """Row block ``program_id(AXIS)``: its row and column offsets and which entries exist."""
+    offs_q = tl.program_id(AXIS) * RB + tl.arange(0, RB)
     offs_k = tl.arange(0, BK)
     valid = (offs_q[:, None] < Lq) & (offs_k[None, :] < Lk)
-    s_ptrs = S + b * ss_b + offs_q[:, None] * ss_q + offs_k[None, :] * ss_k
-    # 1-2. clean each head's scores, mean over heads
-    acc = tl.zeros((BQ, BK), dtype=tl.float32)
-    for h in range(H):
-        acc += _clean(tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32))
-    m = acc / H
+    return offs_q, offs_k, valid
+
+
+@triton.jit
+def _load_mask(MSK, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK: tl.constexpr):
     if HAS_MASK:
         msk = (
             tl.load(MSK + b * sm_b + offs_q[:, None] * sm_q + offs_k[None, :] * sm_k, mask=valid, other=0)
@@ -177,10 +180,25 @@ def _forward_core(
         )
     else:
         msk = valid & (offs_q[:, None] < 0)
+    return msk
+
+
+@triton.jit
+def _rows_core(
+    MSK, W1, B1, W2, B2, m, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, e,
+    HID: tl.constexpr, HAS_MASK: tl.constexpr, NEED_PSI: tl.constexpr, MLP_UNROLL: tl.constexpr,
+):  # fmt: skip
+    """Steps 3-7 for a block of rows of the head mean ``m``: everything in them depends on the entry or its row.
+
+    ``NEED_PSI``: also ``psi = dA/dA0``, the MLP's derivative at each entry, ``sum_j w2_j w1_j [unit j passes]``.
+    ``MLP_UNROLL`` > 1: the MLP's hidden units in unrolled blocks of that many, so that their weights are loaded
+    together (see ``fused_transform.MLP_UNROLL``).
+    """
+    msk = _load_mask(MSK, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK)
     # 3-4. per-element MLP
     a0 = _clamp(_clamp(m, -8.0, 8.0) * e, -10.0, 10.0)
-    mlp = tl.zeros((BQ, BK), dtype=tl.float32)
-    psi = tl.zeros((BQ, BK), dtype=tl.float32)
+    mlp = tl.zeros(m.shape, dtype=tl.float32)
+    psi = tl.zeros(m.shape, dtype=tl.float32)
     if MLP_UNROLL == 1:
         for j in range(HID):
             w1j = tl.load(W1 + j).to(tl.float32)
@@ -212,8 +230,19 @@ def _forward_core(
     p = _softmax_rows(_clamp(m, -10.0, 10.0), ~valid)
     hm = -p * tl.log(p + 1e-6)
     fz = _softmax_rows(3.0 * hm, ~valid)
-    # 7-8. energy balance
+    # 7. (the energy balance that follows needs the whole matrix)
     t0 = tl.where(valid, sg * fz, 0.0)
+    return msk, a0, a_pre, psi, tay_pre, sg, p, hm, fz, t0
+
+
+@triton.jit
+def _stats_core(
+    m, t0, hm, valid, KEYS, TAU, b, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75, SEARCH: tl.constexpr
+):
+    """Steps 8-12 for batch element ``b`` from its whole ``m``, ``t0`` and ``hm`` maps: the shared map ``f`` and
+    what the backward needs. ``SEARCH``: find the quantiles' order statistics and store their keys in ``KEYS[b]``
+    (forward); otherwise load them from there (backward: the same F, so the same entries)."""
+    # 8. energy balance
     mv = tl.where(valid, m, 0.0)
     nm = tl.sqrt(_sum2(mv * mv))
     nt = tl.sqrt(_sum2(t0 * t0))
@@ -273,73 +302,127 @@ def _forward_core(
     bad = (_sum2(tl.where(valid & ~finite, 1.0, 0.0)) / n_f) > 0.2
     f = tl.where(bad, _clamp(m, -10.0, 10.0), _clamp(tl.where(f2 != f2, 0.0, f2), -10.0, 10.0))
     return (
-        valid, msk, m, a0, a_pre, psi, tay_pre, sg, p, fz, t0, nm, nt, c_pre, c, t, tm, tc, mc, tv_pre, ov_pre, tv,
-        ov, g_pre, g, r_pre, big_r, mix_pre, mix, kappa, tp, ratio_pre, r, f1, key, k25lo, k25hi, k75lo, k75hi,
-        iqr, iqc, tau_raw, tau0, temp_pre, temp, f2_pre, f2, finite, bad, f,
+        mv, nm, nt, c_pre, c, tc, mc, tv_pre, ov_pre, tv, ov, g_pre, g, r_pre, big_r, mix_pre, mix, kappa, tp,
+        ratio_pre, r, f1, key, k25lo, k25hi, k75lo, k75hi, iqr, iqc, tau_raw, tau0, temp_pre, temp, f2_pre, f2,
+        finite, bad, f,
     )  # fmt: skip
 
 
 # Lengths, strides and quantile ranks are not specialised on (divisibility by 16, == 1): decoding visits many lengths,
-# and each specialisation would be another compilation; the tile sizes alone select the code. These are the two
-# per-element kernels' common ones; each adds its own output strides.
-_UNSPECIALISED = ("Lq", "Lk", "H", "ss_b", "ss_h", "ss_q", "ss_k", "sm_b", "sm_q", "sm_k", "lo25", "lo75")
+# and each specialisation would be another compilation; the tile sizes alone select the code.
+_SHAPE = ("Lq", "Lk", "n_e")
+_SCORES = ("H", "ss_b", "ss_h", "ss_q", "ss_k")
+_MASK = ("sm_b", "sm_q", "sm_k")
 
 
-@triton.jit(do_not_specialize=[*_UNSPECIALISED, "sp_b", "sp_h", "sp_q"])
-def autopoietic_fwd_kernel(
-    S, MSK, P, KEYS, W1, B1, W2, B2, TAU, Lq, Lk, H,
-    ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, sp_b, sp_h, sp_q,
-    e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75,
-    HID: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr, MLP_UNROLL: tl.constexpr,
+@triton.jit(do_not_specialize=[*_SHAPE, *_SCORES, *_MASK])
+def rows_fwd_kernel(
+    S, MSK, WORK, W1, B1, W2, B2, Lq, Lk, n_e, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, e,
+    HID: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr, MLP_UNROLL: tl.constexpr,
 ):  # fmt: skip
+    """Steps 1-7 for ``RB`` rows of element ``program_id(0)``: writes ``M``, ``T0`` and ``Hm``."""
     b = tl.program_id(0).to(tl.int64)
-    (
-        valid, msk, m, _a0, _a_pre, _psi, _tay_pre, _sg, _p, _fz, _t0, _nm, _nt, _c_pre, _c, _t, _tm, _tc, _mc,
-        _tv_pre, _ov_pre, _tv, _ov, _g_pre, _g, _r_pre, _big_r, _mix_pre, _mix, _kappa, _tp, _ratio_pre, _r, _f1, _key,
-        _k25lo, _k25hi, _k75lo, _k75hi, _iqr, _iqc, _tau_raw, _tau0, _temp_pre, _temp, _f2_pre, _f2, _finite, _bad, f,
-    ) = _forward_core(
-        S, MSK, KEYS, W1, B1, W2, B2, TAU, b, Lq, Lk, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k,
-        e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75, HID, BQ, BK, HAS_MASK, True, False, MLP_UNROLL,
-    )  # fmt: skip
-    offs_q = tl.arange(0, BQ)
-    offs_k = tl.arange(0, BK)
+    offs_q, offs_k, valid = _row_block(Lq, Lk, 1, RB, BK)
     s_ptrs = S + b * ss_b + offs_q[:, None] * ss_q + offs_k[None, :] * ss_k
-    p_ptrs = P + b * sp_b + offs_q[:, None] * sp_q + offs_k[None, :]
-    off = msk | ~valid
-    # 13-14. per-head detail, then the masked softmax (masked entries and all-masked rows exactly 0)
+    # 1-2. clean each head's scores, mean over heads
+    acc = tl.zeros((RB, BK), dtype=tl.float32)
     for h in range(H):
-        s_h = _clean(tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32))
-        _y, probs = _head_probs(s_h, f, m, off)
-        tl.store(p_ptrs + h * sp_h, probs.to(P.dtype.element_ty), mask=valid)
-
-
-@triton.jit(do_not_specialize=[*_UNSPECIALISED, "sg_b", "sg_h", "sg_q", "sg_k", "sd_b", "sd_h", "sd_q"])
-def autopoietic_bwd_kernel(
-    S, MSK, KEYS, DP, DS, A0, DA, W1, B1, W2, B2, TAU, DTAU, DB2, Lq, Lk, H,
-    ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, sg_b, sg_h, sg_q, sg_k, sd_b, sd_h, sd_q,
-    e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75,
-    HID: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr, MLP_UNROLL: tl.constexpr,
-):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    (
-        valid, msk, m, a0, a_pre, psi, tay_pre, sg, p, fz, t0, nm, nt, c_pre, c, _t, _tm, tc, mc, tv_pre, ov_pre, tv,
-        ov, g_pre, g, r_pre, big_r, mix_pre, mix, kappa, tp, ratio_pre, r, f1, key, k25lo, k25hi, k75lo, k75hi,
-        iqr, iqc, tau_raw, tau0, temp_pre, temp, f2_pre, f2, finite, bad, f,
-    ) = _forward_core(
-        S, MSK, KEYS, W1, B1, W2, B2, TAU, b, Lq, Lk, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k,
-        e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75, HID, BQ, BK, HAS_MASK, False, True, MLP_UNROLL,
+        acc += _clean(tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32))
+    m = acc / H
+    _msk, _a0, _a_pre, _psi, _tay_pre, _sg, _p, hm, _fz, t0 = _rows_core(
+        MSK, W1, B1, W2, B2, m, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, e, HID, HAS_MASK, False, MLP_UNROLL
     )  # fmt: skip
+    w_ptrs = WORK + b * 4 * n_e + offs_q[:, None] * Lk + offs_k[None, :]
+    tl.store(w_ptrs + W_M * n_e, m, mask=valid)
+    tl.store(w_ptrs + W_T0 * n_e, t0, mask=valid)
+    tl.store(w_ptrs + W_HM * n_e, hm, mask=valid)
+
+
+@triton.jit(do_not_specialize=[*_SHAPE, "lo25", "lo75"])
+def stats_fwd_kernel(
+    WORK, KEYS, TAU, Lq, Lk, n_e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75,
+    BQ: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """Steps 8-12 for element ``program_id(0)``: stores ``base = F - 0.2 M`` and the quantiles' keys."""
+    b = tl.program_id(0).to(tl.int64)
     offs_q = tl.arange(0, BQ)
     offs_k = tl.arange(0, BK)
+    valid = (offs_q[:, None] < Lq) & (offs_k[None, :] < Lk)
+    w_ptrs = WORK + b * 4 * n_e + offs_q[:, None] * Lk + offs_k[None, :]
+    m = tl.load(w_ptrs + W_M * n_e, mask=valid, other=0.0)
+    t0 = tl.load(w_ptrs + W_T0 * n_e, mask=valid, other=0.0)
+    hm = tl.load(w_ptrs + W_HM * n_e, mask=valid, other=0.0)
+    stats = _stats_core(
+        m, t0, hm, valid, KEYS, TAU, b, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75, True
+    )
+    f = stats[-1]
+    tl.store(w_ptrs + W_BASE * n_e, f - 0.2 * m, mask=valid)
+
+
+@triton.jit(do_not_specialize=[*_SHAPE, *_SCORES, *_MASK, "sp_b", "sp_h", "sp_q"])
+def heads_fwd_kernel(
+    S, MSK, WORK, P, Lq, Lk, n_e, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, sp_b, sp_h, sp_q,
+    RB: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    """Steps 13-14 and the masked softmax for ``RB`` rows of head ``program_id(1)`` of element ``program_id(0)``."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_q, offs_k, valid = _row_block(Lq, Lk, 2, RB, BK)
+    off = _load_mask(MSK, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK) | ~valid
+    base = tl.load(
+        WORK + b * 4 * n_e + W_BASE * n_e + offs_q[:, None] * Lk + offs_k[None, :], mask=valid, other=0.0
+    )
+    s_ptrs = S + b * ss_b + h * ss_h + offs_q[:, None] * ss_q + offs_k[None, :] * ss_k
+    s_h = _clean(tl.load(s_ptrs, mask=valid, other=0.0).to(tl.float32))
+    _y, probs = _head_probs(s_h, base, off)
+    p_ptrs = P + b * sp_b + h * sp_h + offs_q[:, None] * sp_q + offs_k[None, :]
+    tl.store(p_ptrs, probs.to(P.dtype.element_ty), mask=valid)
+
+
+@triton.jit(do_not_specialize=[*_SHAPE, *_SCORES, *_MASK, "sg_b", "sg_h", "sg_q", "sg_k"])
+def heads_bwd_kernel(
+    S, MSK, WORK, DP, GRADS, Lq, Lk, n_e, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, sg_b, sg_h, sg_q, sg_k,
+    RB: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    """14-13 back for ``RB`` rows of element ``program_id(0)``: the gradient at ``F``, summed over the heads."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_q, offs_k, valid = _row_block(Lq, Lk, 1, RB, BK)
+    off = _load_mask(MSK, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK) | ~valid
+    e_ptrs = b * 4 * n_e + offs_q[:, None] * Lk + offs_k[None, :]
+    base = tl.load(WORK + e_ptrs + W_BASE * n_e, mask=valid, other=0.0)
     s_ptrs = S + b * ss_b + offs_q[:, None] * ss_q + offs_k[None, :] * ss_k
     g_ptrs = DP + b * sg_b + offs_q[:, None] * sg_q + offs_k[None, :] * sg_k
-    off = msk | ~valid
-
-    # 14-13. softmax and per-head detail, summed over heads onto F (and, through -0.2 M, onto M)
-    df = tl.zeros((BQ, BK), dtype=tl.float32)
+    df = tl.zeros((RB, BK), dtype=tl.float32)
     for h in range(H):
         s_h = _clean(tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32))
-        df += _head_grad(s_h, f, m, off, tl.load(g_ptrs + h * sg_h, mask=valid, other=0.0).to(tl.float32))
+        df += _head_grad(s_h, base, off, tl.load(g_ptrs + h * sg_h, mask=valid, other=0.0).to(tl.float32))
+    tl.store(GRADS + e_ptrs + G_DF * n_e, df, mask=valid)
+
+
+@triton.jit(do_not_specialize=[*_SHAPE, "lo25", "lo75"])
+def stats_bwd_kernel(
+    WORK, GRADS, KEYS, TAU, DTAU, DHM, Lq, Lk, n_e, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75,
+    BQ: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """Steps 12-8 back for element ``program_id(0)``: the gradients at ``T0`` and, through the statistics and step
+    13's ``-0.2 M``, at ``M``; the mean entropy's gradient (one number per element, ``DHM``) and ``tau``'s share."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_q = tl.arange(0, BQ)
+    offs_k = tl.arange(0, BK)
+    valid = (offs_q[:, None] < Lq) & (offs_k[None, :] < Lk)
+    e_ptrs = b * 4 * n_e + offs_q[:, None] * Lk + offs_k[None, :]
+    m = tl.load(WORK + e_ptrs + W_M * n_e, mask=valid, other=0.0)
+    t0 = tl.load(WORK + e_ptrs + W_T0 * n_e, mask=valid, other=0.0)
+    hm = tl.load(WORK + e_ptrs + W_HM * n_e, mask=valid, other=0.0)
+    df = tl.load(GRADS + e_ptrs + G_DF * n_e, mask=valid, other=0.0)
+    (
+        _mv, nm, nt, c_pre, c, tc, mc, tv_pre, ov_pre, tv, ov, g_pre, g, r_pre, big_r, mix_pre, mix, kappa, tp,
+        ratio_pre, r, f1, key, k25lo, k25hi, k75lo, k75hi, iqr, iqc, tau_raw, tau0, temp_pre, temp, f2_pre, f2,
+        finite, bad, _f,
+    ) = _stats_core(
+        m, t0, hm, valid, KEYS, TAU, b, n_f, log_lk, has_ratio, lo25, frac25, lo75, frac75, False
+    )  # fmt: skip
+    # 13: F - 0.2 M
     dm = -0.2 * df
     # 12
     dm += tl.where(bad, tl.where(_within(m, -10.0, 10.0), df, 0.0), 0.0)
@@ -358,7 +441,6 @@ def autopoietic_bwd_kernel(
     dm += df1 * r
     dr = _sum2(tl.where(valid, df1 * (m - tp), 0.0))
     d_hmean = tl.where((has_ratio > 0.5) & _within(ratio_pre, 0.0, 0.4), dr / log_lk, 0.0)
-    dhm = tl.where(valid, d_hmean / n_f, 0.0)
     # 9
     dkappa = _sum2(dtp * tc)
     dt = dtp * kappa
@@ -392,12 +474,33 @@ def autopoietic_bwd_kernel(
     dnt = -dc_pre * (nm + 1e-4) / ((nt + 1e-4) * (nt + 1e-4))
     dm += tl.where(nm > 0, dnm / tl.where(nm > 0, nm, 1.0), 0.0) * m
     dt0 += tl.where(nt > 0, dnt / tl.where(nt > 0, nt, 1.0), 0.0) * t0
-    dt0 = tl.where(valid, dt0, 0.0)
+    tl.store(GRADS + e_ptrs + G_DT0 * n_e, dt0, mask=valid)
+    tl.store(GRADS + e_ptrs + G_DMS * n_e, dm, mask=valid)
+    tl.store(DHM + b, d_hmean / n_f)
+    tl.store(DTAU + b, dtau)
+
+
+@triton.jit(do_not_specialize=[*_SHAPE, *_MASK])
+def rows_bwd_kernel(
+    MSK, WORK, GRADS, DHM, A0, DA, DB2, W1, B1, W2, B2, Lq, Lk, n_e, H, sm_b, sm_q, sm_k, e,
+    HID: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr, MLP_UNROLL: tl.constexpr,
+):  # fmt: skip
+    """Steps 7-2 back for ``RB`` rows of element ``program_id(0)``: the full gradient at ``M`` over ``H`` (each
+    head's share of the mean), and the MLP's input ``A0`` and output gradient for its parameters' sums."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_q, offs_k, valid = _row_block(Lq, Lk, 1, RB, BK)
+    e_ptrs = b * 4 * n_e + offs_q[:, None] * Lk + offs_k[None, :]
+    m = tl.load(WORK + e_ptrs + W_M * n_e, mask=valid, other=0.0)
+    dt0 = tl.load(GRADS + e_ptrs + G_DT0 * n_e, mask=valid, other=0.0)
+    dm = tl.load(GRADS + e_ptrs + G_DMS * n_e, mask=valid, other=0.0)
+    msk, a0, a_pre, psi, tay_pre, sg, p, _hm, fz, _t0 = _rows_core(
+        MSK, W1, B1, W2, B2, m, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, e, HID, HAS_MASK, True, MLP_UNROLL
+    )  # fmt: skip
     # 7
     dsg = dt0 * fz
     dfz = dt0 * sg
-    # 6
-    dhm += 3.0 * fz * (dfz - tl.sum(fz * dfz, axis=1)[:, None])
+    # 6 (and step 10's mean entropy, the same share for every entry)
+    dhm = tl.where(valid, tl.load(DHM + b), 0.0) + 3.0 * fz * (dfz - tl.sum(fz * dfz, axis=1)[:, None])
     dp = tl.where(valid, dhm * -(tl.log(p + 1e-6) + p / (p + 1e-6)), 0.0)
     dmc = p * (dp - tl.sum(p * dp, axis=1)[:, None])
     dm += tl.where(_within(m, -10.0, 10.0), dmc, 0.0)
@@ -406,25 +509,43 @@ def autopoietic_bwd_kernel(
     da_pre = tl.where(_within(tay_pre, 0.5, 1.5) & _within(a_pre, -5.0, 5.0), 2.5 * dtay, 0.0)
     # 4. dA0 through the MLP here; its parameters' gradients are sums over every entry of the batch, made in
     # mlp_param_grad_kernel (parallel over entries) from the A0 and dA_pre written out here.
-    tl.store(DB2 + b, _sum2(da_pre))
-    da0 = da_pre * psi
-    e_ptrs = b * Lq * Lk + offs_q[:, None] * Lk + offs_k[None, :]
-    tl.store(A0 + e_ptrs, a0, mask=valid)
-    tl.store(DA + e_ptrs, da_pre, mask=valid)
-    tl.store(DTAU + b, dtau)
+    tl.store(DB2 + b * tl.num_programs(1) + tl.program_id(1), _sum2(da_pre))
+    flat = b * n_e + offs_q[:, None] * Lk + offs_k[None, :]
+    tl.store(A0 + flat, a0, mask=valid)
+    tl.store(DA + flat, da_pre, mask=valid)
     # 3
-    dm += tl.where(_within(m, -8.0, 8.0), da0 * e, 0.0)
-    dm_h = dm / H
+    dm += tl.where(_within(m, -8.0, 8.0), da_pre * psi * e, 0.0)
+    tl.store(GRADS + e_ptrs + G_DM * n_e, dm / H, mask=valid)
 
-    # 2-1. onto each head's raw scores
-    d_ptrs = DS + b * sd_b + offs_q[:, None] * sd_q + offs_k[None, :]
-    for h in range(H):
-        x = tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32)
-        dprobs = tl.load(g_ptrs + h * sg_h, mask=valid, other=0.0).to(tl.float32)
-        # The head's own share (0.2 * dy) is recomputed here rather than kept from the pass above.
-        ds = 0.2 * _head_grad(_clean(x), f, m, off, dprobs) + dm_h
-        passes = (x == x) & _within(x, -15.0, 15.0)  # finite and not clamped
-        tl.store(d_ptrs + h * sd_h, tl.where(passes, ds, 0.0).to(DS.dtype.element_ty), mask=valid)
+
+@triton.jit(
+    do_not_specialize=[*_SHAPE, *_SCORES, *_MASK, "sg_b", "sg_h", "sg_q", "sg_k", "sd_b", "sd_h", "sd_q"]
+)
+def scores_bwd_kernel(
+    S, MSK, WORK, DP, GRADS, DS, Lq, Lk, n_e, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k,
+    sg_b, sg_h, sg_q, sg_k, sd_b, sd_h, sd_q,
+    RB: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    """Steps 13 and 2-1 back for ``RB`` rows of head ``program_id(1)``: the head's own share (``0.2 dy``,
+    recomputed rather than kept from the first pass) plus its share of the mean's, onto its raw scores."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_q, offs_k, valid = _row_block(Lq, Lk, 2, RB, BK)
+    off = _load_mask(MSK, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK) | ~valid
+    e_ptrs = b * 4 * n_e + offs_q[:, None] * Lk + offs_k[None, :]
+    base = tl.load(WORK + e_ptrs + W_BASE * n_e, mask=valid, other=0.0)
+    dm_h = tl.load(GRADS + e_ptrs + G_DM * n_e, mask=valid, other=0.0)
+    x = tl.load(
+        S + b * ss_b + h * ss_h + offs_q[:, None] * ss_q + offs_k[None, :] * ss_k, mask=valid, other=0.0
+    )
+    x = x.to(tl.float32)
+    dprobs = tl.load(
+        DP + b * sg_b + h * sg_h + offs_q[:, None] * sg_q + offs_k[None, :] * sg_k, mask=valid, other=0.0
+    )
+    ds = 0.2 * _head_grad(_clean(x), base, off, dprobs.to(tl.float32)) + dm_h
+    passes = (x == x) & _within(x, -15.0, 15.0)  # finite and not clamped
+    d_ptrs = DS + b * sd_b + h * sd_h + offs_q[:, None] * sd_q + offs_k[None, :]
+    tl.store(d_ptrs, tl.where(passes, ds, 0.0).to(DS.dtype.element_ty), mask=valid)
 
 
 @triton.jit(do_not_specialize=["n_elem"])

@@ -36,8 +36,10 @@ KERNELS = ("auto", "triton", "torch")
 # lengths); a larger tile would spill registers, so longer sequences take the torch ops.
 MAX_TILE = 64 * 64
 
-# Warps per program; None: by tile size (8 for 64 x 64). bench/transform.py sweeps it.
+# Warps of the per-element statistics programs; None: by tile size (8 for 64 x 64). bench/transform.py sweeps it.
 NUM_WARPS: int | None = None
+# Rows of one batch element per program of the row and head kernels (16 x 64 entries: 4 warps).
+ROWS_PER_PROGRAM = 16
 # The element MLP's hidden units per unrolled block in the per-element kernels. 1 (a plain loop) is what
 # BENCHMARKS.md measured; bench/transform.py also times 4 (the weights of 4 units loaded together), not yet measured.
 MLP_UNROLL = 1
@@ -87,7 +89,8 @@ def uses_fused(scores: Tensor) -> bool:
     return fits_fused(scores.shape[-2], scores.shape[-1], scores.dtype)
 
 
-def _launch_args(scores: Tensor, masked: Tensor | None, eps: float) -> tuple[list, dict]:
+def _launch_args(scores: Tensor, masked: Tensor | None, eps: float) -> tuple[Tensor, tuple, dict, dict]:
+    """The mask and its strides, the statistics' scalars, and the tile sizes of the three kinds of program."""
     batch, _, lq, lk = scores.shape
     n = lq * lk
     pos25, pos75 = 0.25 * (n - 1), 0.75 * (n - 1)
@@ -100,24 +103,21 @@ def _launch_args(scores: Tensor, masked: Tensor | None, eps: float) -> tuple[lis
         mask_strides = mask.stride()
     else:
         mask, mask_strides = scores, (0, 0, 0)
-    scalars = [
-        min(max(eps, 0.05), 0.8),  # step 3's e
-        float(n),
-        math.log(lk) if lk > 1 else 1.0,
-        1.0 if lk > 1 else 0.0,  # step 10's ratio is 0 when Lk == 1
-        lo25,
-        pos25 - lo25,
-        lo75,
-        pos75 - lo75,
-    ]
-    meta = {
+    stats = {
+        "n_f": float(n),
+        "log_lk": math.log(lk) if lk > 1 else 1.0,
+        "has_ratio": 1.0 if lk > 1 else 0.0,  # step 10's ratio is 0 when Lk == 1
+        "lo25": lo25,
+        "frac25": pos25 - lo25,
+        "lo75": lo75,
+        "frac75": pos75 - lo75,
         "BQ": bq,
         "BK": bk,
-        "HAS_MASK": masked is not None,
         "num_warps": NUM_WARPS or min(16, max(4, bq * bk // 512)),
-        "MLP_UNROLL": MLP_UNROLL,
     }
-    return [mask, mask_strides, scalars], meta
+    rb = min(bq, ROWS_PER_PROGRAM)
+    rows = {"RB": rb, "BK": bk, "HAS_MASK": masked is not None, "num_warps": max(1, min(8, rb * bk // 256))}
+    return mask, mask_strides, stats, rows
 
 
 # Entries per program of the kernel that sums the MLP's parameter gradients.
@@ -128,66 +128,88 @@ def _cuda_guard(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _forward(scores: Tensor, masked: Tensor | None, tau, w1, b1, w2, b2, eps: float) -> tuple[Tensor, Tensor]:
+def _forward(
+    scores: Tensor, masked: Tensor | None, tau, w1, b1, w2, b2, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
     from apt_model.model import _transform_triton as kernels
 
     batch, heads, lq, lk = scores.shape
-    (mask, mask_strides, scalars), meta = _launch_args(scores, masked, eps)
-    probs = torch.empty((batch, heads, lq, lk), dtype=scores.dtype, device=scores.device)
-    # Per batch element, the keys of the entries at the quantiles' ranks: the backward reuses them.
-    keys = torch.empty((batch, 4), dtype=torch.int32, device=scores.device)
+    mask, mask_strides, stats, rows = _launch_args(scores, masked, eps)
+    dev = scores.device
+    probs = torch.empty((batch, heads, lq, lk), dtype=scores.dtype, device=dev)
+    # Kept for the backward: per batch element, the keys of the entries at the quantiles' ranks, and the float32
+    # maps M, T0, Hm and F - 0.2 M (planes W_M, W_T0, W_HM, W_BASE; every entry is written by the kernels).
+    keys = torch.empty((batch, 4), dtype=torch.int32, device=dev)
+    work = torch.empty((batch, 4, lq, lk), dtype=torch.float32, device=dev)
     if batch > 0:
+        n_e, row_blocks = lq * lk, -(-lq // rows["RB"])
+        e = min(max(eps, 0.05), 0.8)  # step 3's e
         with _cuda_guard(scores):
-            kernels.autopoietic_fwd_kernel[(batch,)](
-                scores, mask, probs, keys, w1, b1, w2, b2, tau, lq, lk, heads,
-                *scores.stride(), *mask_strides, *probs.stride()[:3],
-                *scalars, HID=w1.shape[0], **meta,
+            kernels.rows_fwd_kernel[(batch, row_blocks)](
+                scores, mask, work, w1, b1, w2, b2, lq, lk, n_e, heads, *scores.stride(), *mask_strides, e,
+                HID=w1.shape[0], MLP_UNROLL=MLP_UNROLL, **rows,
             )  # fmt: skip
-    return probs, keys
+            kernels.stats_fwd_kernel[(batch,)](work, keys, tau, lq, lk, n_e, **stats)
+            kernels.heads_fwd_kernel[(batch, heads, row_blocks)](
+                scores, mask, work, probs, lq, lk, n_e, heads, *scores.stride(), *mask_strides,
+                *probs.stride()[:3], **rows,
+            )  # fmt: skip
+    return probs, keys, work
 
 
 def _backward(
-    grad: Tensor, scores: Tensor, masked: Tensor | None, keys: Tensor, tau, w1, b1, w2, b2, eps: float
+    grad: Tensor,
+    scores: Tensor,
+    masked: Tensor | None,
+    keys: Tensor,
+    work: Tensor,
+    tau,
+    w1,
+    b1,
+    w2,
+    b2,
+    eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from apt_model.model import _transform_triton as kernels
 
     batch, heads, lq, lk = scores.shape
     hidden = w1.shape[0]
     dev = scores.device
-    (mask, mask_strides, scalars), meta = _launch_args(scores, masked, eps)
+    mask, mask_strides, stats, rows = _launch_args(scores, masked, eps)
+    n_e, row_blocks = lq * lk, -(-lq // rows["RB"])
     d_scores = torch.empty((batch, heads, lq, lk), dtype=scores.dtype, device=dev)
+    # The gradients at F, T0, M (the statistics' share) and M (all of it, over H): planes G_DF, G_DT0, G_DMS, G_DM.
+    grads = torch.empty((batch, 4, lq, lk), dtype=torch.float32, device=dev)
     # What the MLP's parameter gradients are made of, per entry: A0 and the gradient at the MLP's output.
     a0 = torch.empty((batch, lq, lk), dtype=torch.float32, device=dev)
     d_a = torch.empty((batch, lq, lk), dtype=torch.float32, device=dev)
     # Every entry of these is written by the kernels (no fill needed).
-    d_tau, d_b2 = (torch.empty(batch, dtype=torch.float32, device=dev) for _ in range(2))
-    n_elem = batch * lq * lk
+    d_tau, d_hmean = (torch.empty(batch, dtype=torch.float32, device=dev) for _ in range(2))
+    d_b2 = torch.empty((batch, row_blocks), dtype=torch.float32, device=dev)
+    n_elem = batch * n_e
     programs = -(-n_elem // _MLP_BLOCK)
     hp = max(16, _next_pow2(hidden))
     # Per-program partial sums, added up below: deterministic, no atomics.
     d_w1, d_b1, d_w2 = (torch.empty((programs, hp), dtype=torch.float32, device=dev) for _ in range(3))
     if batch > 0:
+        e = min(max(eps, 0.05), 0.8)
         with _cuda_guard(scores):
-            kernels.autopoietic_bwd_kernel[(batch,)](
-                scores, mask, keys, grad, d_scores, a0, d_a, w1, b1, w2, b2, tau, d_tau, d_b2, lq, lk, heads,
-                *scores.stride(), *mask_strides, *grad.stride(), *d_scores.stride()[:3],
-                *scalars, HID=hidden, **meta,
+            kernels.heads_bwd_kernel[(batch, row_blocks)](
+                scores, mask, work, grad, grads, lq, lk, n_e, heads, *scores.stride(), *mask_strides,
+                *grad.stride(), **rows,
+            )  # fmt: skip
+            kernels.stats_bwd_kernel[(batch,)](work, grads, keys, tau, d_tau, d_hmean, lq, lk, n_e, **stats)
+            kernels.rows_bwd_kernel[(batch, row_blocks)](
+                mask, work, grads, d_hmean, a0, d_a, d_b2, w1, b1, w2, b2, lq, lk, n_e, heads, *mask_strides, e,
+                HID=hidden, MLP_UNROLL=MLP_UNROLL, **rows,
+            )  # fmt: skip
+            kernels.scores_bwd_kernel[(batch, heads, row_blocks)](
+                scores, mask, work, grad, grads, d_scores, lq, lk, n_e, heads, *scores.stride(), *mask_strides,
+                *grad.stride(), *d_scores.stride()[:3], **rows,
             )  # fmt: skip
             kernels.mlp_param_grad_kernel[(programs,)](
-                a0,
-                d_a,
-                w1,
-                b1,
-                w2,
-                d_w1,
-                d_b1,
-                d_w2,
-                n_elem,
-                HID=hidden,
-                HP=hp,
-                BLOCK=_MLP_BLOCK,
-                num_warps=4,
-            )
+                a0, d_a, w1, b1, w2, d_w1, d_b1, d_w2, n_elem, HID=hidden, HP=hp, BLOCK=_MLP_BLOCK, num_warps=4
+            )  # fmt: skip
     return (
         d_scores,
         d_tau.sum().to(tau.dtype).reshape(tau.shape),
@@ -208,15 +230,21 @@ def autopoietic_probs_op(
     w2: Tensor,
     b2: Tensor,
     eps: float,
-) -> tuple[Tensor, Tensor]:
-    """Steps 1-14 and the masked softmax, fused: probabilities ``[B, H, Lq, Lk]`` in ``scores.dtype``, and the
-    ``[B, 4]`` int32 keys of the quantiles' order statistics (saved for the backward)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Steps 1-14 and the masked softmax, fused: probabilities ``[B, H, Lq, Lk]`` in ``scores.dtype``; and, saved
+    for the backward, the ``[B, 4]`` int32 keys of the quantiles' order statistics and the ``[B, 4, Lq, Lk]``
+    float32 maps ``M``, ``T0``, ``Hm``, ``F - 0.2 M``."""
     return _forward(scores, masked, tau, w1, b1, w2, b2, eps)
 
 
 @autopoietic_probs_op.register_fake
 def _(scores, masked, tau, w1, b1, w2, b2, eps):
-    return scores.new_empty(scores.shape), scores.new_empty((scores.shape[0], 4), dtype=torch.int32)
+    batch, _, lq, lk = scores.shape
+    return (
+        scores.new_empty(scores.shape),
+        scores.new_empty((batch, 4), dtype=torch.int32),
+        scores.new_empty((batch, 4, lq, lk), dtype=torch.float32),
+    )
 
 
 def fused_autopoietic_probs(
@@ -239,6 +267,7 @@ def autopoietic_probs_backward_op(
     scores: Tensor,
     masked: Tensor | None,
     keys: Tensor,
+    work: Tensor,
     tau: Tensor,
     w1: Tensor,
     b1: Tensor,
@@ -246,24 +275,24 @@ def autopoietic_probs_backward_op(
     b2: Tensor,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _backward(grad, scores, masked, keys, tau, w1, b1, w2, b2, eps)
+    return _backward(grad, scores, masked, keys, work, tau, w1, b1, w2, b2, eps)
 
 
 @autopoietic_probs_backward_op.register_fake
-def _(grad, scores, masked, keys, tau, w1, b1, w2, b2, eps):
+def _(grad, scores, masked, keys, work, tau, w1, b1, w2, b2, eps):
     return tuple(x.new_empty(x.shape) for x in (scores, tau, w1, b1, w2, b2))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     scores, masked, tau, w1, b1, w2, b2, eps = inputs
-    ctx.save_for_backward(scores, masked, output[1], tau, w1, b1, w2, b2)
+    ctx.save_for_backward(scores, masked, output[1], output[2], tau, w1, b1, w2, b2)
     ctx.eps = eps
 
 
-def _autograd_backward(ctx, grad, _grad_keys):
-    scores, masked, keys, tau, w1, b1, w2, b2 = ctx.saved_tensors
+def _autograd_backward(ctx, grad, _grad_keys, _grad_work):
+    scores, masked, keys, work, tau, w1, b1, w2, b2 = ctx.saved_tensors
     d_scores, d_tau, d_w1, d_b1, d_w2, d_b2 = torch.ops.apt.autopoietic_probs_backward(
-        grad, scores, masked, keys, tau, w1, b1, w2, b2, ctx.eps
+        grad, scores, masked, keys, work, tau, w1, b1, w2, b2, ctx.eps
     )
     return d_scores, None, d_tau, d_w1, d_b1, d_w2, d_b2, None
 
