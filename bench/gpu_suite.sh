@@ -38,6 +38,9 @@
 #   PART=split — GPU 0 alone, after the fused transform's work was split over three kinds of program (rows, the
 #                  per-element statistics, heads): the fused tests, the transform alone (kernel times, warps and rows
 #                  per program), the step at B=256 (fused vs torch-op transform, BART, plain attention) and at B=16.
+#   PART=split2 — the same after the second round: the statistics' independent sums in one tuple reduction over a
+#                  flat block, all heads' rows in one [H, rows, keys] block, the MLP's finite-weight loop, the MLP
+#                  parameter gradients kept in registers over many entries.
 #   PART=quality-fused — GPU 0 alone: the best xl recipe (X3) from a cold compile with the fused transform, the
 #                  user path's wall time with nothing else on the card.
 #   PART=dbc-graph — GPU 0: the CUDA-only tests of DBC-DAC's CUDA-graph mode and of the fast path, the DBC-DAC
@@ -265,16 +268,16 @@ if [[ $part == fused3 ]]; then
   fi
 fi
 
-if [[ $part == split ]]; then
+if [[ $part == split || $part == split2 ]]; then
   export CUDA_VISIBLE_DEVICES=0
   if timeout 90 python3 -m pytest -q -p no:cacheprovider tests/model/test_fused_transform.py 2>&1 | tail -n 8 \
       | tee -a "$log" | grep -q ' passed' && ! grep -q ' failed' "$log"; then
-    timeout 120 python3 bench/transform.py --skip-matmul --iters 10 --repeats 3 --out "$out/transform_split.json" \
+    timeout 120 python3 bench/transform.py --skip-matmul --iters 10 --repeats 3 --out "$out/transform_$part.json" \
       2>&1 | tee -a "$log"
     timeout 240 python3 bench/train_step.py --batch 256 --variants apt-fast bart-bf16 apt-fast-torch plain-fast \
-      --warmup 5 --steps 20 --repeats 3 --out "$out/train_step_split_b256.json" 2>&1 | tee -a "$log"
+      --warmup 5 --steps 20 --repeats 3 --out "$out/train_step_${part}_b256.json" 2>&1 | tee -a "$log"
     timeout 100 python3 bench/train_step.py --batch 16 --variants apt-fast bart-bf16 --warmup 5 --steps 20 \
-      --repeats 3 --out "$out/train_step_split_b16.json" 2>&1 | tee -a "$log"
+      --repeats 3 --out "$out/train_step_${part}_b16.json" 2>&1 | tee -a "$log"
   else
     echo "fused tests failed: benchmarks skipped" | tee -a "$log"
   fi

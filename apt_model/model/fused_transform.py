@@ -15,6 +15,7 @@ Triton is imported on the first fused call only, so ``import apt_model`` stays l
 import contextlib
 import importlib.util
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -38,11 +39,14 @@ MAX_TILE = 64 * 64
 
 # Warps of the per-element statistics programs; None: by tile size (8 for 64 x 64). bench/transform.py sweeps it.
 NUM_WARPS: int | None = None
-# Rows of one batch element per program of the row and head kernels (16 x 64 entries: 4 warps).
-ROWS_PER_PROGRAM = 16
-# The element MLP's hidden units per unrolled block in the per-element kernels. 1 (a plain loop) is what
-# BENCHMARKS.md measured; bench/transform.py also times 4 (the weights of 4 units loaded together), not yet measured.
-MLP_UNROLL = 1
+# Rows of one batch element per program of the row and head kernels (8 x 64 entries: 2 warps). The H200 ran these
+# kernels 1.1-1.5x faster with 8 rows than with 16 at B=256, and 1.3-2x slower with 32 (BENCHMARKS.md).
+ROWS_PER_PROGRAM = 8
+# Independent per-matrix sums in one tuple reduction (the statistics programs are chains of reductions, and their
+# number sets the time). None: yes, except under Triton's interpreter (the CPU tests), which runs a tuple reduction
+# element by element in Python; there the kernels reduce one operand at a time (the same sums), and one test sets
+# this to True to run the GPU's code path.
+FUSE_REDUCTIONS: bool | None = None
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _kernel = "auto"
@@ -89,8 +93,8 @@ def uses_fused(scores: Tensor) -> bool:
     return fits_fused(scores.shape[-2], scores.shape[-1], scores.dtype)
 
 
-def _launch_args(scores: Tensor, masked: Tensor | None, eps: float) -> tuple[Tensor, tuple, dict, dict]:
-    """The mask and its strides, the statistics' scalars, and the tile sizes of the three kinds of program."""
+def _launch_args(scores: Tensor, masked: Tensor | None, eps: float) -> tuple[Tensor, tuple, dict, dict, dict]:
+    """The mask and its strides, the statistics kernels' arguments, and the row and head kernels' block sizes."""
     batch, _, lq, lk = scores.shape
     n = lq * lk
     pos25, pos75 = 0.25 * (n - 1), 0.75 * (n - 1)
@@ -114,14 +118,24 @@ def _launch_args(scores: Tensor, masked: Tensor | None, eps: float) -> tuple[Ten
         "BQ": bq,
         "BK": bk,
         "num_warps": NUM_WARPS or min(16, max(4, bq * bk // 512)),
+        "FUSE": FUSE_REDUCTIONS if FUSE_REDUCTIONS is not None else os.environ.get("TRITON_INTERPRET") != "1",
     }
     rb = min(bq, ROWS_PER_PROGRAM)
+    hb = _next_pow2(scores.shape[1])
+    # Row kernels hold [RB, BK] maps; head kernels [HB, RB, BK] blocks of every head: 16 entries per thread.
     rows = {"RB": rb, "BK": bk, "HAS_MASK": masked is not None, "num_warps": max(1, min(8, rb * bk // 256))}
-    return mask, mask_strides, stats, rows
+    heads = {**rows, "HB": hb, "num_warps": max(1, min(16, hb * rb * bk // 512))}
+    return mask, mask_strides, stats, rows, heads
 
 
-# Entries per program of the kernel that sums the MLP's parameter gradients.
-_MLP_BLOCK = 128
+# The kernel that sums the MLP's parameter gradients: entries per block (a [32, 64] tile per partial sum keeps
+# three of them in registers), and about how many programs to spread the blocks over.
+_MLP_BLOCK = 32
+_MLP_PROGRAMS = 512
+
+
+def _hidden_pow2(hidden: int) -> int:
+    return max(16, _next_pow2(hidden))
 
 
 def _cuda_guard(t: Tensor):
@@ -134,7 +148,7 @@ def _forward(
     from apt_model.model import _transform_triton as kernels
 
     batch, heads, lq, lk = scores.shape
-    mask, mask_strides, stats, rows = _launch_args(scores, masked, eps)
+    mask, mask_strides, stats, rows, head_blocks = _launch_args(scores, masked, eps)
     dev = scores.device
     probs = torch.empty((batch, heads, lq, lk), dtype=scores.dtype, device=dev)
     # Kept for the backward: per batch element, the keys of the entries at the quantiles' ranks, and the float32
@@ -147,12 +161,12 @@ def _forward(
         with _cuda_guard(scores):
             kernels.rows_fwd_kernel[(batch, row_blocks)](
                 scores, mask, work, w1, b1, w2, b2, lq, lk, n_e, heads, *scores.stride(), *mask_strides, e,
-                HID=w1.shape[0], MLP_UNROLL=MLP_UNROLL, **rows,
+                HID=w1.shape[0], HP=_hidden_pow2(w1.shape[0]), **head_blocks,
             )  # fmt: skip
             kernels.stats_fwd_kernel[(batch,)](work, keys, tau, lq, lk, n_e, **stats)
-            kernels.heads_fwd_kernel[(batch, heads, row_blocks)](
+            kernels.heads_fwd_kernel[(batch, row_blocks)](
                 scores, mask, work, probs, lq, lk, n_e, heads, *scores.stride(), *mask_strides,
-                *probs.stride()[:3], **rows,
+                *probs.stride()[:3], **head_blocks,
             )  # fmt: skip
     return probs, keys, work
 
@@ -175,7 +189,7 @@ def _backward(
     batch, heads, lq, lk = scores.shape
     hidden = w1.shape[0]
     dev = scores.device
-    mask, mask_strides, stats, rows = _launch_args(scores, masked, eps)
+    mask, mask_strides, stats, rows, head_blocks = _launch_args(scores, masked, eps)
     n_e, row_blocks = lq * lk, -(-lq // rows["RB"])
     d_scores = torch.empty((batch, heads, lq, lk), dtype=scores.dtype, device=dev)
     # The gradients at F, T0, M (the statistics' share) and M (all of it, over H): planes G_DF, G_DT0, G_DMS, G_DM.
@@ -187,8 +201,10 @@ def _backward(
     d_tau, d_hmean = (torch.empty(batch, dtype=torch.float32, device=dev) for _ in range(2))
     d_b2 = torch.empty((batch, row_blocks), dtype=torch.float32, device=dev)
     n_elem = batch * n_e
-    programs = -(-n_elem // _MLP_BLOCK)
-    hp = max(16, _next_pow2(hidden))
+    hp = _hidden_pow2(hidden)
+    # Blocks of entries per program: enough programs to fill the GPU (a few per SM), each a long run of blocks.
+    chunks = max(1, min(64, -(-n_elem // (_MLP_BLOCK * _MLP_PROGRAMS))))
+    programs = -(-n_elem // (_MLP_BLOCK * chunks))
     # Per-program partial sums, added up below: deterministic, no atomics.
     d_w1, d_b1, d_w2 = (torch.empty((programs, hp), dtype=torch.float32, device=dev) for _ in range(3))
     if batch > 0:
@@ -196,19 +212,20 @@ def _backward(
         with _cuda_guard(scores):
             kernels.heads_bwd_kernel[(batch, row_blocks)](
                 scores, mask, work, grad, grads, lq, lk, n_e, heads, *scores.stride(), *mask_strides,
-                *grad.stride(), **rows,
+                *grad.stride(), **head_blocks,
             )  # fmt: skip
             kernels.stats_bwd_kernel[(batch,)](work, grads, keys, tau, d_tau, d_hmean, lq, lk, n_e, **stats)
             kernels.rows_bwd_kernel[(batch, row_blocks)](
                 mask, work, grads, d_hmean, a0, d_a, d_b2, w1, b1, w2, b2, lq, lk, n_e, heads, *mask_strides, e,
-                HID=hidden, MLP_UNROLL=MLP_UNROLL, **rows,
+                HID=hidden, HP=hp, **rows,
             )  # fmt: skip
-            kernels.scores_bwd_kernel[(batch, heads, row_blocks)](
+            kernels.scores_bwd_kernel[(batch, row_blocks)](
                 scores, mask, work, grad, grads, d_scores, lq, lk, n_e, heads, *scores.stride(), *mask_strides,
-                *grad.stride(), *d_scores.stride()[:3], **rows,
+                *grad.stride(), *d_scores.stride()[:3], **head_blocks,
             )  # fmt: skip
             kernels.mlp_param_grad_kernel[(programs,)](
-                a0, d_a, w1, b1, w2, d_w1, d_b1, d_w2, n_elem, HID=hidden, HP=hp, BLOCK=_MLP_BLOCK, num_warps=4
+                a0, d_a, w1, b1, w2, d_w1, d_b1, d_w2, n_elem, chunks, HID=hidden, HP=hp, BLOCK=_MLP_BLOCK,
+                num_warps=4,
             )  # fmt: skip
     return (
         d_scores,
