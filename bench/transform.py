@@ -3,8 +3,8 @@
 Measures `apt_model.model.autopoietic.autopoietic_probs` on scores `[B, 8, 64, 64]` (the Playground shape, causal
 mask) against the same transform whose step-4 MLP is a matmul over the hidden dim (the formulation the library
 used before; kept here only as the comparison), and the fused Triton kernels (`apt_model.model.fused_transform`,
-the default on CUDA) with their defaults, with 4 and 16 warps in the per-element statistics programs, and 4 and 16
-rows per program in the row and head kernels.
+the default on CUDA) with their defaults, with 4 rows per program in the row and head kernels, and with the MLP's
+parameter gradients summed over several blocks of entries per program.
 Also times the plain softmax of the same scores, the floor any attention pays. CUDA events, warm-up excluded, median of repeats.
 
 Usage: python bench/transform.py --out bench/results/transform.json
@@ -132,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     weights = (mod.tau, mod.w1, mod.b1, mod.w2, mod.b2)
     library_mlp = autopoietic.element_mlp
     # name: (function, step-4 implementation in place while it is traced and timed, fused_transform settings)
-    default = {"NUM_WARPS": None, "ROWS_PER_PROGRAM": fused_transform.ROWS_PER_PROGRAM}
+    default = {
+        name: getattr(fused_transform, name)
+        for name in ("NUM_WARPS", "ROWS_PER_PROGRAM", "MLP_BLOCK", "MLP_PROGRAMS")
+    }
     variants = {
         # The undecorated transform: one call compiles the same with or without the nested-region marker, and
         # the published figures were taken without it.
@@ -140,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         "matmul over h": (autopoietic._autopoietic_probs, _matmul_element_mlp, {}),
         "softmax only": (_softmax_only, library_mlp, {}),
         "fused Triton": (_fused, library_mlp, {}),
-        "fused, stats 4 warps": (_fused, library_mlp, {"NUM_WARPS": 4}),
-        "fused, stats 16 warps": (_fused, library_mlp, {"NUM_WARPS": 16}),
         "fused, 4 rows/program": (_fused, library_mlp, {"ROWS_PER_PROGRAM": 4}),
-        "fused, 16 rows/program": (_fused, library_mlp, {"ROWS_PER_PROGRAM": 16}),
+        # The MLP's parameter gradients: blocks of 32 or 64 entries, several per program, summed in registers.
+        "fused, MLP grads 32 x 8": (_fused, library_mlp, {"MLP_BLOCK": 32, "MLP_PROGRAMS": 4096}),
+        "fused, MLP grads 64 x 4": (_fused, library_mlp, {"MLP_BLOCK": 64, "MLP_PROGRAMS": 4096}),
     }
     if args.skip_matmul:
         del variants["matmul over h"]

@@ -83,29 +83,18 @@ def _softmax_rows(x, off):
 
 
 @triton.jit
-def _softmax_keys(x, off):
-    """:func:`_softmax_rows` for ``[heads, rows, keys]`` blocks: along the last axis."""
-    xm = tl.where(off, float("-inf"), x)
-    mx = tl.max(xm, axis=2, keep_dims=True)
-    live = mx > float("-inf")
-    ex = tl.exp(xm - tl.where(live, mx, 0.0))
-    den = tl.sum(ex, axis=2, keep_dims=True)
-    return ex / tl.where(live, den, 1.0)
+def _head_probs(s_h, base, off):
+    """Steps 13-14 for one head's cleaned scores (``base = F - 0.2 M``): the detail sum before the clamp, and the
+    probabilities."""
+    y = base + 0.2 * s_h
+    return y, _softmax_rows(_clamp(y, -15.0, 15.0), off)
 
 
 @triton.jit
-def _head_probs(s, base, off):
-    """Steps 13-14 for cleaned scores ``[heads, rows, keys]`` (``base = F - 0.2 M``, ``[1, rows, keys]``): the
-    detail sums before the clamp, and the probabilities."""
-    y = base + 0.2 * s
-    return y, _softmax_keys(_clamp(y, -15.0, 15.0), off)
-
-
-@triton.jit
-def _head_grad(s, base, off, dprobs):
-    """The gradient at the detail sums (before the clamp), from the gradient at the probabilities."""
-    y, probs = _head_probs(s, base, off)
-    d_out = probs * (dprobs - tl.sum(probs * dprobs, axis=2, keep_dims=True))
+def _head_grad(s_h, base, off, dprobs):
+    """The gradient at one head's detail sum (before the clamp), from the gradient at its probabilities."""
+    y, probs = _head_probs(s_h, base, off)
+    d_out = probs * (dprobs - tl.sum(probs * dprobs, axis=1)[:, None])
     return tl.where(_within(y, -15.0, 15.0), d_out, 0.0)
 
 
@@ -281,22 +270,6 @@ def _row_block(Lq, Lk, AXIS: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr):
     offs_k = tl.arange(0, BK)
     valid = (offs_q[:, None] < Lq) & (offs_k[None, :] < Lk)
     return offs_q, offs_k, valid
-
-
-@triton.jit
-def _head_block(Lq, Lk, H, HB: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr):
-    """Row block ``program_id(1)`` of every head: 2-D row and column offsets and which entries exist, the
-    ``[HB, 1, 1]`` head offsets, and which entries of the ``[HB, RB, BK]`` block exist."""
-    offs_q, offs_k, valid = _row_block(Lq, Lk, 1, RB, BK)
-    offs_h = tl.arange(0, HB)[:, None, None]
-    return offs_q, offs_k, valid, offs_h, (offs_h < H) & valid[None, :, :]
-
-
-@triton.jit
-def _load_heads(X, b, offs_h, offs_q, offs_k, valid3, sx_b, sx_h, sx_q, sx_k):
-    """A ``[heads, rows, keys]`` block of a ``[B, H, Lq, Lk]`` tensor, in float32 (0 where it does not exist)."""
-    ptrs = X + b * sx_b + offs_h * sx_h + offs_q[None, :, None] * sx_q + offs_k[None, None, :] * sx_k
-    return tl.load(ptrs, mask=valid3, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -482,15 +455,17 @@ _MASK = ("sm_b", "sm_q", "sm_k")
 @triton.jit(do_not_specialize=[*_SHAPE, *_SCORES, *_MASK])
 def rows_fwd_kernel(
     S, MSK, WORK, W1, B1, W2, B2, Lq, Lk, n_e, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, e,
-    HID: tl.constexpr, HP: tl.constexpr, HB: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    HID: tl.constexpr, HP: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
     """Steps 1-7 for ``RB`` rows of element ``program_id(0)``: writes ``M``, ``T0`` and ``Hm``."""
     b = tl.program_id(0).to(tl.int64)
-    offs_q, offs_k, valid, offs_h, valid3 = _head_block(Lq, Lk, H, HB, RB, BK)
-    # 1-2. clean each head's scores, mean over heads (all heads' rows loaded at once: one long stream of loads,
-    # where a loop over heads would wait for each head's)
-    m = tl.sum(_clean(_load_heads(S, b, offs_h, offs_q, offs_k, valid3, ss_b, ss_h, ss_q, ss_k)), axis=0) / H
+    offs_q, offs_k, valid = _row_block(Lq, Lk, 1, RB, BK)
+    s_ptrs = S + b * ss_b + offs_q[:, None] * ss_q + offs_k[None, :] * ss_k
+    # 1-2. clean each head's scores, mean over heads
+    acc = tl.zeros((RB, BK), dtype=tl.float32)
+    for h in range(H):
+        acc += _clean(tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32))
+    m = acc / H
     _msk, _a0, _a_pre, _psi, _tay_pre, _sg, _p, hm, _fz, t0 = _rows_core(
         MSK, W1, B1, W2, B2, m, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, e, HID, HP, HAS_MASK, False
     )  # fmt: skip
@@ -522,35 +497,40 @@ def stats_fwd_kernel(
 @triton.jit(do_not_specialize=[*_SHAPE, *_SCORES, *_MASK, "sp_b", "sp_h", "sp_q"])
 def heads_fwd_kernel(
     S, MSK, WORK, P, Lq, Lk, n_e, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, sp_b, sp_h, sp_q,
-    HB: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
+    RB: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
-    """Steps 13-14 and the masked softmax for ``RB`` rows of every head of element ``program_id(0)``."""
+    """Steps 13-14 and the masked softmax for ``RB`` rows of head ``program_id(1)`` of element ``program_id(0)``."""
     b = tl.program_id(0).to(tl.int64)
-    offs_q, offs_k, valid, offs_h, valid3 = _head_block(Lq, Lk, H, HB, RB, BK)
-    off = (_load_mask(MSK, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK) | ~valid)[None, :, :]
-    e_ptrs = b * 4 * n_e + offs_q[:, None] * Lk + offs_k[None, :]
-    base = tl.load(WORK + e_ptrs + W_BASE * n_e, mask=valid, other=0.0)[None, :, :]
-    s = _clean(_load_heads(S, b, offs_h, offs_q, offs_k, valid3, ss_b, ss_h, ss_q, ss_k))
-    _y, probs = _head_probs(s, base, off)
-    p_ptrs = P + b * sp_b + offs_h * sp_h + offs_q[None, :, None] * sp_q + offs_k[None, None, :]
-    tl.store(p_ptrs, probs.to(P.dtype.element_ty), mask=valid3)
+    h = tl.program_id(1).to(tl.int64)
+    offs_q, offs_k, valid = _row_block(Lq, Lk, 2, RB, BK)
+    off = _load_mask(MSK, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK) | ~valid
+    base = tl.load(
+        WORK + b * 4 * n_e + W_BASE * n_e + offs_q[:, None] * Lk + offs_k[None, :], mask=valid, other=0.0
+    )
+    s_ptrs = S + b * ss_b + h * ss_h + offs_q[:, None] * ss_q + offs_k[None, :] * ss_k
+    s_h = _clean(tl.load(s_ptrs, mask=valid, other=0.0).to(tl.float32))
+    _y, probs = _head_probs(s_h, base, off)
+    p_ptrs = P + b * sp_b + h * sp_h + offs_q[:, None] * sp_q + offs_k[None, :]
+    tl.store(p_ptrs, probs.to(P.dtype.element_ty), mask=valid)
 
 
 @triton.jit(do_not_specialize=[*_SHAPE, *_SCORES, *_MASK, "sg_b", "sg_h", "sg_q", "sg_k"])
 def heads_bwd_kernel(
     S, MSK, WORK, DP, GRADS, Lq, Lk, n_e, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, sg_b, sg_h, sg_q, sg_k,
-    HB: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
+    RB: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
     """14-13 back for ``RB`` rows of element ``program_id(0)``: the gradient at ``F``, summed over the heads."""
     b = tl.program_id(0).to(tl.int64)
-    offs_q, offs_k, valid, offs_h, valid3 = _head_block(Lq, Lk, H, HB, RB, BK)
-    off = (_load_mask(MSK, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK) | ~valid)[None, :, :]
+    offs_q, offs_k, valid = _row_block(Lq, Lk, 1, RB, BK)
+    off = _load_mask(MSK, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK) | ~valid
     e_ptrs = b * 4 * n_e + offs_q[:, None] * Lk + offs_k[None, :]
-    base = tl.load(WORK + e_ptrs + W_BASE * n_e, mask=valid, other=0.0)[None, :, :]
-    s = _clean(_load_heads(S, b, offs_h, offs_q, offs_k, valid3, ss_b, ss_h, ss_q, ss_k))
-    dprobs = _load_heads(DP, b, offs_h, offs_q, offs_k, valid3, sg_b, sg_h, sg_q, sg_k)
-    # Heads past H load as 0 with a 0 gradient: they add nothing.
-    df = tl.sum(_head_grad(s, base, off, dprobs), axis=0)
+    base = tl.load(WORK + e_ptrs + W_BASE * n_e, mask=valid, other=0.0)
+    s_ptrs = S + b * ss_b + offs_q[:, None] * ss_q + offs_k[None, :] * ss_k
+    g_ptrs = DP + b * sg_b + offs_q[:, None] * sg_q + offs_k[None, :] * sg_k
+    df = tl.zeros((RB, BK), dtype=tl.float32)
+    for h in range(H):
+        s_h = _clean(tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32))
+        df += _head_grad(s_h, base, off, tl.load(g_ptrs + h * sg_h, mask=valid, other=0.0).to(tl.float32))
     tl.store(GRADS + e_ptrs + G_DF * n_e, df, mask=valid)
 
 
@@ -687,22 +667,28 @@ def rows_bwd_kernel(
 def scores_bwd_kernel(
     S, MSK, WORK, DP, GRADS, DS, Lq, Lk, n_e, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k,
     sg_b, sg_h, sg_q, sg_k, sd_b, sd_h, sd_q,
-    HB: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
+    RB: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
-    """Steps 13 and 2-1 back for ``RB`` rows of every head: each head's own share (``0.2 dy``, recomputed rather
-    than kept from the first pass) plus its share of the mean's, onto its raw scores."""
+    """Steps 13 and 2-1 back for ``RB`` rows of head ``program_id(1)``: the head's own share (``0.2 dy``,
+    recomputed rather than kept from the first pass) plus its share of the mean's, onto its raw scores."""
     b = tl.program_id(0).to(tl.int64)
-    offs_q, offs_k, valid, offs_h, valid3 = _head_block(Lq, Lk, H, HB, RB, BK)
-    off = (_load_mask(MSK, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK) | ~valid)[None, :, :]
+    h = tl.program_id(1).to(tl.int64)
+    offs_q, offs_k, valid = _row_block(Lq, Lk, 2, RB, BK)
+    off = _load_mask(MSK, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK) | ~valid
     e_ptrs = b * 4 * n_e + offs_q[:, None] * Lk + offs_k[None, :]
-    base = tl.load(WORK + e_ptrs + W_BASE * n_e, mask=valid, other=0.0)[None, :, :]
-    dm_h = tl.load(GRADS + e_ptrs + G_DM * n_e, mask=valid, other=0.0)[None, :, :]
-    x = _load_heads(S, b, offs_h, offs_q, offs_k, valid3, ss_b, ss_h, ss_q, ss_k)
-    dprobs = _load_heads(DP, b, offs_h, offs_q, offs_k, valid3, sg_b, sg_h, sg_q, sg_k)
-    ds = 0.2 * _head_grad(_clean(x), base, off, dprobs) + dm_h
+    base = tl.load(WORK + e_ptrs + W_BASE * n_e, mask=valid, other=0.0)
+    dm_h = tl.load(GRADS + e_ptrs + G_DM * n_e, mask=valid, other=0.0)
+    x = tl.load(
+        S + b * ss_b + h * ss_h + offs_q[:, None] * ss_q + offs_k[None, :] * ss_k, mask=valid, other=0.0
+    )
+    x = x.to(tl.float32)
+    dprobs = tl.load(
+        DP + b * sg_b + h * sg_h + offs_q[:, None] * sg_q + offs_k[None, :] * sg_k, mask=valid, other=0.0
+    )
+    ds = 0.2 * _head_grad(_clean(x), base, off, dprobs.to(tl.float32)) + dm_h
     passes = (x == x) & _within(x, -15.0, 15.0)  # finite and not clamped
-    d_ptrs = DS + b * sd_b + offs_h * sd_h + offs_q[None, :, None] * sd_q + offs_k[None, None, :]
-    tl.store(d_ptrs, tl.where(passes, ds, 0.0).to(DS.dtype.element_ty), mask=valid3)
+    d_ptrs = DS + b * sd_b + h * sd_h + offs_q[:, None] * sd_q + offs_k[None, :]
+    tl.store(d_ptrs, tl.where(passes, ds, 0.0).to(DS.dtype.element_ty), mask=valid)
 
 
 @triton.jit(do_not_specialize=["n_elem", "chunks"])

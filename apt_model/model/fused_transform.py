@@ -93,7 +93,7 @@ def uses_fused(scores: Tensor) -> bool:
     return fits_fused(scores.shape[-2], scores.shape[-1], scores.dtype)
 
 
-def _launch_args(scores: Tensor, masked: Tensor | None, eps: float) -> tuple[Tensor, tuple, dict, dict, dict]:
+def _launch_args(scores: Tensor, masked: Tensor | None, eps: float) -> tuple[Tensor, tuple, dict, dict]:
     """The mask and its strides, the statistics kernels' arguments, and the row and head kernels' block sizes."""
     batch, _, lq, lk = scores.shape
     n = lq * lk
@@ -121,17 +121,15 @@ def _launch_args(scores: Tensor, masked: Tensor | None, eps: float) -> tuple[Ten
         "FUSE": FUSE_REDUCTIONS if FUSE_REDUCTIONS is not None else os.environ.get("TRITON_INTERPRET") != "1",
     }
     rb = min(bq, ROWS_PER_PROGRAM)
-    hb = _next_pow2(scores.shape[1])
-    # Row kernels hold [RB, BK] maps; head kernels [HB, RB, BK] blocks of every head: 16 entries per thread.
     rows = {"RB": rb, "BK": bk, "HAS_MASK": masked is not None, "num_warps": max(1, min(8, rb * bk // 256))}
-    heads = {**rows, "HB": hb, "num_warps": max(1, min(16, hb * rb * bk // 512))}
-    return mask, mask_strides, stats, rows, heads
+    return mask, mask_strides, stats, rows
 
 
-# The kernel that sums the MLP's parameter gradients: entries per block (a [32, 64] tile per partial sum keeps
-# three of them in registers), and about how many programs to spread the blocks over.
-_MLP_BLOCK = 32
-_MLP_PROGRAMS = 512
+# The kernel that sums the MLP's parameter gradients: entries per block, and about how many programs to spread the
+# blocks over (each sums its blocks in registers, then over the entries once). One block of 128 per program ran
+# in 65 us at B=256 on the H200; 32-entry blocks over 512 programs in 119 us. bench/transform.py sweeps these.
+MLP_BLOCK = 128
+MLP_PROGRAMS = 8192
 
 
 def _hidden_pow2(hidden: int) -> int:
@@ -148,7 +146,7 @@ def _forward(
     from apt_model.model import _transform_triton as kernels
 
     batch, heads, lq, lk = scores.shape
-    mask, mask_strides, stats, rows, head_blocks = _launch_args(scores, masked, eps)
+    mask, mask_strides, stats, rows = _launch_args(scores, masked, eps)
     dev = scores.device
     probs = torch.empty((batch, heads, lq, lk), dtype=scores.dtype, device=dev)
     # Kept for the backward: per batch element, the keys of the entries at the quantiles' ranks, and the float32
@@ -161,12 +159,12 @@ def _forward(
         with _cuda_guard(scores):
             kernels.rows_fwd_kernel[(batch, row_blocks)](
                 scores, mask, work, w1, b1, w2, b2, lq, lk, n_e, heads, *scores.stride(), *mask_strides, e,
-                HID=w1.shape[0], HP=_hidden_pow2(w1.shape[0]), **head_blocks,
+                HID=w1.shape[0], HP=_hidden_pow2(w1.shape[0]), **rows,
             )  # fmt: skip
             kernels.stats_fwd_kernel[(batch,)](work, keys, tau, lq, lk, n_e, **stats)
-            kernels.heads_fwd_kernel[(batch, row_blocks)](
+            kernels.heads_fwd_kernel[(batch, heads, row_blocks)](
                 scores, mask, work, probs, lq, lk, n_e, heads, *scores.stride(), *mask_strides,
-                *probs.stride()[:3], **head_blocks,
+                *probs.stride()[:3], **rows,
             )  # fmt: skip
     return probs, keys, work
 
@@ -189,7 +187,7 @@ def _backward(
     batch, heads, lq, lk = scores.shape
     hidden = w1.shape[0]
     dev = scores.device
-    mask, mask_strides, stats, rows, head_blocks = _launch_args(scores, masked, eps)
+    mask, mask_strides, stats, rows = _launch_args(scores, masked, eps)
     n_e, row_blocks = lq * lk, -(-lq // rows["RB"])
     d_scores = torch.empty((batch, heads, lq, lk), dtype=scores.dtype, device=dev)
     # The gradients at F, T0, M (the statistics' share) and M (all of it, over H): planes G_DF, G_DT0, G_DMS, G_DM.
@@ -203,8 +201,8 @@ def _backward(
     n_elem = batch * n_e
     hp = _hidden_pow2(hidden)
     # Blocks of entries per program: enough programs to fill the GPU (a few per SM), each a long run of blocks.
-    chunks = max(1, min(64, -(-n_elem // (_MLP_BLOCK * _MLP_PROGRAMS))))
-    programs = -(-n_elem // (_MLP_BLOCK * chunks))
+    chunks = max(1, min(64, -(-n_elem // (MLP_BLOCK * MLP_PROGRAMS))))
+    programs = -(-n_elem // (MLP_BLOCK * chunks))
     # Per-program partial sums, added up below: deterministic, no atomics.
     d_w1, d_b1, d_w2 = (torch.empty((programs, hp), dtype=torch.float32, device=dev) for _ in range(3))
     if batch > 0:
@@ -212,20 +210,20 @@ def _backward(
         with _cuda_guard(scores):
             kernels.heads_bwd_kernel[(batch, row_blocks)](
                 scores, mask, work, grad, grads, lq, lk, n_e, heads, *scores.stride(), *mask_strides,
-                *grad.stride(), **head_blocks,
+                *grad.stride(), **rows,
             )  # fmt: skip
             kernels.stats_bwd_kernel[(batch,)](work, grads, keys, tau, d_tau, d_hmean, lq, lk, n_e, **stats)
             kernels.rows_bwd_kernel[(batch, row_blocks)](
                 mask, work, grads, d_hmean, a0, d_a, d_b2, w1, b1, w2, b2, lq, lk, n_e, heads, *mask_strides, e,
                 HID=hidden, HP=hp, **rows,
             )  # fmt: skip
-            kernels.scores_bwd_kernel[(batch, row_blocks)](
+            kernels.scores_bwd_kernel[(batch, heads, row_blocks)](
                 scores, mask, work, grad, grads, d_scores, lq, lk, n_e, heads, *scores.stride(), *mask_strides,
-                *grad.stride(), *d_scores.stride()[:3], **head_blocks,
+                *grad.stride(), *d_scores.stride()[:3], **rows,
             )  # fmt: skip
             kernels.mlp_param_grad_kernel[(programs,)](
-                a0, d_a, w1, b1, w2, d_w1, d_b1, d_w2, n_elem, chunks, HID=hidden, HP=hp, BLOCK=_MLP_BLOCK,
-                num_warps=4,
+                a0, d_a, w1, b1, w2, d_w1, d_b1, d_w2, n_elem, chunks, HID=hidden, HP=hp, BLOCK=MLP_BLOCK,
+                num_warps=max(4, min(16, MLP_BLOCK * hp // 1024)),  # three [BLOCK, HP] sums in registers
             )  # fmt: skip
     return (
         d_scores,
