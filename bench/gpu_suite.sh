@@ -43,6 +43,9 @@
 #                  parameter gradients kept in registers over many entries.
 #   PART=split3 — the same after split2's measurements: the row and head kernels back to split's 2-D blocks (the 3-D
 #                  blocks of every head ran 1.3-3.5x slower at B=256), keeping split2's statistics and MLP changes.
+#   PART=split4 — the final kernels (4 rows per program, the MLP's parameter gradients one block per program again):
+#                  the full step table at B=256 (fused, torch-op transform, BART, plain attention) and at B=16 (fused,
+#                  BART, plain attention).
 #   PART=quality-fused — GPU 0 alone: the best xl recipe (X3) from a cold compile with the fused transform, the
 #                  user path's wall time with nothing else on the card.
 #   PART=dbc-graph — GPU 0: the CUDA-only tests of DBC-DAC's CUDA-graph mode and of the fast path, the DBC-DAC
@@ -270,7 +273,7 @@ if [[ $part == fused3 ]]; then
   fi
 fi
 
-if [[ $part == split || $part == split2 || $part == split3 ]]; then
+if [[ $part == split || $part == split2 || $part == split3 || $part == split4 ]]; then
   export CUDA_VISIBLE_DEVICES=0
   if timeout 90 python3 -m pytest -q -p no:cacheprovider tests/model/test_fused_transform.py 2>&1 | tail -n 8 \
       | tee -a "$log" | grep -q ' passed' && ! grep -q ' failed' "$log"; then
@@ -280,7 +283,9 @@ if [[ $part == split || $part == split2 || $part == split3 ]]; then
     [[ $part == split3 ]] && b256="apt-fast bart-bf16"  # the other two were measured twice already (split, split2)
     timeout 240 python3 bench/train_step.py --batch 256 --variants $b256 \
       --warmup 5 --steps 20 --repeats 3 --out "$out/train_step_${part}_b256.json" 2>&1 | tee -a "$log"
-    timeout 100 python3 bench/train_step.py --batch 16 --variants apt-fast bart-bf16 --warmup 5 --steps 20 \
+    b16="apt-fast bart-bf16"
+    [[ $part == split4 ]] && b16="apt-fast bart-bf16 plain-fast"
+    timeout 150 python3 bench/train_step.py --batch 16 --variants $b16 --warmup 5 --steps 20 \
       --repeats 3 --out "$out/train_step_${part}_b16.json" 2>&1 | tee -a "$log"
   else
     echo "fused tests failed: benchmarks skipped" | tee -a "$log"

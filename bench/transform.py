@@ -3,8 +3,7 @@
 Measures `apt_model.model.autopoietic.autopoietic_probs` on scores `[B, 8, 64, 64]` (the Playground shape, causal
 mask) against the same transform whose step-4 MLP is a matmul over the hidden dim (the formulation the library
 used before; kept here only as the comparison), and the fused Triton kernels (`apt_model.model.fused_transform`,
-the default on CUDA) with their defaults, with 4 rows per program in the row and head kernels, and with the MLP's
-parameter gradients summed over several blocks of entries per program.
+the default on CUDA) with their defaults and with 8 rows per program in the row and head kernels.
 Also times the plain softmax of the same scores, the floor any attention pays. CUDA events, warm-up excluded, median of repeats.
 
 Usage: python bench/transform.py --out bench/results/transform.json
@@ -132,10 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = (mod.tau, mod.w1, mod.b1, mod.w2, mod.b2)
     library_mlp = autopoietic.element_mlp
     # name: (function, step-4 implementation in place while it is traced and timed, fused_transform settings)
-    default = {
-        name: getattr(fused_transform, name)
-        for name in ("NUM_WARPS", "ROWS_PER_PROGRAM", "MLP_BLOCK", "MLP_PROGRAMS")
-    }
+    default = {name: getattr(fused_transform, name) for name in ("NUM_WARPS", "ROWS_PER_PROGRAM")}
     variants = {
         # The undecorated transform: one call compiles the same with or without the nested-region marker, and
         # the published figures were taken without it.
@@ -143,10 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul over h": (autopoietic._autopoietic_probs, _matmul_element_mlp, {}),
         "softmax only": (_softmax_only, library_mlp, {}),
         "fused Triton": (_fused, library_mlp, {}),
-        "fused, 4 rows/program": (_fused, library_mlp, {"ROWS_PER_PROGRAM": 4}),
-        # The MLP's parameter gradients: blocks of 32 or 64 entries, several per program, summed in registers.
-        "fused, MLP grads 32 x 8": (_fused, library_mlp, {"MLP_BLOCK": 32, "MLP_PROGRAMS": 4096}),
-        "fused, MLP grads 64 x 4": (_fused, library_mlp, {"MLP_BLOCK": 64, "MLP_PROGRAMS": 4096}),
+        "fused, 8 rows/program": (_fused, library_mlp, {"ROWS_PER_PROGRAM": 8}),
     }
     if args.skip_matmul:
         del variants["matmul over h"]

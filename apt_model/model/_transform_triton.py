@@ -691,34 +691,25 @@ def scores_bwd_kernel(
     tl.store(d_ptrs, tl.where(passes, ds, 0.0).to(DS.dtype.element_ty), mask=valid)
 
 
-@triton.jit(do_not_specialize=["n_elem", "chunks"])
+@triton.jit(do_not_specialize=["n_elem"])
 def mlp_param_grad_kernel(
-    A0, DA, W1, B1, W2, DW1, DB1, DW2, n_elem, chunks,
-    HID: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Step 4's parameter gradients over ``chunks`` blocks of ``BLOCK`` entries: ``[BLOCK, HP]`` partial sums kept
-    in registers across the blocks, reduced over the entries once at the end."""
+    A0, DA, W1, B1, W2, DW1, DB1, DW2, n_elem, HID: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Step 4's parameter gradients over ``BLOCK`` entries: ``[BLOCK, HID]`` tiles, summed over the entries."""
     pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n_elem
+    a0 = tl.load(A0 + offs, mask=ok, other=0.0)
+    da = tl.load(DA + offs, mask=ok, other=0.0)  # 0 past the end: no contribution
     units = tl.arange(0, HP)
     live = units < HID
     w1 = tl.load(W1 + units, mask=live, other=0.0).to(tl.float32)
     b1 = tl.load(B1 + units, mask=live, other=0.0).to(tl.float32)
     w2 = tl.load(W2 + units, mask=live, other=0.0).to(tl.float32)
-    acc_w2 = tl.zeros((BLOCK, HP), dtype=tl.float32)
-    acc_w1 = tl.zeros((BLOCK, HP), dtype=tl.float32)
-    acc_b1 = tl.zeros((BLOCK, HP), dtype=tl.float32)
-    for c in range(chunks):
-        offs = (pid.to(tl.int64) * chunks + c) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < n_elem
-        a0 = tl.load(A0 + offs, mask=ok, other=0.0)
-        da = tl.load(DA + offs, mask=ok, other=0.0)  # 0 past the end: no contribution
-        z = a0[:, None] * w1[None, :] + b1[None, :]
-        zc = _clamp(z, -5.0, 5.0)
-        acc_w2 += da[:, None] * tl.where(zc < 0.0, 0.0, zc)
-        dz = tl.where((zc > 0.0) & _within(z, -5.0, 5.0), da[:, None] * w2[None, :], 0.0)
-        acc_w1 += dz * a0[:, None]
-        acc_b1 += dz
+    z = a0[:, None] * w1[None, :] + b1[None, :]
+    zc = _clamp(z, -5.0, 5.0)
     out = pid.to(tl.int64) * HP + units
-    tl.store(DW2 + out, tl.sum(acc_w2, axis=0))
-    tl.store(DW1 + out, tl.sum(acc_w1, axis=0))
-    tl.store(DB1 + out, tl.sum(acc_b1, axis=0))
+    tl.store(DW2 + out, tl.sum(da[:, None] * tl.where(zc < 0.0, 0.0, zc), axis=0))
+    dz = tl.where((zc > 0.0) & _within(z, -5.0, 5.0), da[:, None] * w2[None, :], 0.0)
+    tl.store(DW1 + out, tl.sum(dz * a0[:, None], axis=0))
+    tl.store(DB1 + out, tl.sum(dz, axis=0))

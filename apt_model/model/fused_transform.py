@@ -39,9 +39,10 @@ MAX_TILE = 64 * 64
 
 # Warps of the per-element statistics programs; None: by tile size (8 for 64 x 64). bench/transform.py sweeps it.
 NUM_WARPS: int | None = None
-# Rows of one batch element per program of the row and head kernels (8 x 64 entries: 2 warps). The H200 ran these
-# kernels 1.1-1.5x faster with 8 rows than with 16 at B=256, and 1.3-2x slower with 32 (BENCHMARKS.md).
-ROWS_PER_PROGRAM = 8
+# Rows of one batch element per program of the row and head kernels (4 x 64 entries: one warp). On the H200 at
+# B=256 these kernels ran 1.1-1.5x faster with 8 rows than with 16, 1.3-2x slower with 32, and 4 rows took 5% off
+# the transform's time against 8 (BENCHMARKS.md).
+ROWS_PER_PROGRAM = 4
 # Independent per-matrix sums in one tuple reduction (the statistics programs are chains of reductions, and their
 # number sets the time). None: yes, except under Triton's interpreter (the CPU tests), which runs a tuple reduction
 # element by element in Python; there the kernels reduce one operand at a time (the same sums), and one test sets
@@ -125,11 +126,10 @@ def _launch_args(scores: Tensor, masked: Tensor | None, eps: float) -> tuple[Ten
     return mask, mask_strides, stats, rows
 
 
-# The kernel that sums the MLP's parameter gradients: entries per block, and about how many programs to spread the
-# blocks over (each sums its blocks in registers, then over the entries once). One block of 128 per program ran
-# in 65 us at B=256 on the H200; 32-entry blocks over 512 programs in 119 us. bench/transform.py sweeps these.
-MLP_BLOCK = 128
-MLP_PROGRAMS = 8192
+# Entries per program of the kernel that sums the MLP's parameter gradients (one [128, HP] tile each). On the H200
+# at B=256 this ran in 65 us; the same sums kept in registers over several blocks per program took 95-171 us
+# (blocks of 32-128; BENCHMARKS.md).
+_MLP_BLOCK = 128
 
 
 def _hidden_pow2(hidden: int) -> int:
@@ -200,9 +200,7 @@ def _backward(
     d_b2 = torch.empty((batch, row_blocks), dtype=torch.float32, device=dev)
     n_elem = batch * n_e
     hp = _hidden_pow2(hidden)
-    # Blocks of entries per program: enough programs to fill the GPU (a few per SM), each a long run of blocks.
-    chunks = max(1, min(64, -(-n_elem // (MLP_BLOCK * MLP_PROGRAMS))))
-    programs = -(-n_elem // (MLP_BLOCK * chunks))
+    programs = -(-n_elem // _MLP_BLOCK)
     # Per-program partial sums, added up below: deterministic, no atomics.
     d_w1, d_b1, d_w2 = (torch.empty((programs, hp), dtype=torch.float32, device=dev) for _ in range(3))
     if batch > 0:
@@ -222,8 +220,7 @@ def _backward(
                 *grad.stride(), *d_scores.stride()[:3], **rows,
             )  # fmt: skip
             kernels.mlp_param_grad_kernel[(programs,)](
-                a0, d_a, w1, b1, w2, d_w1, d_b1, d_w2, n_elem, chunks, HID=hidden, HP=hp, BLOCK=MLP_BLOCK,
-                num_warps=max(4, min(16, MLP_BLOCK * hp // 1024)),  # three [BLOCK, HP] sums in registers
+                a0, d_a, w1, b1, w2, d_w1, d_b1, d_w2, n_elem, HID=hidden, HP=hp, BLOCK=_MLP_BLOCK, num_warps=4
             )  # fmt: skip
     return (
         d_scores,

@@ -215,27 +215,6 @@ def test_tuple_reductions_and_one_at_a_time_give_the_same_numbers(device, monkey
         assert _rel_err(got, ref) <= max(10 * _rel_err(t32, ref), 2e-5), name
 
 
-def test_mlp_parameter_gradients_summed_over_several_blocks_per_program(device, monkeypatch) -> None:
-    """Each program of the MLP's parameter-gradient kernel sums several blocks of entries (the last one partly past
-    the end): the same gradients as one block per program."""
-    scores, masked, params, eps, grad_out = _case(19, (2, 2, 7, 9), "causal", 0.3, device, eps=0.5)
-    params[2], params[3] = (
-        params[2] * 0.1,
-        params[3] * 0.2,
-    )  # the gate off its bounds: the MLP's gradients flow
-    _, ref_grads = _grads(
-        fused_transform.fused_autopoietic_probs, scores, masked, params, eps, grad_out, torch.float32
-    )
-    assert all(g.abs().max() > 0 for g in ref_grads[2:])
-    monkeypatch.setattr(fused_transform, "MLP_BLOCK", 16)
-    monkeypatch.setattr(fused_transform, "MLP_PROGRAMS", 3)  # 126 entries: 3 programs of 3 blocks of 16
-    _, grads = _grads(
-        fused_transform.fused_autopoietic_probs, scores, masked, params, eps, grad_out, torch.float32
-    )
-    for got, want in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
-
-
 @pytest.mark.parametrize("bad_weight", [float("nan"), float("inf")])
 def test_fused_transform_falls_back_to_the_head_mean_like_torch_when_the_mlp_is_not_finite(
     device, bad_weight
