@@ -217,8 +217,9 @@ def autopoietic_probs(
 ) -> Tensor:
     """Transform (steps 1-14) then the exact masked softmax; probabilities in ``scores.dtype``.
 
-    On CUDA with Triton this is one fused kernel each way (:mod:`apt_model.model.fused_transform`, chosen by
-    ``set_transform_kernel``); elsewhere the torch ops of :func:`autopoietic_transform`.
+    On CUDA with Triton this is the fused op (:mod:`apt_model.model.fused_transform`, chosen by
+    ``set_transform_kernel``: three Triton kernels forward, five backward); elsewhere the torch ops of
+    :func:`autopoietic_transform`.
     """
     if uses_fused(scores):
         return fused_autopoietic_probs(scores, masked, tau, w1, b1, w2, b2, eps)

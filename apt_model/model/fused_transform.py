@@ -1,11 +1,10 @@
 """Which implementation runs the autopoietic transform, and the fused one as a torch custom op.
 
 ``torch``: :func:`apt_model.model.autopoietic.autopoietic_transform` and the masked softmax as ordinary torch ops
-(any device; compiled by inductor under ``torch.compile``). ``triton``: one Triton kernel for the forward, and for
-the backward one kernel per batch element plus one that sums the MLP's parameter gradients
-(:mod:`apt_model.model._transform_triton`), registered as the custom op ``apt::autopoietic_probs`` so that
-``torch.compile`` keeps it whole and an eager step (DeepSpeed's default) issues about a dozen kernels per transform
-instead of a few hundred. ``auto`` (the default) takes Triton for CUDA tensors when it is installed and the
+(any device; compiled by inductor under ``torch.compile``). ``triton``: Triton kernels
+(:mod:`apt_model.model._transform_triton`), three for the forward (row work, per-element statistics, head work) and
+five for the backward, registered as the custom op ``apt::autopoietic_probs`` so that ``torch.compile`` keeps it
+whole and an eager step (DeepSpeed's default) issues about a dozen kernels per transform instead of a few hundred. ``auto`` (the default) takes Triton for CUDA tensors when it is installed and the
 ``[Lq, Lk]`` tile fits, and torch otherwise.
 
 Triton is imported on the first fused call only, so ``import apt_model`` stays light.
