@@ -4,8 +4,9 @@
 (any device; compiled by inductor under ``torch.compile``). ``triton``: Triton kernels
 (:mod:`apt_model.model._transform_triton`), three for the forward (row work, per-element statistics, head work) and
 five for the backward, registered as the custom op ``apt::autopoietic_probs`` so that ``torch.compile`` keeps it
-whole and an eager step (DeepSpeed's default) issues about a dozen kernels per transform instead of a few hundred. ``auto`` (the default) takes Triton for CUDA tensors when it is installed and the
-``[Lq, Lk]`` tile fits, and torch otherwise.
+whole and an eager step (DeepSpeed's default) issues about a dozen kernels per transform instead of a few hundred.
+``auto`` (the default) takes Triton for CUDA tensors when it is installed and the ``[Lq, Lk]`` tile fits, and torch
+otherwise.
 
 Triton is imported on the first fused call only, so ``import apt_model`` stays light.
 """
@@ -93,7 +94,7 @@ def uses_fused(scores: Tensor) -> bool:
     return fits_fused(scores.shape[-2], scores.shape[-1], scores.dtype)
 
 
-def _launch_args(scores: Tensor, masked: Tensor | None, eps: float) -> tuple[Tensor, tuple, dict, dict]:
+def _launch_args(scores: Tensor, masked: Tensor | None) -> tuple[Tensor, tuple, dict, dict]:
     """The mask and its strides, the statistics kernels' arguments, and the row and head kernels' block sizes."""
     batch, _, lq, lk = scores.shape
     n = lq * lk
@@ -131,6 +132,10 @@ def _launch_args(scores: Tensor, masked: Tensor | None, eps: float) -> tuple[Ten
 _MLP_BLOCK = 128
 
 
+def _step3_e(eps: float) -> float:
+    return min(max(eps, 0.05), 0.8)
+
+
 def _hidden_pow2(hidden: int) -> int:
     return max(16, _next_pow2(hidden))
 
@@ -145,7 +150,7 @@ def _forward(
     from apt_model.model import _transform_triton as kernels
 
     batch, heads, lq, lk = scores.shape
-    mask, mask_strides, stats, rows = _launch_args(scores, masked, eps)
+    mask, mask_strides, stats, rows = _launch_args(scores, masked)
     dev = scores.device
     probs = torch.empty((batch, heads, lq, lk), dtype=scores.dtype, device=dev)
     # Kept for the backward: per batch element, the keys of the entries at the quantiles' ranks, and the float32
@@ -154,7 +159,7 @@ def _forward(
     work = torch.empty((batch, 4, lq, lk), dtype=torch.float32, device=dev)
     if batch > 0:
         n_e, row_blocks = lq * lk, -(-lq // rows["RB"])
-        e = min(max(eps, 0.05), 0.8)  # step 3's e
+        e = _step3_e(eps)
         with _cuda_guard(scores):
             kernels.rows_fwd_kernel[(batch, row_blocks)](
                 scores, mask, work, w1, b1, w2, b2, lq, lk, n_e, heads, *scores.stride(), *mask_strides, e,
@@ -186,7 +191,7 @@ def _backward(
     batch, heads, lq, lk = scores.shape
     hidden = w1.shape[0]
     dev = scores.device
-    mask, mask_strides, stats, rows = _launch_args(scores, masked, eps)
+    mask, mask_strides, stats, rows = _launch_args(scores, masked)
     n_e, row_blocks = lq * lk, -(-lq // rows["RB"])
     d_scores = torch.empty((batch, heads, lq, lk), dtype=scores.dtype, device=dev)
     # The gradients at F, T0, M (the statistics' share) and M (all of it, over H): planes G_DF, G_DT0, G_DMS, G_DM.
@@ -203,7 +208,7 @@ def _backward(
     # Per-program partial sums, added up below: deterministic, no atomics.
     d_w1, d_b1, d_w2 = (torch.empty((programs, hp), dtype=torch.float32, device=dev) for _ in range(3))
     if batch > 0:
-        e = min(max(eps, 0.05), 0.8)
+        e = _step3_e(eps)
         with _cuda_guard(scores):
             kernels.heads_bwd_kernel[(batch, row_blocks)](
                 scores, mask, work, grad, grads, lq, lk, n_e, heads, *scores.stride(), *mask_strides,
