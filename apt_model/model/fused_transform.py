@@ -37,7 +37,8 @@ KERNELS = ("auto", "triton", "torch")
 # lengths); a larger tile would spill registers, so longer sequences take the torch ops.
 MAX_TILE = 64 * 64
 
-# Warps of the per-element statistics programs; None: by tile size (8 for 64 x 64). bench/transform.py sweeps it.
+# Warps of the per-element statistics programs; None: by tile size (8 for 64 x 64; the H200 ran 4 and 16 no faster
+# over forward and backward together, BENCHMARKS.md).
 NUM_WARPS: int | None = None
 # Rows of one batch element per program of the row and head kernels (4 x 64 entries: one warp). On the H200 at
 # B=256 these kernels ran 1.1-1.5x faster with 8 rows than with 16, 1.3-2x slower with 32, and 4 rows took 5% off
