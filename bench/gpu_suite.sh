@@ -46,6 +46,9 @@
 #   PART=split4 — the final kernels (4 rows per program, the MLP's parameter gradients one block per program again):
 #                  the full step table at B=256 (fused, torch-op transform, BART, plain attention) and at B=16 (fused,
 #                  BART, plain attention).
+#   PART=whole-step — GPU 0 alone, after the whole step became CUDA graphs (bench/step_profile.py found the step bound
+#                  by the host): the fast path's and the fused transform's tests, then the step table at B=256 (the
+#                  whole-step fast path, the loss-only graphs it replaced, BART, plain attention) and at B=16.
 #   PART=quality-fused — GPU 0 alone: the best xl recipe (X3) from a cold compile with the fused transform, the
 #                  user path's wall time with nothing else on the card.
 #   PART=dbc-graph — GPU 0: the CUDA-only tests of DBC-DAC's CUDA-graph mode and of the fast path, the DBC-DAC
@@ -289,6 +292,20 @@ if [[ $part == split || $part == split2 || $part == split3 || $part == split4 ]]
       --repeats 3 --out "$out/train_step_${part}_b16.json" 2>&1 | tee -a "$log"
   else
     echo "fused tests failed: benchmarks skipped" | tee -a "$log"
+  fi
+fi
+
+if [[ $part == whole-step ]]; then
+  export CUDA_VISIBLE_DEVICES=0
+  if timeout 120 python3 -m pytest -q -p no:cacheprovider tests/training/test_fastpath.py \
+      tests/model/test_fused_transform.py 2>&1 | tail -n 8 | tee -a "$log" | grep -q ' passed' \
+      && ! grep -q ' failed' "$log"; then
+    timeout 290 python3 bench/train_step.py --batch 256 --variants apt-fast bart-bf16 plain-fast apt-fast-lossgraph \
+      --warmup 8 --steps 20 --repeats 3 --out "$out/train_step_${part}_b256.json" 2>&1 | tee -a "$log"
+    timeout 170 python3 bench/train_step.py --batch 16 --variants apt-fast bart-bf16 plain-fast --warmup 8 \
+      --steps 20 --repeats 3 --out "$out/train_step_${part}_b16.json" 2>&1 | tee -a "$log"
+  else
+    echo "tests failed: benchmarks skipped" | tee -a "$log"
   fi
 fi
 

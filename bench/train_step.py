@@ -6,14 +6,18 @@ What one "step" is: forward, backward, gradient clipping, the optimizer step and
 
 Variants (each measured at every batch size):
   apt-eager           autopoietic on, eager PyTorch, bf16 autocast
-  apt-fast            autopoietic on, the Playground fast path (torch.compile + CUDA graphs, fused AdamW, bf16); the
-                      transform is the default kernel choice (on CUDA with Triton: the fused Triton kernels)
+  apt-fast            autopoietic on, the Playground fast path (torch.compile, the whole step as CUDA graphs, fused
+                      AdamW, bf16); the transform is the default kernel choice (on CUDA with Triton: the fused Triton
+                      kernels)
+  apt-fast-lossgraph  as apt-fast with only the loss (forward + backward) graphed, by cudagraph trees; clipping, the
+                      optimizer and gradient accumulation run from the host (the fast path before the whole-step graphs)
   apt-fast-torch      as apt-fast with the transform as torch ops compiled by inductor (--transform-kernel torch)
   apt-eager-torch     as apt-eager with the transform as eager torch ops
   apt-fast-nographs   as apt-fast without CUDA graphs (torch.compile fusion only)
   apt-fast-nodbc      as apt-fast with DBC-DAC off (the DBC-DAC cost is apt-fast vs this)
   apt-fast-dbcgraph   as apt-fast with each DBC-DAC application replayed from a CUDA graph (DBCDAC(cuda_graph=True))
   plain-fast          autopoietic off (fused SDPA), fast path
+  plain-fast-lossgraph  as plain-fast with only the loss graphed (as apt-fast-lossgraph)
   bart-bf16           transformers' BartForConditionalGeneration of the same size, plain bf16 loop, fused AdamW
 
 Timing: warm-up steps excluded (compilation, graph capture, allocator), then `--repeats` timed windows of
@@ -50,11 +54,13 @@ VARIANTS = (
     "apt-eager",
     "apt-eager-torch",
     "apt-fast",
+    "apt-fast-lossgraph",
     "apt-fast-torch",
     "apt-fast-nographs",
     "apt-fast-nodbc",
     "apt-fast-dbcgraph",
     "plain-fast",
+    "plain-fast-lossgraph",
     "bart-bf16",
 )
 
@@ -126,6 +132,7 @@ def build_apt_step(
         if compiled is None
         else compiled,
         cuda_graphs=graphs,
+        step_graph=False if variant.endswith("-lossgraph") else None,
         dbc=dbc,
     )
     counter = {"step": 0}

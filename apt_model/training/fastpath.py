@@ -20,12 +20,32 @@ that autograd stores by stealing the backward graph's output tensor lives in the
 micro-batch's replay overwrites it, so accumulating a second micro-batch into it fails ("accessing tensor output of
 CUDAGraphs that has been overwritten by a subsequent run"; pytorch/pytorch#169545). With a buffer already there,
 autograd adds the new gradient into it while the graph output is still valid.
+
+**The whole step as CUDA graphs** (``step_graph``; on by default with CUDA graphs in bf16/fp32 and a fused AdamW).
+Graphing the loss alone leaves the rest of the step to the host: autograd's gradient accumulation (one add per
+parameter), clipping, the optimizer and the read-back cost ~12 ms of host time per step on an H200 host, more than the
+GPU's own work at B=16 and most of it at B=256 (``bench/step_profile.py``, BENCHMARKS.md). So after
+``STEP_GRAPH_WARMUP`` ordinary compiled steps the step is captured as three graphs that replay in order:
+
+- ``first``: forward + backward of a window's first micro-batch. Captured with ``.grad`` unset, so autograd hands
+  each parameter the graph's own gradient tensor: replays overwrite the gradients, no zeroing and no adds;
+- ``more``: any further micro-batch of the window, accumulating into those gradients (captured when first needed);
+- ``update``: clipping, the finiteness check and fused AdamW. The update is withheld **on the device** when the loss
+  or the gradient norm is not finite (the optimizer's ``found_inf``, which also leaves the step count alone), so the
+  NaN policy still acts before a bad update is applied, without a host round trip in the middle of the step.
+
+DBC-DAC runs between ``first``/``more`` and ``update`` on its cadence, on the graph's gradient tensors in place.
+Inputs are copied into static buffers and the learning rate into device tensors before each replay; the one host
+synchronisation stays at the end (loss and norm for the report and the NaN policy). A window whose batch shape is not
+the captured one runs as an ordinary compiled step. With ``cuda_graphs=False`` the same three parts run uncaptured,
+which is how the CPU tests check them against the ordinary step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +54,10 @@ from torch import Tensor, nn
 from apt_model.config import TrainConfig
 from apt_model.model.dbc_dac import DBCDAC
 from apt_model.training.batching import Batch
+
+# Ordinary compiled steps before the capture: compilation, autotuning, cuBLAS and optimizer state all happen here,
+# never inside a capture (a lazily created optimizer state would be re-zeroed by every replay).
+STEP_GRAPH_WARMUP = 3
 
 
 @dataclass
@@ -55,6 +79,7 @@ class TrainStep:
         pad_id: int,
         compiled: bool = False,
         cuda_graphs: bool | None = None,
+        step_graph: bool | None = None,
         scaler: torch.amp.GradScaler | None = None,
         dbc: DBCDAC | None = None,
     ) -> None:
@@ -69,10 +94,21 @@ class TrainStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._loss: Callable[[Tensor, Tensor, Tensor], Tensor] = self._eager_loss
         self.graphs = False
+        self.whole: _WholeStep | None = None
         if compiled:
             self.graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
-            mode = "reduce-overhead" if self.graphs else "default"
+        if step_graph is None:
+            step_graph = compiled and self.graphs and whole_step_supported(optimizer, precision, self.scaler)
+        elif step_graph and not whole_step_supported(optimizer, precision, self.scaler):
+            raise ValueError(
+                "step_graph needs a fused Adam/AdamW optimizer and bf16/fp32 (no fp16 loss scaling)"
+            )
+        if compiled:
+            # With the whole step graphed, the loss is compiled without cudagraph trees (we capture it ourselves).
+            mode = "reduce-overhead" if self.graphs and not step_graph else "default"
             self._loss = torch.compile(self._eager_loss, mode=mode, dynamic=False)
+        if step_graph:
+            self.whole = _WholeStep(self, capture=self.graphs)
 
     def _own_grad_buffers(self) -> None:
         for p in self.params:
@@ -80,8 +116,9 @@ class TrainStep:
                 p.grad = torch.zeros_like(p)
 
     def _clear_grads(self) -> None:
-        # set_to_none would hand the next backward's graph-pool outputs to .grad again (see the module docstring).
-        self.optimizer.zero_grad(set_to_none=not self.graphs)
+        # set_to_none would hand the next backward's graph-pool outputs to .grad again (see the module docstring);
+        # once the whole step is captured, .grad *is* the graph's gradient output and must stay attached.
+        self.optimizer.zero_grad(set_to_none=not self.graphs and not (self.whole and self.whole.captured))
 
     def _eager_loss(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> Tensor:
         # Through the loop module's attribute, so the objective stays the one every backend (and test) shares.
@@ -117,6 +154,16 @@ class TrainStep:
 
     def __call__(self, window: list[Batch], step_number: int) -> StepOutput:
         """Run one optimizer step; ``step_number`` is the 1-based optimizer step (DBC-DAC's cadence)."""
+        if self.whole is None:
+            return self._ordinary_step(window, step_number)
+        if self.whole.ready_for(window):
+            return self.whole(window, step_number)
+        if self.whole.captured:
+            self.optimizer.zero_grad(set_to_none=False)  # the graphs leave the last step's gradients in place
+        with self.whole.side_stream():  # warm-up steps on the stream the capture will use
+            return self._ordinary_step(window, step_number)
+
+    def _ordinary_step(self, window: list[Batch], step_number: int) -> StepOutput:
         loss_acc = self.backward(window)
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
@@ -134,3 +181,143 @@ class TrainStep:
         self.scaler.update()
         self._clear_grads()
         return StepOutput(loss_f, norm_f, applied=True)
+
+
+def whole_step_supported(
+    optimizer: torch.optim.Optimizer, precision: str, scaler: torch.amp.GradScaler | None
+) -> bool:
+    """The whole-step path withholds bad updates through the fused Adam kernels' ``found_inf``; fp16's loss scaler
+    already owns that flag (and its scale changes on the host), so it keeps the ordinary step."""
+    fused = isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
+        g.get("fused") for g in optimizer.param_groups
+    )
+    return fused and precision != "fp16" and not (scaler is not None and scaler.is_enabled())
+
+
+class _WholeStep:
+    """The step's three parts (see the module docstring), captured as CUDA graphs or run as they are."""
+
+    def __init__(self, step: TrainStep, *, capture: bool) -> None:
+        self.step = step
+        self.capture = capture
+        self.warmup_left = STEP_GRAPH_WARMUP if capture else 0
+        dev = step.device
+        self.weight = torch.zeros((), dtype=torch.float32, device=dev)
+        self.loss_acc = torch.zeros((), dtype=torch.float32, device=dev)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=dev)
+        self.out = torch.zeros(2, dtype=torch.float32, device=dev)
+        self.lrs = [torch.zeros((), dtype=torch.float32, device=dev) for _ in step.optimizer.param_groups]
+        self.inputs: tuple[Tensor, Tensor, Tensor] | None = None
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self.stream: torch.cuda.Stream | None = None
+        self.captured = False
+
+    def ready_for(self, window: list[Batch]) -> bool:
+        """True when this window runs here; warm-up windows and odd shapes take the ordinary compiled step."""
+        if self.warmup_left > 0:
+            self.warmup_left -= 1
+            return False
+        first = window[0]
+        if self.inputs is None:
+            dev = self.step.device
+            self.inputs = tuple(
+                torch.empty_like(t, device=dev) for t in (first.src, first.tgt_in, first.tgt_out)
+            )
+        return all(
+            (b.src.shape, b.tgt_in.shape, b.tgt_out.shape) == tuple(t.shape for t in self.inputs)
+            for b in window
+        )
+
+    @contextlib.contextmanager
+    def side_stream(self) -> Iterator[None]:
+        if not self.capture:
+            yield
+            return
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.step.device)
+        current = torch.cuda.current_stream(self.step.device)
+        self.stream.wait_stream(current)
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:
+            current.wait_stream(self.stream)
+
+    # -- the three parts ---------------------------------------------------------------------------------------
+    def _micro_batch(self, first: bool) -> None:
+        src, tgt_in, tgt_out = self.inputs  # type: ignore[misc]
+        loss = self.step._loss(src, tgt_in, tgt_out)
+        (loss * self.weight).backward()
+        share = loss.detach().float() * self.weight
+        if first:
+            self.loss_acc.copy_(share)
+        else:
+            self.loss_acc.add_(share)
+
+    def _update(self) -> None:
+        step, opt = self.step, self.step.optimizer
+        norm = torch.nn.utils.clip_grad_norm_(step.params, step.cfg.clip_grad_norm)
+        finite = torch.isfinite(self.loss_acc) & torch.isfinite(norm)
+        self.found_inf.copy_((~finite).float())
+        self.out.copy_(torch.stack([self.loss_acc, norm.float()]))
+        # The captured kernels read the learning rate from device tensors (refilled before each replay) and
+        # skip the update where found_inf is 1; the param groups keep their plain floats for everyone else.
+        saved = [(g["lr"], g.get("capturable", False)) for g in opt.param_groups]
+        for g, lr in zip(opt.param_groups, self.lrs, strict=True):
+            g["lr"] = lr
+            g["capturable"] = self.capture
+        opt.found_inf = self.found_inf  # type: ignore[attr-defined]
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf  # type: ignore[attr-defined]
+            for g, (lr, capturable) in zip(opt.param_groups, saved, strict=True):
+                g["lr"] = lr
+                g["capturable"] = capturable
+
+    # -- running them ------------------------------------------------------------------------------------------
+    def _run(self, name: str, fn: Callable[[], None]) -> None:
+        if not self.capture:
+            fn()
+            return
+        graph = self.graphs.get(name)
+        if graph is None:
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(self.step.device)
+            first = self.graphs.get("first")
+            graph = torch.cuda.CUDAGraph()
+            self.stream.wait_stream(torch.cuda.current_stream(self.step.device))
+            # One memory pool for all three: they always replay one after another, never concurrently.
+            with torch.cuda.graph(
+                graph, pool=first.pool() if first is not None else None, stream=self.stream
+            ):
+                fn()
+            torch.cuda.current_stream(self.step.device).wait_stream(self.stream)
+            self.graphs[name] = graph
+            self.captured = True
+        graph.replay()
+
+    def __call__(self, window: list[Batch], step_number: int) -> StepOutput:
+        step = self.step
+        if self.capture and "first" not in self.graphs:
+            # Capturing with .grad unset makes the graph's gradient tensors the parameters' .grad.
+            step.optimizer.zero_grad(set_to_none=True)
+        n_window = max(sum(b.n_tokens for b in window), 1)
+        for i, batch in enumerate(window):
+            for static, t in zip(self.inputs, (batch.src, batch.tgt_in, batch.tgt_out), strict=True):  # type: ignore[arg-type]
+                static.copy_(t, non_blocking=True)
+            self.weight.fill_(batch.n_tokens / n_window)
+            if i == 0:
+                self._run("first", lambda: self._micro_batch(True))
+            else:
+                self._run("more", lambda: self._micro_batch(False))
+        if step.dbc is not None:
+            step.dbc.step(step.params, step_number)  # in place, on the gradients the graphs write
+        for lr, group in zip(self.lrs, step.optimizer.param_groups, strict=True):
+            lr.fill_(float(group["lr"]))
+        self._run("update", self._update)
+        loss_f, norm_f = self.out.tolist()  # the step's one host sync
+        applied = math.isfinite(loss_f) and math.isfinite(norm_f)
+        if not self.capture:
+            step._clear_grads()
+        return StepOutput(loss_f, norm_f, applied=applied)

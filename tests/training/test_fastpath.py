@@ -1,14 +1,17 @@
-"""The Playground step (``TrainStep``): gradient buffers under CUDA graphs, and the compiled step on a GPU."""
+"""The Playground step (``TrainStep``): gradient buffers under CUDA graphs, the whole step as graphs (uncaptured on
+the CPU, captured on a GPU), and the compiled step on a GPU."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from apt_model.config import TrainConfig, model_preset
-from apt_model.model import APTModel
+from apt_model.config import DBCDACConfig, TrainConfig, model_preset
+from apt_model.model import DBCDAC, APTModel
 from apt_model.training.batching import Batch
-from apt_model.training.fastpath import TrainStep
+from apt_model.training.fastpath import STEP_GRAPH_WARMUP, TrainStep
 
 
 @pytest.fixture(autouse=True)
@@ -71,3 +74,138 @@ def test_compiled_step_with_cuda_graphs_accumulates_like_eager() -> None:
         ref, out = eager(window, n + 1), fast(window, n + 1)
         assert out.applied
         assert out.loss == pytest.approx(ref.loss, rel=2e-3, abs=2e-3)
+
+
+# -- the whole step as graphs -----------------------------------------------------------------------------------
+def make_whole_pair(
+    device: torch.device, **kw: object
+) -> tuple[list[tuple[APTModel, TrainStep]], torch.Tensor]:
+    """Two identical models and steps: the ordinary step, and the step-graph path configured by ``kw``.
+
+    Both models' outputs are multiplied by one device tensor, ``poison`` (1 or nan), so a test can make a step's
+    loss non-finite through the data a captured graph reads, not through Python state it baked in.
+    """
+    # Dynamo does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards): a graph compiled for
+    # an earlier test's hook-less model of the same structure would be reused and never see the poison.
+    torch._dynamo.reset()
+    poison = torch.ones((), device=device)
+    pair = []
+    for step_graph in (False, True):
+        torch.manual_seed(0)
+        model = APTModel(model_preset("tiny", dropout=0.0)).to(device)
+        model.register_forward_hook(lambda _m, _i, out: out * poison)
+        cfg = TrainConfig(weight_decay=0.1, dbc_dac=DBCDACConfig(every_n_steps=2, min_numel=500))
+        opt = torch.optim.AdamW(model.parameters(), lr=2.0**-10, weight_decay=cfg.weight_decay, fused=True)
+        step = TrainStep(
+            model,
+            cfg,
+            optimizer=opt,
+            device=device,
+            precision="fp32",
+            pad_id=0,
+            dbc=DBCDAC(cfg.dbc_dac, seed=0),
+            step_graph=step_graph,
+            **kw,  # type: ignore[arg-type]
+        )
+        pair.append((model, step))
+    return pair, poison
+
+
+def run_whole_pair(
+    device: torch.device, n_steps: int, poisoned: int, rows: int, atol: float = 1e-6, **kw: object
+) -> TrainStep:
+    """Windows of two micro-batches and, every third step, one; a learning rate that changes every step; DBC-DAC
+    every second step; step ``poisoned`` non-finite. The step-graph path gives the ordinary step's numbers.
+
+    ``atol`` bounds the weights' difference. On the CPU the two paths do the same float arithmetic (1e-6). CUDA's
+    fused AdamW computes its step size on the device from a tensor learning rate and on the host from a float one,
+    which differ in the last bits; Adam magnifies that on weights near zero (1.4e-6 seen). A missing or doubled
+    part of the step moves weights by the learning rate's order (1e-3)."""
+    pair, poison = make_whole_pair(device, **kw)
+    (ref_model, ref), (model, whole) = pair
+    assert ref.whole is None and whole.whole is not None
+    for n in range(1, n_steps + 1):
+        window = random_window(1 if n % 3 == 0 else 2, rows, device, seed=n)
+        for step in (ref, whole):
+            for g in step.optimizer.param_groups:
+                g["lr"] = 2.0**-10 * (1 + n / 8)  # exact in float32: the captured kernels read a float32 lr
+        poison.fill_(float("nan") if n == poisoned else 1.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        out_ref, out = ref(window, n), whole(window, n)
+        assert out.applied == out_ref.applied == (n != poisoned)
+        if n == poisoned:
+            assert not math.isfinite(out.loss)
+            for p0, p in zip(
+                before, model.parameters(), strict=True
+            ):  # withheld on the device: nothing moved
+                torch.testing.assert_close(p, p0, rtol=0, atol=0)
+        else:
+            assert out.loss == pytest.approx(out_ref.loss, rel=1e-5)
+            assert out.grad_norm == pytest.approx(out_ref.grad_norm, rel=1e-4)
+        for p_ref, p in zip(ref_model.parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=atol)
+    # AdamW's step count skipped the poisoned step, as the ordinary path's did.
+    steps = {float(s["step"]) for s in whole.optimizer.state.values()}
+    assert steps == {float(s["step"]) for s in ref.optimizer.state.values()} == {n_steps - 1}
+    for g in whole.optimizer.param_groups:  # the captured tensors went back to plain floats
+        assert isinstance(g["lr"], float) and not g["capturable"]
+    return whole
+
+
+def test_whole_step_parts_uncaptured_match_the_ordinary_step() -> None:
+    """The step-graph path's three parts run as they are (no GPU): gradient accumulation weighted per micro-batch,
+    DBC-DAC between backward and update, clipping, the learning rate through device tensors, and a non-finite step
+    withheld by the fused optimizer's ``found_inf`` instead of on the host: the ordinary step's losses and weights."""
+    run_whole_pair(torch.device("cpu"), n_steps=7, poisoned=4, rows=4)
+
+
+def test_step_graph_refuses_what_it_cannot_withhold_on_the_device() -> None:
+    cpu = torch.device("cpu")
+    model = APTModel(model_preset("tiny"))
+    unfused = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="fused Adam"):
+        TrainStep(
+            model, TrainConfig(), optimizer=unfused, device=cpu, precision="fp32", pad_id=0, step_graph=True
+        )
+    fused = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    with pytest.raises(ValueError, match="fp16"):
+        TrainStep(
+            model, TrainConfig(), optimizer=fused, device=cpu, precision="fp16", pad_id=0, step_graph=True
+        )
+    # Not asked for: the default picks it only with CUDA graphs.
+    assert (
+        TrainStep(model, TrainConfig(), optimizer=fused, device=cpu, precision="fp32", pad_id=0).whole is None
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the GPU machine)")
+def test_whole_step_captured_replays_the_ordinary_numbers_on_cuda() -> None:
+    """Captured: after the warm-up steps the step replays three CUDA graphs, .grad is the graph's own tensor
+    (the same storage every step), and the numbers stay the ordinary compiled step's."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    whole = run_whole_pair(torch.device("cuda"), n_steps=STEP_GRAPH_WARMUP + 7, poisoned=STEP_GRAPH_WARMUP + 4,
+                           rows=8, atol=2e-5, compiled=True, cuda_graphs=True)  # fmt: skip
+    assert whole.whole is not None and whole.whole.captured
+    assert set(whole.whole.graphs) == {"first", "more", "update"}
+    ptrs = [p.grad.data_ptr() for p in whole.params]  # type: ignore[union-attr]
+    whole(random_window(2, 8, torch.device("cuda"), seed=99), 99)
+    assert [p.grad.data_ptr() for p in whole.params] == ptrs  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the GPU machine)")
+def test_default_fast_path_graphs_the_whole_step_and_trains_like_eager() -> None:
+    cuda = torch.device("cuda")
+    _, eager = make_step(cuda)
+    model = APTModel(model_preset("tiny", dropout=0.0)).to(cuda)
+    torch.manual_seed(0)
+    model = APTModel(model_preset("tiny", dropout=0.0)).to(cuda)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    fast = TrainStep(model, TrainConfig(weight_decay=0.1), optimizer=opt, device=cuda, precision="fp32", pad_id=0,
+                     compiled=True)  # fmt: skip
+    assert fast.whole is not None  # the default on CUDA with a fused AdamW
+    for n in range(STEP_GRAPH_WARMUP + 4):
+        window = random_window(2, 8, cuda, seed=n)
+        ref, out = eager(window, n + 1), fast(window, n + 1)
+        assert out.applied
+        assert out.loss == pytest.approx(ref.loss, rel=2e-3, abs=2e-3)
+    assert fast.whole.captured
