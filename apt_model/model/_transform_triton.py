@@ -465,7 +465,8 @@ def rows_fwd_kernel(
     acc = tl.zeros((RB, BK), dtype=tl.float32)
     for h in range(H):
         acc += _clean(tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32))
-    m = acc / H
+    # Masked entries are -inf in the spec's input whatever the scores hold there: -10 after step 1, in every head.
+    m = tl.where(_load_mask(MSK, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK), -10.0, acc / H)
     _msk, _a0, _a_pre, _psi, _tay_pre, _sg, _p, hm, _fz, t0 = _rows_core(
         MSK, W1, B1, W2, B2, m, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, e, HID, HP, HAS_MASK, False
     )  # fmt: skip
@@ -508,7 +509,7 @@ def heads_fwd_kernel(
         WORK + b * 4 * n_e + W_BASE * n_e + offs_q[:, None] * Lk + offs_k[None, :], mask=valid, other=0.0
     )
     s_ptrs = S + b * ss_b + h * ss_h + offs_q[:, None] * ss_q + offs_k[None, :] * ss_k
-    s_h = _clean(tl.load(s_ptrs, mask=valid, other=0.0).to(tl.float32))
+    s_h = tl.where(off, -10.0, _clean(tl.load(s_ptrs, mask=valid, other=0.0).to(tl.float32)))
     _y, probs = _head_probs(s_h, base, off)
     p_ptrs = P + b * sp_b + h * sp_h + offs_q[:, None] * sp_q + offs_k[None, :]
     tl.store(p_ptrs, probs.to(P.dtype.element_ty), mask=valid)
@@ -529,7 +530,7 @@ def heads_bwd_kernel(
     g_ptrs = DP + b * sg_b + offs_q[:, None] * sg_q + offs_k[None, :] * sg_k
     df = tl.zeros((RB, BK), dtype=tl.float32)
     for h in range(H):
-        s_h = _clean(tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32))
+        s_h = tl.where(off, -10.0, _clean(tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32)))
         df += _head_grad(s_h, base, off, tl.load(g_ptrs + h * sg_h, mask=valid, other=0.0).to(tl.float32))
     tl.store(GRADS + e_ptrs + G_DF * n_e, df, mask=valid)
 
@@ -685,8 +686,8 @@ def scores_bwd_kernel(
     dprobs = tl.load(
         DP + b * sg_b + h * sg_h + offs_q[:, None] * sg_q + offs_k[None, :] * sg_k, mask=valid, other=0.0
     )
-    ds = 0.2 * _head_grad(_clean(x), base, off, dprobs.to(tl.float32)) + dm_h
-    passes = (x == x) & _within(x, -15.0, 15.0)  # finite and not clamped
+    ds = 0.2 * _head_grad(tl.where(off, -10.0, _clean(x)), base, off, dprobs.to(tl.float32)) + dm_h
+    passes = (x == x) & _within(x, -15.0, 15.0) & ~off  # finite, not clamped, not masked (a constant -inf)
     d_ptrs = DS + b * sd_b + h * sd_h + offs_q[:, None] * sd_q + offs_k[None, :]
     tl.store(d_ptrs, tl.where(passes, ds, 0.0).to(DS.dtype.element_ty), mask=valid)
 

@@ -147,10 +147,9 @@ class AutopoieticAttention(nn.Module):
                 query_padding_mask=query_padding_mask,
                 device=q.device,
             )
-            scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(self.d_head))
-            if masked is not None:
-                # The spec's additive mask: -inf where masked (step 1 maps it to -10).
-                scores = scores.masked_fill(masked.unsqueeze(1), float("-inf"))
+            # The scale goes on q, where it fuses into q's layout copy, rather than into a pass over the scores;
+            # the spec's -inf at masked entries is applied by the transform itself (autopoietic_probs).
+            scores = torch.matmul(q * (1.0 / math.sqrt(self.d_head)), k.transpose(-2, -1))
             probs = self.transform(scores, masked)
             attn = F.dropout(probs, drop, self.training) if drop > 0 else probs
             out = torch.matmul(attn, v)

@@ -191,6 +191,8 @@ def _autopoietic_probs(
     eps: float,
 ) -> Tensor:
     """Transform (steps 1-14) then the exact masked softmax; probabilities in ``scores.dtype``."""
+    if masked is not None:  # the spec's -inf where masked (already there when the caller added it)
+        scores = scores.masked_fill(masked.unsqueeze(1), float("-inf"))
     logits = autopoietic_transform(scores, masked, tau, w1, b1, w2, b2, eps=eps)
     return masked_softmax(logits, masked).to(scores.dtype)
 
@@ -216,6 +218,10 @@ def autopoietic_probs(
     eps: float,
 ) -> Tensor:
     """Transform (steps 1-14) then the exact masked softmax; probabilities in ``scores.dtype``.
+
+    Unlike :func:`autopoietic_transform`, ``scores`` need not hold ``-inf`` where ``masked``: masked entries are
+    taken as ``-inf`` whatever they hold, and get no gradient. The fused kernels apply the mask as they read the
+    scores, which saves the attention a masked fill of the scores (and its backward) before every transform.
 
     On CUDA with Triton this is the fused op (:mod:`apt_model.model.fused_transform`, chosen by
     ``set_transform_kernel``: three Triton kernels forward, five backward); elsewhere the torch ops of

@@ -139,6 +139,25 @@ def test_fused_transform_matches_the_torch_transform_in_value_and_gradient(
     assert (ref_grads[0].abs().max() > 0) == (shape[-1] > 1)
 
 
+@pytest.mark.parametrize("mask", ["causal", "padding"])
+def test_masked_entries_count_as_minus_inf_whatever_the_scores_hold_there(device, mask) -> None:
+    """The attention hands the transform its raw scores (no masked fill first): both kernels, fused and torch, take
+    masked entries as the spec's -inf, so the raw values there change nothing and get no gradient."""
+    filled, masked, params, eps, grad_out = _case(31, (2, 4, 12, 12), mask, 2.0, device)
+    raw = torch.where(
+        masked.unsqueeze(1), torch.randn(filled.shape, generator=torch.Generator().manual_seed(5)).to(device) * 9,
+        filled,
+    )  # fmt: skip
+    assert torch.isfinite(raw).all()
+    for fn in (fused_transform.fused_autopoietic_probs, _torch_probs):
+        out_f, grads_f = _grads(fn, filled, masked, params, eps, grad_out, torch.float32)
+        out_r, grads_r = _grads(fn, raw, masked, params, eps, grad_out, torch.float32)
+        torch.testing.assert_close(out_r, out_f, rtol=0, atol=1e-7)
+        for got, want in zip(grads_r, grads_f, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+        assert (grads_r[0].masked_select(masked.unsqueeze(1).expand_as(raw)) == 0).all()
+
+
 def test_gradient_through_the_element_mlp_reaches_the_scores_exactly(device, monkeypatch) -> None:
     """The MLP's share of the scores' gradient (A0 -> MLP -> gate) is small next to the rest, so the comparison above
     would not see an error in it: isolate it (the torch gradient with and without A0 detached) and compare there."""
