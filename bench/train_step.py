@@ -326,6 +326,7 @@ def _summary(args: argparse.Namespace, device: torch.device, results: list[dict[
         "shape": {"src_len": args.src_len, "tgt_len": args.tgt_len, "vocab": args.vocab},
         "config": "playground (d_model 256, 6+6 layers, 8 heads, d_ff 1024)",
         "timing": {"warmup": args.warmup, "steps": args.steps, "repeats": args.repeats},
+        "fused_settings": args.fused_setting,
         "results": results,
         "ratios": ratios(results),
     }
@@ -377,7 +378,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--profile", type=Path, help="folder for kernel profiles of the variants measured without CUDA graphs"
     )
-    return p.parse_args(argv)
+    p.add_argument(
+        "--fused-setting",
+        nargs="*",
+        default=[],
+        metavar="KNOB=N",
+        help="launch settings of the fused transform (fused_transform.ROW_WARPS, MLP_BLOCK, ...) for every variant",
+    )
+    args = p.parse_args(argv)
+    from apt_model.model import fused_transform
+
+    for kv in args.fused_setting:
+        name, _, value = kv.partition("=")
+        if (
+            name not in ("NUM_WARPS", "ROWS_PER_PROGRAM", "ROW_WARPS", "MLP_BLOCK", "MLP_WARPS")
+            or not value.isdigit()
+        ):
+            p.error(f"--fused-setting {kv}: expected KNOB=N with KNOB a launch setting of fused_transform")
+        setattr(fused_transform, name, int(value))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,13 +125,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="leave out the matmul-MLP comparison (measured before, slow)",
     )
+    p.add_argument(
+        "--sweep",
+        nargs="*",
+        default=[],
+        metavar="KNOB=N[,KNOB=N]",
+        help="extra fused variants with fused_transform's launch settings changed",
+    )
+    p.add_argument("--only-fused", action="store_true", help="time only the fused variants")
     args = p.parse_args(argv)
     device = torch.device("cuda")
     mod = autopoietic.AutopoieticTransform(args.hidden).to(device)
     weights = (mod.tau, mod.w1, mod.b1, mod.w2, mod.b2)
     library_mlp = autopoietic.element_mlp
     # name: (function, step-4 implementation in place while it is traced and timed, fused_transform settings)
-    default = {name: getattr(fused_transform, name) for name in ("NUM_WARPS", "ROWS_PER_PROGRAM")}
+    knobs = ("NUM_WARPS", "ROWS_PER_PROGRAM", "ROW_WARPS", "MLP_BLOCK", "MLP_WARPS")
+    default = {name: getattr(fused_transform, name) for name in knobs}
     variants = {
         # The undecorated transform: one call compiles the same with or without the nested-region marker, and
         # the published figures were taken without it.
@@ -141,8 +150,15 @@ def main(argv: list[str] | None = None) -> int:
         "fused Triton": (_fused, library_mlp, {}),
         "fused, 8 rows/program": (_fused, library_mlp, {"ROWS_PER_PROGRAM": 8}),
     }
+    for setting in args.sweep:  # e.g. ROW_WARPS=2 or MLP_BLOCK=64,MLP_WARPS=2
+        pairs = dict(kv.split("=", 1) for kv in setting.split(","))
+        if not set(pairs) <= set(knobs):
+            p.error(f"--sweep {setting}: knobs are {', '.join(knobs)}")
+        variants[f"fused, {setting}"] = (_fused, library_mlp, {k: int(v) for k, v in pairs.items()})
     if args.skip_matmul:
         del variants["matmul over h"]
+    if args.only_fused:
+        variants = {k: v for k, v in variants.items() if v[0] is _fused}
     results: list[dict[str, Any]] = []
     for b in args.batch:
         g = torch.Generator(device=device).manual_seed(b)

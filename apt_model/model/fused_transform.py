@@ -44,6 +44,8 @@ NUM_WARPS: int | None = None
 # B=256 these kernels ran 1.1-1.5x faster with 8 rows than with 16, 1.3-2x slower with 32, and 4 rows took 5% off
 # the transform's time against 8 (BENCHMARKS.md).
 ROWS_PER_PROGRAM = 4
+# Warps of the row and head programs; None: one per 256 entries of the block (one warp at 4 x 64).
+ROW_WARPS: int | None = None
 # Independent per-matrix sums in one tuple reduction (the statistics programs are chains of reductions, and their
 # number sets the time). None: yes, except under Triton's interpreter (the CPU tests), which runs a tuple reduction
 # element by element in Python; there the kernels reduce one operand at a time (the same sums), and one test sets
@@ -123,14 +125,16 @@ def _launch_args(scores: Tensor, masked: Tensor | None) -> tuple[Tensor, tuple, 
         "FUSE": FUSE_REDUCTIONS if FUSE_REDUCTIONS is not None else os.environ.get("TRITON_INTERPRET") != "1",
     }
     rb = min(bq, ROWS_PER_PROGRAM)
-    rows = {"RB": rb, "BK": bk, "HAS_MASK": masked is not None, "num_warps": max(1, min(8, rb * bk // 256))}
+    warps = ROW_WARPS or max(1, min(8, rb * bk // 256))
+    rows = {"RB": rb, "BK": bk, "HAS_MASK": masked is not None, "num_warps": warps}
     return mask, mask_strides, stats, rows
 
 
 # Entries per program of the kernel that sums the MLP's parameter gradients (one [128, HP] tile each). On the H200
 # at B=256 this ran in 65 us; the same sums kept in registers over several blocks per program took 95-171 us
 # (blocks of 32-128; BENCHMARKS.md).
-_MLP_BLOCK = 128
+MLP_BLOCK = 128
+MLP_WARPS = 4
 
 
 def _step3_e(eps: float) -> float:
@@ -205,7 +209,7 @@ def _backward(
     d_b2 = torch.empty((batch, row_blocks), dtype=torch.float32, device=dev)
     n_elem = batch * n_e
     hp = _hidden_pow2(hidden)
-    programs = -(-n_elem // _MLP_BLOCK)
+    programs = -(-n_elem // MLP_BLOCK)
     # Per-program partial sums, added up below (deterministic, no atomics), in one buffer so that one reduction
     # sums all three: three small reductions per transform were 54 launches per training step.
     partials = torch.empty((3, programs, hp), dtype=torch.float32, device=dev)
@@ -227,7 +231,7 @@ def _backward(
                 *grad.stride(), *d_scores.stride()[:3], **rows,
             )  # fmt: skip
             kernels.mlp_param_grad_kernel[(programs,)](
-                a0, d_a, w1, b1, w2, d_w1, d_b1, d_w2, n_elem, HID=hidden, HP=hp, BLOCK=_MLP_BLOCK, num_warps=4
+                a0, d_a, w1, b1, w2, d_w1, d_b1, d_w2, n_elem, HID=hidden, HP=hp, BLOCK=MLP_BLOCK, num_warps=MLP_WARPS
             )  # fmt: skip
     return (
         d_scores,
