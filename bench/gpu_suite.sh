@@ -52,6 +52,9 @@
 #   PART=whole-step2 — GPU 0 alone, after the transform took raw scores (no masked fill, the scale on q): the tests,
 #                  a sweep of the fused kernels' launch settings at B=256, the step at B=256 (APT with DBC-DAC on and
 #                  off, BART, plain attention, five windows), then bench/step_profile.py on the whole-step path.
+#   PART=whole-step3 — GPU 0 alone, the final state of the session: the tests, then the step at B=256 (APT, BART,
+#                  plain attention) and at B=16 (APT, BART), after the MLP partial sums became unit-major and DBC-DAC
+#                  replays from its own CUDA graph under the whole-step graphs.
 #   PART=quality-fused — GPU 0 alone: the best xl recipe (X3) from a cold compile with the fused transform, the
 #                  user path's wall time with nothing else on the card.
 #   PART=dbc-graph — GPU 0: the CUDA-only tests of DBC-DAC's CUDA-graph mode and of the fast path, the DBC-DAC
@@ -324,6 +327,20 @@ if [[ $part == whole-step2 ]]; then
       --warmup 8 --steps 20 --repeats 5 --out "$out/train_step_${part}_b256.json" 2>&1 | tee -a "$log"
     timeout 100 python3 bench/step_profile.py --batch 256 --variants apt-fast --out "$out/step_profile_$part.json" \
       2>&1 | tee -a "$log"
+  else
+    echo "tests failed: benchmarks skipped" | tee -a "$log"
+  fi
+fi
+
+if [[ $part == whole-step3 ]]; then
+  export CUDA_VISIBLE_DEVICES=0
+  if timeout 100 python3 -m pytest -q -p no:cacheprovider tests/training/test_fastpath.py \
+      tests/model/test_fused_transform.py 2>&1 | tail -n 8 | tee -a "$log" | grep -q ' passed' \
+      && ! grep -q ' failed' "$log"; then
+    timeout 120 python3 bench/train_step.py --batch 256 --variants apt-fast bart-bf16 plain-fast --warmup 8 \
+      --steps 20 --repeats 3 --out "$out/train_step_${part}_b256.json" 2>&1 | tee -a "$log"
+    timeout 75 python3 bench/train_step.py --batch 16 --variants apt-fast bart-bf16 --warmup 8 --steps 20 \
+      --repeats 3 --out "$out/train_step_${part}_b16.json" 2>&1 | tee -a "$log"
   else
     echo "tests failed: benchmarks skipped" | tee -a "$log"
   fi

@@ -212,7 +212,7 @@ def _backward(
     programs = -(-n_elem // MLP_BLOCK)
     # Per-program partial sums, added up below (deterministic, no atomics), in one buffer so that one reduction
     # sums all three: three small reductions per transform were 54 launches per training step.
-    partials = torch.empty((3, programs, hp), dtype=torch.float32, device=dev)
+    partials = torch.empty((3, hp, programs), dtype=torch.float32, device=dev)
     d_w1, d_b1, d_w2 = partials.unbind(0)
     if batch > 0:
         e = _step3_e(eps)
@@ -236,9 +236,8 @@ def _backward(
     return (
         d_scores,
         d_tau.sum().to(tau.dtype).reshape(tau.shape),
-        partials[:, :, :hidden].sum(
-            1
-        ),  # rows: w1, b1, w2 (split by the autograd wrapper: outputs may not alias)
+        # rows: w1, b1, w2 (split by the autograd wrapper: outputs may not alias); the sum runs along memory
+        partials[:, :hidden].sum(2),
         d_b2.sum().to(b2.dtype).reshape(b2.shape),
     )
 
