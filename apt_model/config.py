@@ -251,6 +251,9 @@ class TrainConfig(_Config):
     eval_every: int = 1
     deterministic: bool = False
     compile: str = "auto"  # auto | on | off  (the fast GPU path)
+    # What the compiled step replays from CUDA graphs: auto (step on CUDA in bf16/fp32, loss with fp16's scaler) |
+    # step (the whole optimizer step) | loss (forward + backward only) | off
+    cuda_graphs: str = "auto"
     transform_kernel: str = "auto"  # auto | triton | torch  (fused Triton autopoietic transform on CUDA)
     nan_policy: str = "stop"  # stop | skip
     log_every: int = 10
@@ -283,6 +286,11 @@ class TrainConfig(_Config):
         self._check(self.save_interval >= 1, "save_interval", "must be >= 1")
         self._check(self.eval_every >= 1, "eval_every", "must be >= 1")
         self._check(self.compile in ("auto", "on", "off"), "compile", "must be auto, on or off")
+        self._check(
+            self.cuda_graphs in ("auto", "step", "loss", "off"),
+            "cuda_graphs",
+            "must be auto, step, loss or off",
+        )
         self._check(
             self.transform_kernel in ("auto", "triton", "torch"),
             "transform_kernel",

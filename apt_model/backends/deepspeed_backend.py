@@ -771,6 +771,11 @@ class DeepSpeedBackend:
     def validate(self, request: TrainRequest) -> None:
         from apt_model.training.loop import prepare
 
+        if request.train.cuda_graphs != "auto":
+            raise ConfigError(
+                "deepspeed backend: --cuda-graphs is the playground backend's (DeepSpeed's engine runs the step); "
+                "leave it at auto"
+            )
         plan = resolve_plan(request)
         directory = resume_dir(request)
         out_dir = Path(request.out_dir)

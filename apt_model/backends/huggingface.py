@@ -413,6 +413,11 @@ class HuggingFaceBackend:
     def validate(self, request: TrainRequest) -> None:
         from apt_model.training.loop import prepare, resolve_device
 
+        if request.train.cuda_graphs != "auto":
+            raise ConfigError(
+                "huggingface backend: --cuda-graphs is the playground backend's (the Trainer runs the step); "
+                "leave it at auto"
+            )
         settings = resolve_settings(request)
         out_dir = Path(request.out_dir)
         opts = {k: v for k, v in request.options.items() if k in ("device", "pad")}

@@ -60,6 +60,7 @@ TRAIN_FLAGS = {
     "log_every": "log_every",
     "nan_policy": "nan_policy",
     "compile": "compile",
+    "cuda_graphs": "cuda_graphs",
     "transform_kernel": "transform_kernel",
 }
 DATA_FLAGS = {"max_src_len": "max_src_len", "max_tgt_len": "max_tgt_len"}
@@ -127,6 +128,13 @@ def register(subparsers: Any) -> None:
     )
     t.add_argument("--nan-policy", choices=("stop", "skip"), default=None)
     t.add_argument("--compile", choices=("auto", "on", "off"), default=None)
+    t.add_argument(
+        "--cuda-graphs",
+        choices=("auto", "step", "loss", "off"),
+        default=None,
+        help="what the compiled step replays from CUDA graphs: the whole optimizer step (auto's choice in bf16/fp32), "
+        "the forward + backward only (auto's choice with fp16), or nothing",
+    )
     t.add_argument(
         "--transform-kernel",
         choices=("auto", "triton", "torch"),

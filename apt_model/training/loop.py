@@ -93,6 +93,7 @@ class Prepared:
     precision: str  # fp32 | bf16 | fp16
     compiled: bool
     pad_mode: str
+    cuda_graphs: str  # step | loss | off (what the compiled step replays from CUDA graphs)
     transform_kernel: str  # what runs the autopoietic transform: triton | torch
     resume_state: dict[str, Any] | None = None
     start_epoch: int = 0
@@ -110,6 +111,24 @@ def resolve_transform_kernel(option: str, device: torch.device) -> str:
         )
     set_transform_kernel(option)
     return "triton" if option != "torch" and fused_possible else "torch"
+
+
+def resolve_cuda_graphs(option: str, device: torch.device, compiled: bool, precision: str) -> str:
+    """What the step replays from CUDA graphs: ``step``, ``loss`` or ``off`` (see ``training/fastpath.py``)."""
+    graphable = compiled and device.type == "cuda"
+    if option in ("step", "loss") and not graphable:
+        raise ConfigError(
+            f"TrainConfig.cuda_graphs={option!r} needs the compiled step on a CUDA device (device {device}, "
+            f"compile {'on' if compiled else 'off'}); use auto or off"
+        )
+    if option == "step" and precision == "fp16":
+        raise ConfigError(
+            "TrainConfig.cuda_graphs='step' cannot run fp16's loss scaler inside the graphs; use bf16, fp32 or "
+            "cuda_graphs=loss"
+        )
+    if option == "auto":
+        return ("loss" if precision == "fp16" else "step") if graphable else "off"
+    return option
 
 
 def resolve_device(option: str | None) -> torch.device:
@@ -206,6 +225,7 @@ def prepare(request: TrainRequest) -> Prepared:
     if pad_mode not in PAD_MODES:
         raise ConfigError(f"option pad must be one of {', '.join(PAD_MODES)} (got {pad_mode!r})")
     transform_kernel = resolve_transform_kernel(request.train.transform_kernel, device)
+    cuda_graphs = resolve_cuda_graphs(request.train.cuda_graphs, device, compiled, precision)
 
     resume_state = None
     start_epoch = 0
@@ -278,6 +298,7 @@ def prepare(request: TrainRequest) -> Prepared:
         precision=precision,
         compiled=compiled,
         pad_mode=pad_mode,
+        cuda_graphs=cuda_graphs,
         transform_kernel=transform_kernel,
         resume_state=resume_state,
         start_epoch=start_epoch,
@@ -512,6 +533,8 @@ class _Trainer:
             precision=prep.precision,
             pad_id=self.pad_id,
             compiled=prep.compiled,
+            cuda_graphs=prep.cuda_graphs != "off",
+            step_graph=prep.cuda_graphs == "step",
             scaler=self.scaler,
             dbc=self.dbc,
         )
@@ -531,6 +554,7 @@ class _Trainer:
                 "device": str(self.device),
                 "precision": prep.precision,
                 "compiled": prep.compiled,
+                "cuda_graphs": prep.cuda_graphs,
                 "transform_kernel": prep.transform_kernel,
                 "pad_mode": prep.pad_mode,
                 "steps_per_epoch": self.steps_per_epoch,

@@ -225,3 +225,24 @@ def test_broken_tracking_never_kills_training(tmp_path: Path) -> None:
     result = loop.run_training(req)
     assert result.mlflow_run_id is None and "start" in result.extra["tracking_error"]
     assert read_report(result.report)["status"] == "finished"
+
+
+def test_cuda_graphs_resolution_and_refusals() -> None:
+    """``cuda_graphs`` auto: the whole step on CUDA in bf16/fp32, the loss alone with fp16's scaler, nothing when the
+    step is not compiled on CUDA; asking for graphs that cannot run is a ConfigError before any work."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
+    assert loop.resolve_cuda_graphs("auto", cuda, True, "bf16") == "step"
+    assert loop.resolve_cuda_graphs("auto", cuda, True, "fp16") == "loss"
+    assert loop.resolve_cuda_graphs("auto", cuda, False, "bf16") == "off"
+    assert loop.resolve_cuda_graphs("auto", cpu, True, "fp32") == "off"
+    assert loop.resolve_cuda_graphs("loss", cuda, True, "bf16") == "loss"
+    assert loop.resolve_cuda_graphs("off", cuda, True, "bf16") == "off"
+    with pytest.raises(ConfigError, match="needs the compiled step on a CUDA device"):
+        loop.resolve_cuda_graphs("step", cpu, True, "fp32")
+    with pytest.raises(ConfigError, match="needs the compiled step on a CUDA device"):
+        loop.resolve_cuda_graphs("loss", cuda, False, "bf16")
+    with pytest.raises(ConfigError, match="fp16's loss scaler"):
+        loop.resolve_cuda_graphs("step", cuda, True, "fp16")
+    with pytest.raises(ConfigError, match=r"TrainConfig\.cuda_graphs: must be auto, step, loss or off"):
+        TrainConfig(cuda_graphs="all")
+    assert TrainConfig.from_dict(TrainConfig(cuda_graphs="loss").to_dict()).cuda_graphs == "loss"
