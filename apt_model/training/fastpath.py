@@ -37,8 +37,8 @@ GPU's own work at B=16 and most of it at B=256 (``bench/step_profile.py``, BENCH
 DBC-DAC runs between ``first``/``more`` and ``update`` on its cadence, on the graph's gradient tensors in place.
 Inputs are copied into static buffers and the learning rate into device tensors before each replay; the one host
 synchronisation stays at the end (loss and norm for the report and the NaN policy). A window whose batch shape is not
-the captured one runs as an ordinary compiled step. With ``cuda_graphs=False`` the same three parts run uncaptured,
-which is how the CPU tests check them against the ordinary step.
+the captured one runs as an ordinary compiled step. With ``cuda_graphs=False`` the same three parts run uncaptured
+(any batch shape), which is how the CPU tests check them against the ordinary step.
 """
 
 from __future__ import annotations
@@ -219,6 +219,8 @@ class _WholeStep:
 
     def ready_for(self, window: list[Batch]) -> bool:
         """True when this window runs here; warm-up windows and odd shapes take the ordinary compiled step."""
+        if not self.capture:
+            return True  # uncaptured, any shape runs
         if self.warmup_left > 0:
             self.warmup_left -= 1
             return False
@@ -309,8 +311,12 @@ class _WholeStep:
             step.optimizer.zero_grad(set_to_none=True)
         n_window = max(sum(b.n_tokens for b in window), 1)
         for i, batch in enumerate(window):
-            for static, t in zip(self.inputs, (batch.src, batch.tgt_in, batch.tgt_out), strict=True):  # type: ignore[arg-type]
-                static.copy_(t, non_blocking=True)
+            tensors = (batch.src, batch.tgt_in, batch.tgt_out)
+            if self.capture:  # the graphs read these buffers
+                for static, t in zip(self.inputs, tensors, strict=True):  # type: ignore[arg-type]
+                    static.copy_(t, non_blocking=True)
+            else:
+                self.inputs = tuple(t.to(step.device, non_blocking=True) for t in tensors)  # type: ignore[assignment]
             self.weight.fill_(batch.n_tokens / n_window)
             if i == 0:
                 self._run("first", lambda: self._micro_batch(True))

@@ -107,14 +107,22 @@ def test_bad_arguments_exit_2_with_one_line_and_touch_nothing(trained, tmp_path,
         ([*base, "--embedding-init-std", "-1"], "ModelConfig.embedding_init_std: must be positive"),
         ([*base, "--transform-kernel", "fused"], "invalid choice"),
         ([*base, "--cuda-graphs", "all"], "invalid choice"),
-        ([*base, "--backend", "deepspeed", "--cuda-graphs", "off"], "--cuda-graphs is the playground backend's"),
-        ([*base, "--backend", "huggingface", "--cuda-graphs", "loss"], "--cuda-graphs is the playground backend's"),
+        (
+            [*base, "--backend", "deepspeed", "--cuda-graphs", "off"],
+            "--cuda-graphs is the playground backend's",
+        ),
+        (
+            [*base, "--backend", "huggingface", "--cuda-graphs", "loss"],
+            "--cuda-graphs is the playground backend's",
+        ),
     ]
     if not torch.cuda.is_available():
         cases.append(
             ([*base, "--transform-kernel", "triton"], "transform_kernel='triton' needs a CUDA device")
         )
-        cases.append(([*base, "--cuda-graphs", "step"], "cuda_graphs='step' needs the compiled step on a CUDA"))
+        cases.append(
+            ([*base, "--cuda-graphs", "step"], "cuda_graphs='step' needs the compiled step on a CUDA")
+        )
     for argv, message in cases:
         try:
             code = main(argv)
