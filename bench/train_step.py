@@ -15,7 +15,8 @@ Variants (each measured at every batch size):
   apt-eager-torch     as apt-eager with the transform as eager torch ops
   apt-fast-nographs   as apt-fast without CUDA graphs (torch.compile fusion only)
   apt-fast-nodbc      as apt-fast with DBC-DAC off (the DBC-DAC cost is apt-fast vs this)
-  apt-fast-dbcgraph   as apt-fast with each DBC-DAC application replayed from a CUDA graph (DBCDAC(cuda_graph=True))
+  apt-fast-dbcgraph   as apt-fast with each DBC-DAC application replayed from a CUDA graph (DBCDAC(cuda_graph=True));
+                      the whole-step fast path does this by itself, so since then the row repeats apt-fast
   plain-fast          autopoietic off (fused SDPA), fast path
   plain-fast-lossgraph  as plain-fast with only the loss graphed (as apt-fast-lossgraph)
   bart-bf16           transformers' BartForConditionalGeneration of the same size, plain bf16 loop, fused AdamW
