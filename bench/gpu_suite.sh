@@ -74,6 +74,16 @@ log="$out/log_$part.txt"
 { nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } | tee "$log"
 
+# Runs the given test files under a time limit, appending pytest's summary to the log; true when they passed (the
+# benchmarks of a part run only then). Usage: tests_pass LIMIT_S FILE...
+tests_pass() {
+  local limit=$1 summary
+  shift
+  summary=$(timeout "$limit" python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -n 15)
+  echo "$summary" | tee -a "$log"
+  grep -q ' passed' <<<"$summary" && ! grep -q ' failed' <<<"$summary"
+}
+
 # Quality recipes side by side, recipe i on GPU first_gpu + i; then one JSON and one log for all of them under OUT_DIR.
 # Usage: run_quality_recipes NAME FIRST_GPU DATA_SIZE "TAG flags…" …
 run_quality_recipes() {
@@ -242,9 +252,7 @@ if [[ $part == fused ]]; then
   ) &
   side_pid=$!
   export CUDA_VISIBLE_DEVICES=0
-  if timeout 200 python3 -m pytest -q -p no:cacheprovider tests/model/test_fused_transform.py \
-      tests/training/test_fastpath.py 2>&1 | tail -n 15 | tee -a "$log" | grep -q ' passed' \
-      && ! grep -q ' failed' "$log"; then
+  if tests_pass 200 tests/model/test_fused_transform.py tests/training/test_fastpath.py; then
     timeout 120 python3 bench/transform.py --out "$out/transform_fused.json" 2>&1 | tee -a "$log"
     timeout 330 python3 bench/train_step.py --batch 16 256 --variants apt-fast bart-bf16 plain-fast apt-eager \
       apt-fast-torch apt-eager-torch --warmup 8 --steps 20 --repeats 5 --out "$out/train_step_fused.json" 2>&1 \
@@ -257,9 +265,7 @@ fi
 
 if [[ $part == fused2 ]]; then
   export CUDA_VISIBLE_DEVICES=0
-  if timeout 170 python3 -m pytest -q -p no:cacheprovider tests/model/test_fused_transform.py \
-      tests/training/test_fastpath.py 2>&1 | tail -n 15 | tee -a "$log" | grep -q ' passed' \
-      && ! grep -q ' failed' "$log"; then
+  if tests_pass 170 tests/model/test_fused_transform.py tests/training/test_fastpath.py; then
     timeout 90 python3 bench/transform.py --out "$out/transform_fused2.json" 2>&1 | tee -a "$log"
     timeout 200 python3 bench/train_step.py --batch 256 16 --variants apt-fast bart-bf16 plain-fast --warmup 8 \
       --steps 20 --repeats 5 --out "$out/train_step_fused2.json" 2>&1 | tee -a "$log"
@@ -272,8 +278,7 @@ fi
 
 if [[ $part == fused3 ]]; then
   export CUDA_VISIBLE_DEVICES=0
-  if timeout 90 python3 -m pytest -q -p no:cacheprovider tests/model/test_fused_transform.py 2>&1 | tail -n 8 \
-      | tee -a "$log" | grep -q ' passed' && ! grep -q ' failed' "$log"; then
+  if tests_pass 90 tests/model/test_fused_transform.py; then
     timeout 150 python3 bench/transform.py --iters 10 --repeats 3 --out "$out/transform_fused3.json" 2>&1 | tee -a "$log"
     timeout 330 python3 bench/train_step.py --batch 256 16 --variants apt-fast bart-bf16 apt-fast-torch --warmup 5 \
       --steps 20 --repeats 3 --out "$out/train_step_fused3.json" 2>&1 | tee -a "$log"
@@ -284,8 +289,7 @@ fi
 
 if [[ $part == split || $part == split2 || $part == split3 || $part == split4 ]]; then
   export CUDA_VISIBLE_DEVICES=0
-  if timeout 90 python3 -m pytest -q -p no:cacheprovider tests/model/test_fused_transform.py 2>&1 | tail -n 8 \
-      | tee -a "$log" | grep -q ' passed' && ! grep -q ' failed' "$log"; then
+  if tests_pass 90 tests/model/test_fused_transform.py; then
     timeout 120 python3 bench/transform.py --skip-matmul --iters 10 --repeats 3 --out "$out/transform_$part.json" \
       2>&1 | tee -a "$log"
     b256="apt-fast bart-bf16 apt-fast-torch plain-fast"
@@ -303,9 +307,7 @@ fi
 
 if [[ $part == whole-step ]]; then
   export CUDA_VISIBLE_DEVICES=0
-  if timeout 120 python3 -m pytest -q -p no:cacheprovider tests/training/test_fastpath.py \
-      tests/model/test_fused_transform.py 2>&1 | tail -n 8 | tee -a "$log" | grep -q ' passed' \
-      && ! grep -q ' failed' "$log"; then
+  if tests_pass 120 tests/training/test_fastpath.py tests/model/test_fused_transform.py; then
     timeout 290 python3 bench/train_step.py --batch 256 --variants apt-fast bart-bf16 plain-fast apt-fast-lossgraph \
       --warmup 8 --steps 20 --repeats 3 --out "$out/train_step_${part}_b256.json" 2>&1 | tee -a "$log"
     timeout 170 python3 bench/train_step.py --batch 16 --variants apt-fast bart-bf16 plain-fast --warmup 8 \
@@ -317,9 +319,7 @@ fi
 
 if [[ $part == whole-step2 ]]; then
   export CUDA_VISIBLE_DEVICES=0
-  if timeout 150 python3 -m pytest -q -p no:cacheprovider tests/training/test_fastpath.py \
-      tests/model/test_fused_transform.py 2>&1 | tail -n 8 | tee -a "$log" | grep -q ' passed' \
-      && ! grep -q ' failed' "$log"; then
+  if tests_pass 150 tests/training/test_fastpath.py tests/model/test_fused_transform.py; then
     timeout 100 python3 bench/transform.py --batch 256 --only-fused --iters 10 --repeats 3 --sweep ROW_WARPS=2 \
       ROW_WARPS=4 MLP_WARPS=8 MLP_BLOCK=64,MLP_WARPS=2 MLP_BLOCK=64 MLP_BLOCK=256,MLP_WARPS=8 NUM_WARPS=4 \
       --out "$out/transform_$part.json" 2>&1 | tee -a "$log"
@@ -334,9 +334,7 @@ fi
 
 if [[ $part == whole-step3 ]]; then
   export CUDA_VISIBLE_DEVICES=0
-  if timeout 100 python3 -m pytest -q -p no:cacheprovider tests/training/test_fastpath.py \
-      tests/model/test_fused_transform.py 2>&1 | tail -n 8 | tee -a "$log" | grep -q ' passed' \
-      && ! grep -q ' failed' "$log"; then
+  if tests_pass 100 tests/training/test_fastpath.py tests/model/test_fused_transform.py; then
     timeout 120 python3 bench/train_step.py --batch 256 --variants apt-fast bart-bf16 plain-fast --warmup 8 \
       --steps 20 --repeats 3 --out "$out/train_step_${part}_b256.json" 2>&1 | tee -a "$log"
     timeout 75 python3 bench/train_step.py --batch 16 --variants apt-fast bart-bf16 --warmup 8 --steps 20 \

@@ -391,10 +391,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     for kv in args.fused_setting:
         name, _, value = kv.partition("=")
-        if (
-            name not in ("NUM_WARPS", "ROWS_PER_PROGRAM", "ROW_WARPS", "MLP_BLOCK", "MLP_WARPS")
-            or not value.isdigit()
-        ):
+        if name not in fused_transform.LAUNCH_SETTINGS or not value.isdigit():
             p.error(f"--fused-setting {kv}: expected KNOB=N with KNOB a launch setting of fused_transform")
         setattr(fused_transform, name, int(value))
     return args

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = (mod.tau, mod.w1, mod.b1, mod.w2, mod.b2)
     library_mlp = autopoietic.element_mlp
     # name: (function, step-4 implementation in place while it is traced and timed, fused_transform settings)
-    knobs = ("NUM_WARPS", "ROWS_PER_PROGRAM", "ROW_WARPS", "MLP_BLOCK", "MLP_WARPS")
+    knobs = fused_transform.LAUNCH_SETTINGS
     default = {name: getattr(fused_transform, name) for name in knobs}
     variants = {
         # The undecorated transform: one call compiles the same with or without the nested-region marker, and

@@ -135,6 +135,8 @@ def _launch_args(scores: Tensor, masked: Tensor | None) -> tuple[Tensor, tuple, 
 # (blocks of 32-128; BENCHMARKS.md).
 MLP_BLOCK = 128
 MLP_WARPS = 4
+# The module's launch settings above, by name: what bench/transform.py sweeps and bench/train_step.py can set.
+LAUNCH_SETTINGS = ("NUM_WARPS", "ROWS_PER_PROGRAM", "ROW_WARPS", "MLP_BLOCK", "MLP_WARPS")
 
 
 def _step3_e(eps: float) -> float:

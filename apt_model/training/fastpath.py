@@ -240,15 +240,20 @@ class _WholeStep:
         if not self.capture:
             yield
             return
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(self.step.device)
+        side = self._side_stream()
         current = torch.cuda.current_stream(self.step.device)
-        self.stream.wait_stream(current)
+        side.wait_stream(current)
         try:
-            with torch.cuda.stream(self.stream):
+            with torch.cuda.stream(side):
                 yield
         finally:
-            current.wait_stream(self.stream)
+            current.wait_stream(side)
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        """The stream of the warm-up steps and the captures (one, made on first use)."""
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.step.device)
+        return self.stream
 
     # -- the three parts ---------------------------------------------------------------------------------------
     def _micro_batch(self, first: bool) -> None:
@@ -289,17 +294,14 @@ class _WholeStep:
             return
         graph = self.graphs.get(name)
         if graph is None:
-            if self.stream is None:
-                self.stream = torch.cuda.Stream(self.step.device)
+            side = self._side_stream()
             first = self.graphs.get("first")
             graph = torch.cuda.CUDAGraph()
-            self.stream.wait_stream(torch.cuda.current_stream(self.step.device))
+            side.wait_stream(torch.cuda.current_stream(self.step.device))
             # One memory pool for all three: they always replay one after another, never concurrently.
-            with torch.cuda.graph(
-                graph, pool=first.pool() if first is not None else None, stream=self.stream
-            ):
+            with torch.cuda.graph(graph, pool=first.pool() if first is not None else None, stream=side):
                 fn()
-            torch.cuda.current_stream(self.step.device).wait_stream(self.stream)
+            torch.cuda.current_stream(self.step.device).wait_stream(side)
             self.graphs[name] = graph
             self.captured = True
         graph.replay()
