@@ -26,7 +26,12 @@ def test_busy_time_counts_overlapping_kernels_once() -> None:
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "matmul"),  # first match wins: sm90_
         ("void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata>", "optimizer"),
         ("triton_poi_fused_gelu_native_dropout_view_14", "inductor (fused elementwise / reductions)"),
+        (
+            "triton_per_fused__to_copy_add_native_dropout_native_layer_norm_view_15",
+            "inductor (fused elementwise / reductions)",
+        ),
         ("Memset (Device)", "copy / fill"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "copy / fill"),
         ("some_kernel", "other"),
     ],
 )
