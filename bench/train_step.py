@@ -9,6 +9,8 @@ Variants (each measured at every batch size):
   apt-fast            autopoietic on, the Playground fast path (torch.compile, the whole step as CUDA graphs, fused
                       AdamW, bf16); the transform is the default kernel choice (on CUDA with Triton: the fused Triton
                       kernels)
+  apt-fast-readnow    as apt-fast reading each step's loss and norm before launching the next (the loop before the
+                      late read-back; apt-fast reads step n's after launching step n + 1, as the Playground loop does)
   apt-fast-lossgraph  as apt-fast with only the loss (forward + backward) graphed, by cudagraph trees; clipping, the
                       optimizer and gradient accumulation run from the host (the fast path before the whole-step graphs)
   apt-fast-torch      as apt-fast with the transform as torch ops compiled by inductor (--transform-kernel torch)
@@ -55,6 +57,7 @@ VARIANTS = (
     "apt-eager",
     "apt-eager-torch",
     "apt-fast",
+    "apt-fast-readnow",
     "apt-fast-lossgraph",
     "apt-fast-torch",
     "apt-fast-nographs",
@@ -136,16 +139,22 @@ def build_apt_step(
         step_graph=False if variant.endswith("-lossgraph") else None,
         dbc=dbc,
     )
-    counter = {"step": 0}
+    state: dict[str, Any] = {"step": 0, "in_flight": None}
 
     def run_step(batch: dict) -> float:
-        schedule.set_step(counter["step"])
+        """Launch one step; return the loss of the step before it (read late, as the Playground loop does) or,
+        with ``run_step.read_late`` off, of this one."""
+        schedule.set_step(state["step"])
         window = [Batch(batch["src"], batch["tgt_in"], batch["tgt_out"], batch["n_tokens"])]
-        out = stepper(window, counter["step"] + 1)
-        counter["step"] += 1
-        return out.loss
+        pending = stepper.launch(window, state["step"] + 1)
+        state["step"] += 1
+        if not run_step.read_late:  # type: ignore[attr-defined]
+            return pending.result().loss
+        previous, state["in_flight"] = state["in_flight"], pending
+        return previous.result().loss if previous is not None else float("nan")
 
     run_step.stepper = stepper  # type: ignore[attr-defined]
+    run_step.read_late = variant != "apt-fast-readnow"  # type: ignore[attr-defined]
     return run_step, sum(p.numel() for p in model.parameters())
 
 
@@ -271,13 +280,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             set_transform_kernel("torch" if variant.endswith("-torch") else "auto")
             if variant == "bart-bf16":
                 step_fn, n_params = build_bart_step(device, args.vocab, max_len)
-            elif variant in ("apt-fast-nodbc", "apt-fast-dbcgraph") and fast_step is not None:
-                # The very same compiled step as apt-fast with DBC-DAC switched off (or graphed), so the difference
-                # between the rows is DBC-DAC alone (and no second compilation is paid).
+            elif (
+                variant in ("apt-fast-nodbc", "apt-fast-dbcgraph", "apt-fast-readnow")
+                and fast_step is not None
+            ):
+                # The very same compiled step as apt-fast with DBC-DAC switched off (or graphed, as apt-fast does
+                # itself), or its results read at once, so the rows differ in that alone (and no second compilation
+                # is paid).
                 step_fn, n_params = fast_step
                 stepper = step_fn.stepper
-                graphed = variant == "apt-fast-dbcgraph"
-                stepper.dbc = DBCDAC(stepper.cfg.dbc_dac, seed=0, cuda_graph=True) if graphed else None
+                no_dbc = variant == "apt-fast-nodbc"
+                stepper.dbc = None if no_dbc else DBCDAC(stepper.cfg.dbc_dac, seed=0, cuda_graph=True)
+                step_fn.read_late = variant != "apt-fast-readnow"
             else:
                 graphs = False if variant.endswith("nographs") else None
                 step_fn, n_params = build_apt_step(variant, device, args.vocab, max_len, graphs)

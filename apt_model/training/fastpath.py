@@ -35,8 +35,11 @@ GPU's own work at B=16 and most of it at B=256 (``bench/step_profile.py``, BENCH
   NaN policy still acts before a bad update is applied, without a host round trip in the middle of the step.
 
 DBC-DAC runs between ``first``/``more`` and ``update`` on its cadence, on the graph's gradient tensors in place.
-Inputs are copied into static buffers and the learning rate into device tensors before each replay; the one host
-synchronisation stays at the end (loss and norm for the report and the NaN policy). A window whose batch shape is not
+Inputs are copied into static buffers and the learning rate into device tensors before each replay. Loss and norm
+(for the report and the NaN policy) come back in a non-blocking copy: :meth:`TrainStep.launch` returns before they
+arrive, and the Playground loop reads step n's only after launching step n + 1, so the GPU never waits for the
+host's turn-around between steps. Only the NaN policy's reaction moves one step later (a bad update itself is already
+withheld on the device); ``nan_policy=stop`` raises naming the bad step. A window whose batch shape is not
 the captured one runs as an ordinary compiled step. With ``cuda_graphs=False`` the same three parts run uncaptured
 (any batch shape), which is how the CPU tests check them against the ordinary step.
 """
@@ -65,6 +68,40 @@ class StepOutput:
     loss: float  # token-weighted mean loss of the window (may be nan/inf)
     grad_norm: float  # global gradient norm before clipping (may be nan/inf)
     applied: bool  # False when the update was withheld because the loss or gradients were not finite
+
+
+class PendingStep:
+    """A launched optimizer step; :meth:`result` has its :class:`StepOutput`, waiting for the device if needed.
+
+    The ordinary step decides on the host whether to apply the update, so it is resolved before it is returned. The
+    whole-step graphs withhold a bad update on the device: their loss and norm travel back in a non-blocking copy,
+    and a caller that asks for them only after launching the next step (the Playground loop) keeps the GPU fed
+    instead of idling through the host's turn-around between steps.
+    """
+
+    def __init__(
+        self,
+        output: StepOutput | None = None,
+        *,
+        host: Tensor | None = None,
+        ready: torch.cuda.Event | None = None,
+    ) -> None:
+        self._output = output
+        self._host = host
+        self._ready = ready
+
+    @property
+    def done(self) -> bool:
+        return self._output is not None
+
+    def result(self) -> StepOutput:
+        if self._output is None:
+            assert self._host is not None and self._ready is not None
+            self._ready.synchronize()
+            loss_f, norm_f = self._host.tolist()
+            self._output = StepOutput(loss_f, norm_f, applied=math.isfinite(loss_f) and math.isfinite(norm_f))
+            self._host = self._ready = None
+        return self._output
 
 
 class TrainStep:
@@ -159,14 +196,22 @@ class TrainStep:
 
     def __call__(self, window: list[Batch], step_number: int) -> StepOutput:
         """Run one optimizer step; ``step_number`` is the 1-based optimizer step (DBC-DAC's cadence)."""
+        return self.launch(window, step_number).result()
+
+    def launch(self, window: list[Batch], step_number: int) -> PendingStep:
+        """Start one optimizer step; its outcome may still be on the device (see :class:`PendingStep`).
+
+        Steps run in launch order whenever their results are read; a caller may hold one step's result while it
+        launches the next.
+        """
         if self.whole is None:
-            return self._ordinary_step(window, step_number)
+            return PendingStep(self._ordinary_step(window, step_number))
         if self.whole.ready_for(window):
-            return self.whole(window, step_number)
+            return self.whole.launch(window, step_number)
         if self.whole.captured:
             self.optimizer.zero_grad(set_to_none=False)  # the graphs leave the last step's gradients in place
         with self.whole.side_stream():  # warm-up steps on the stream the capture will use
-            return self._ordinary_step(window, step_number)
+            return PendingStep(self._ordinary_step(window, step_number))
 
     def _ordinary_step(self, window: list[Batch], step_number: int) -> StepOutput:
         loss_acc = self.backward(window)
@@ -216,6 +261,11 @@ class _WholeStep:
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.stream: torch.cuda.Stream | None = None
         self.captured = False
+        # Host copies of (loss, norm) for the steps whose results are still being read: two, so that one step's
+        # copy can land while the caller still holds the previous one. A slot is read out before it is reused.
+        self.readback: list[tuple[Tensor, torch.cuda.Event]] = []
+        self.readback_owner: list[PendingStep | None] = []
+        self.launches = 0
 
     def ready_for(self, window: list[Batch]) -> bool:
         """True when this window runs here; warm-up windows and odd shapes take the ordinary compiled step."""
@@ -306,7 +356,26 @@ class _WholeStep:
             self.captured = True
         graph.replay()
 
-    def __call__(self, window: list[Batch], step_number: int) -> StepOutput:
+    def _read_back(self) -> PendingStep:
+        """(loss, norm) of the step just replayed, copied to the host without waiting for it."""
+        if not self.readback:
+            self.readback = [
+                (torch.empty(2, dtype=torch.float32, pin_memory=True), torch.cuda.Event()) for _ in range(2)
+            ]
+            self.readback_owner = [None, None]
+        slot = self.launches % 2
+        self.launches += 1
+        previous = self.readback_owner[slot]
+        if previous is not None:
+            previous.result()  # its values leave the slot before this step's overwrite them
+        host, ready = self.readback[slot]
+        host.copy_(self.out, non_blocking=True)
+        ready.record()
+        pending = PendingStep(host=host, ready=ready)
+        self.readback_owner[slot] = pending
+        return pending
+
+    def launch(self, window: list[Batch], step_number: int) -> PendingStep:
         step = self.step
         if self.capture and "first" not in self.graphs:
             # Capturing with .grad unset makes the graph's gradient tensors the parameters' .grad.
@@ -316,6 +385,10 @@ class _WholeStep:
             tensors = (batch.src, batch.tgt_in, batch.tgt_out)
             if self.capture:  # the graphs read these buffers
                 for static, t in zip(self.inputs, tensors, strict=True):  # type: ignore[arg-type]
+                    if t.device.type == "cpu" and not t.is_pinned():
+                        # From pageable memory the copy may wait for the GPU to drain, which would undo the
+                        # late read-back; pinned blocks are reused only once the copies that read them are done.
+                        t = t.pin_memory()
                     static.copy_(t, non_blocking=True)
             else:
                 self.inputs = tuple(t.to(step.device, non_blocking=True) for t in tensors)  # type: ignore[assignment]
@@ -329,8 +402,10 @@ class _WholeStep:
         for lr, group in zip(self.lrs, step.optimizer.param_groups, strict=True):
             lr.fill_(float(group["lr"]))
         self._run("update", self._update)
-        loss_f, norm_f = self.out.tolist()  # the step's one host sync
-        applied = math.isfinite(loss_f) and math.isfinite(norm_f)
-        if not self.capture:
-            step._clear_grads()
-        return StepOutput(loss_f, norm_f, applied=applied)
+        if self.capture:
+            return self._read_back()
+        loss_f, norm_f = self.out.tolist()
+        step._clear_grads()
+        return PendingStep(
+            StepOutput(loss_f, norm_f, applied=math.isfinite(loss_f) and math.isfinite(norm_f))
+        )

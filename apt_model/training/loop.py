@@ -12,7 +12,8 @@ One optimizer step:
   3. a non-finite window loss (or, without a loss scaler, a non-finite gradient norm) triggers ``nan_policy``:
      ``"stop"`` writes the report (status ``failed``, the event recorded) and raises ``TrainingDivergedError``
      naming the step; ``"skip"`` drops the update (the step still counts, so the schedule stays aligned) and
-     counts it in the report;
+     counts it in the report. A step's outcome is read once the next step is launched: under the whole-step CUDA
+     graphs the bad update is withheld on the device, and the policy reacts one step later;
   4. fp16 gradients are unscaled; DBC-DAC runs once on the accumulated gradient (``DBCDAC.step`` decides on its
      cadence); the global gradient norm is clipped to ``clip_grad_norm`` (1.0); AdamW steps.
 
@@ -59,7 +60,7 @@ from apt_model.config import ModelConfig
 from apt_model.errors import AptError, CheckpointError, ConfigError, DataError
 from apt_model.io import atomic_write_json, remove_stale_temps, sha256_file
 from apt_model.training.batching import PAD_MODES, Batch, Batcher, build_tokenizer, encode_pairs
-from apt_model.training.fastpath import TrainStep
+from apt_model.training.fastpath import PendingStep, TrainStep
 from apt_model.training.report import REPORT_FILE, ExperimentReport, json_float
 from apt_model.training.schedule import WarmRestartSchedule, build_optimizer
 from apt_model.training.tracking import METRIC_KEYS, Tracker, flatten_params, resolve_tracking_uri
@@ -475,6 +476,17 @@ def _deterministic(enabled: bool, device: torch.device) -> Iterator[None]:
 
 
 @dataclass
+class _Launched:
+    """A step launched by the epoch loop and not yet accounted for."""
+
+    pending: PendingStep
+    step: int  # 1-based optimizer step
+    index: int  # window index within the epoch
+    n_tokens: int
+    lr: float
+
+
+@dataclass
 class _EpochStats:
     loss_sum: float = 0.0
     tokens: int = 0
@@ -626,12 +638,12 @@ class _Trainer:
             extra=extra,
         )
 
-    def _nan_event(self, loss: float, grad_norm: float | None) -> None:
+    def _nan_event(self, loss: float, grad_norm: float | None, step: int) -> None:
         action = self.cfg.nan_policy
         self.report.nan_events.append(
             {
                 "epoch": self.epoch + 1,
-                "global_step": self.global_step + 1,
+                "global_step": step,
                 "loss": json_float(loss),
                 "grad_norm": json_float(grad_norm),
                 "action": action,
@@ -640,29 +652,39 @@ class _Trainer:
         what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
         if action == "stop":
             msg = (
-                f"non-finite {what} at optimizer step {self.global_step + 1} (epoch {self.epoch + 1}); "
+                f"non-finite {what} at optimizer step {step} (epoch {self.epoch + 1}); "
                 "lower the learning rate, use fp32/bf16, or set nan_policy=skip"
             )
             self.report.status = "failed"
-            self.report.final = {"error": msg, "global_step": self.global_step + 1, "epoch": self.epoch + 1}
+            self.report.final = {"error": msg, "global_step": step, "epoch": self.epoch + 1}
             self.report.write(self.report_path)
             self.tracker.end("FAILED")
             raise TrainingDivergedError(msg)
-        log.warning("non-finite %s at step %d: update skipped", what, self.global_step + 1)
+        log.warning("non-finite %s at step %d: update skipped", what, step)
 
-    def _optimizer_step(self, window: list[Batch], stats: _EpochStats) -> float | None:
-        self.schedule.set_step(self.global_step)
-        out = self.stepper(window, self.global_step + 1)
+    def _settle(self, launched: _Launched, stats: _EpochStats, progress: Progress, n_windows: int) -> None:
+        """Account for one launched step: NaN policy, epoch statistics, logged losses, progress."""
+        out = launched.pending.result()
+        loss: float | None = None
         if not out.applied:
-            self._nan_event(out.loss, out.grad_norm if math.isfinite(out.loss) else None)
+            self._nan_event(out.loss, out.grad_norm if math.isfinite(out.loss) else None, launched.step)
             stats.skipped += 1
-            return None
-        if math.isfinite(out.grad_norm):
-            stats.grad_norms.append(out.grad_norm)
-        n_window = sum(b.n_tokens for b in window)
-        stats.loss_sum += out.loss * n_window
-        stats.tokens += n_window
-        return out.loss
+        else:
+            loss = out.loss
+            if math.isfinite(out.grad_norm):
+                stats.grad_norms.append(out.grad_norm)
+            stats.loss_sum += out.loss * launched.n_tokens
+            stats.tokens += launched.n_tokens
+            if launched.step % self.cfg.log_every == 0:
+                self.report.batch_losses.append([launched.step, loss])
+        progress.step(
+            self.epoch + 1,
+            self.cfg.epochs,
+            launched.index + 1,
+            n_windows,
+            loss if loss is not None else float("nan"),
+            launched.lr,
+        )
 
     def _train_epoch(self, progress: Progress) -> dict[str, Any]:
         cfg = self.cfg
@@ -670,19 +692,24 @@ class _Trainer:
         batches = self.train_batcher.epoch(self.epoch)
         windows = [batches[i : i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
         stats = _EpochStats()
+        # Each step's outcome is read after the next step is launched (TrainStep.launch): with the whole-step graphs
+        # the GPU then never idles through this loop's bookkeeping; other steps come back already resolved.
+        in_flight: _Launched | None = None
         for i, window in enumerate(windows):
-            loss = self._optimizer_step(window, stats)
+            self.schedule.set_step(self.global_step)
             self.global_step += 1
-            if loss is not None and self.global_step % cfg.log_every == 0:
-                self.report.batch_losses.append([self.global_step, loss])
-            progress.step(
-                self.epoch + 1,
-                cfg.epochs,
-                i + 1,
-                len(windows),
-                loss if loss is not None else float("nan"),
-                self.schedule.lr,
+            launched = _Launched(
+                self.stepper.launch(window, self.global_step),
+                step=self.global_step,
+                index=i,
+                n_tokens=sum(b.n_tokens for b in window),
+                lr=self.schedule.lr,
             )
+            if in_flight is not None:
+                self._settle(in_flight, stats, progress, len(windows))
+            in_flight = launched
+        if in_flight is not None:
+            self._settle(in_flight, stats, progress, len(windows))
         progress.end_epoch()
         self.epoch += 1
         evaluate_now = self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs

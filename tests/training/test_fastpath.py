@@ -216,3 +216,46 @@ def test_default_fast_path_graphs_the_whole_step_and_trains_like_eager() -> None
         assert out.applied
         assert out.loss == pytest.approx(ref.loss, rel=2e-3, abs=2e-3)
     assert fast.whole.captured
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the GPU machine)")
+def test_results_read_one_step_late_change_nothing_on_cuda() -> None:
+    """The loop reads step n's loss and norm after launching step n + 1. Two captured paths, one read at once and
+    one a step late (fed from pageable CPU batches, which it pins), give the same outcomes — the poisoned step's
+    ``applied=False`` included — and the same weights (a step lost or applied twice moves them by ~1e-3)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cuda = torch.device("cuda")
+    torch._dynamo.reset()
+    poison = torch.ones((), device=cuda)  # one tensor for both: dynamo may share their compiled graph
+    steps = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = APTModel(model_preset("tiny", dropout=0.0)).to(cuda)
+        model.register_forward_hook(lambda _m, _i, out: out * poison)
+        cfg = TrainConfig(weight_decay=0.1, dbc_dac=DBCDACConfig(every_n_steps=2, min_numel=500))
+        opt = torch.optim.AdamW(model.parameters(), lr=2.0**-10, weight_decay=cfg.weight_decay, fused=True)
+        steps.append(TrainStep(model, cfg, optimizer=opt, device=cuda, precision="fp32", pad_id=0,
+                               compiled=True, dbc=DBCDAC(cfg.dbc_dac, seed=0)))  # fmt: skip
+    now, late = steps
+    n_steps, poisoned = STEP_GRAPH_WARMUP + 8, STEP_GRAPH_WARMUP + 5
+    read_now, read_late, in_flight = [], [], None
+    for n in range(1, n_steps + 1):
+        window = random_window(1 if n % 3 == 0 else 2, 8, torch.device("cpu"), seed=n)
+        for step in steps:
+            for g in step.optimizer.param_groups:
+                g["lr"] = 2.0**-10 * (1 + n / 8)
+        poison.fill_(float("nan") if n == poisoned else 1.0)
+        read_now.append(now([b.to(cuda) for b in window], n))
+        launched = late.launch(window, n)
+        if in_flight is not None:
+            read_late.append(in_flight.result())
+        in_flight = launched
+    assert not in_flight.done  # the last step came back unread: it was on its way while the loop went on
+    read_late.append(in_flight.result())
+    assert late.whole is not None and late.whole.captured
+    expected = [n != poisoned for n in range(1, n_steps + 1)]
+    assert [r.applied for r in read_late] == [r.applied for r in read_now] == expected
+    for a, b in zip(read_now, read_late, strict=True):
+        assert (a.loss, a.grad_norm) == (b.loss, b.grad_norm) or not a.applied
+    for p_now, p_late in zip(now.model.parameters(), late.model.parameters(), strict=True):
+        torch.testing.assert_close(p_late, p_now, rtol=1e-6, atol=1e-6)

@@ -15,7 +15,7 @@ from apt_model.config import DataConfig, TrainConfig, model_preset
 from apt_model.errors import CheckpointError, ConfigError, DataError
 from apt_model.training import loop
 from apt_model.training.batching import Batcher, collate
-from apt_model.training.fastpath import TrainStep
+from apt_model.training.fastpath import PendingStep, TrainStep
 from apt_model.training.report import read_report
 
 ZODIAC = "鼠牛虎兔龙蛇马羊猴鸡狗猪"
@@ -164,6 +164,69 @@ def test_nan_skip_counts_and_continues(tmp_path: Path, monkeypatch: pytest.Monke
     assert rep["status"] == "finished" and rep["epochs"][0]["skipped_steps"] == 1
     assert result.extra["skipped_steps"] == 1 and 3 not in [s for s, _ in rep["batch_losses"]]
     assert all(torch.isfinite(p).all() for p in load_model(result.final_model).model.parameters())
+
+
+def _read_one_step_late(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Make every step's result arrive as the whole-step graphs' do: a host copy read when asked for, after the
+    loop has launched the next step. Returns the log of launches and reads."""
+    events: list[tuple[str, int]] = []
+    real_launch = TrainStep.launch
+
+    class Arrival:
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def synchronize(self) -> None:
+            events.append(("read", self.step))
+
+    def launch(self: TrainStep, window: list[Any], step_number: int) -> PendingStep:
+        out = real_launch(self, window, step_number).result()
+        events.append(("launch", step_number))
+        host = torch.tensor([out.loss, out.grad_norm], dtype=torch.float32)
+        return PendingStep(host=host, ready=Arrival(step_number))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TrainStep, "launch", launch)
+    return events
+
+
+def test_results_read_one_step_late_account_every_step_as_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _nan_after(5, monkeypatch)  # optimizer step 3 is non-finite
+    at_once = read_report(loop.run_training(request(tmp_path, "at_once", nan_policy="skip")).report)
+    monkeypatch.undo()
+    events = _read_one_step_late(monkeypatch)
+    _nan_after(5, monkeypatch)
+    late = read_report(loop.run_training(request(tmp_path, "late", nan_policy="skip")).report)
+    n = late["final"]["global_step"]
+    # Each step is read after the next one is launched, the last of each epoch before the epoch ends.
+    steps_per_epoch = n // 2
+    expected: list[tuple[str, int]] = []
+    for first in (1, steps_per_epoch + 1):
+        last = first + steps_per_epoch - 1
+        expected.append(("launch", first))
+        for k in range(first + 1, last + 1):
+            expected += [("launch", k), ("read", k - 1)]
+        expected.append(("read", last))
+    assert events == expected
+    for key in ("batch_losses", "nan_events"):
+        assert late[key] == at_once[key]
+    assert late["nan_events"][0]["global_step"] == 3
+    for row_late, row_now in zip(late["epochs"], at_once["epochs"], strict=True):
+        for key in ("train_loss", "val_loss", "grad_norm", "skipped_steps", "global_step"):
+            assert row_late[key] == pytest.approx(row_now[key], rel=1e-6), key
+
+
+def test_nan_stop_read_one_step_late_names_the_bad_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _nan_after(5, monkeypatch)
+    events = _read_one_step_late(monkeypatch)
+    with pytest.raises(loop.TrainingDivergedError, match="optimizer step 3 "):
+        loop.run_training(request(tmp_path, nan_policy="stop"))
+    assert events[-2:] == [("launch", 4), ("read", 3)]  # step 4 was on its way when step 3 was read
+    rep = read_report(tmp_path / "run" / "experiment_report.json")
+    assert rep["final"]["global_step"] == 3 and rep["nan_events"][0]["global_step"] == 3
 
 
 def test_validation_errors_write_nothing(tmp_path: Path) -> None:
