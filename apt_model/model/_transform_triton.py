@@ -285,20 +285,47 @@ def _load_mask(MSK, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK: tl.con
 
 
 @triton.jit
-def _rows_core(
-    MSK, W1, B1, W2, B2, m, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, e,
-    HID: tl.constexpr, HP: tl.constexpr, HAS_MASK: tl.constexpr, NEED_PSI: tl.constexpr,
-):  # fmt: skip
-    """Steps 3-7 for a block of rows of the head mean ``m``: everything in them depends on the entry or its row.
+def _mlp_unit(a0, mlp, psi, W1, B1, W2, j, FINITE: tl.constexpr, NEED_PSI: tl.constexpr):
+    """Unit ``j``'s term of step 4's MLP added to ``mlp`` (and its derivative's to ``psi``)."""
+    w1j = tl.load(W1 + j).to(tl.float32)
+    w2j = tl.load(W2 + j).to(tl.float32)
+    z = a0 * w1j + tl.load(B1 + j).to(tl.float32)
+    if FINITE:
+        # Finite weights (always, in training): a unit's term relu(clamp(z, -5, 5)) is clamp(z, 0, 5), and z is NaN
+        # only where A0 is, so the NaN-keeping clamp is not needed per unit: half the instructions, the same numbers.
+        mlp += w2j * tl.minimum(tl.maximum(z, 0.0), 5.0)
+        if NEED_PSI:  # the unit passes the gradient where 0 < z <= 5 (the clamp's bound included)
+            psi += tl.where((z > 0.0) & (z <= 5.0), w2j * w1j, 0.0)
+    else:
+        # Torch's arithmetic term by term, NaN and inf included (the step-12 fallback depends on it).
+        zc = _clamp(z, -5.0, 5.0)
+        mlp += w2j * tl.where(zc < 0.0, 0.0, zc)
+        if NEED_PSI:  # relu passes where its output is > 0, the clamp on its bounds included
+            psi += tl.where((zc > 0.0) & _within(z, -5.0, 5.0), w2j * w1j, 0.0)
+    return mlp, psi
 
-    ``NEED_PSI``: also ``psi = dA/dA0``, the MLP's derivative at each entry, ``sum_j w2_j w1_j [unit j passes]``.
-    ``HP``: the hidden size rounded up to a power of two.
-    """
-    msk = _load_mask(MSK, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK)
-    # 3-4. per-element MLP
-    a0 = _clamp(_clamp(m, -8.0, 8.0) * e, -10.0, 10.0)
-    mlp = tl.zeros(m.shape, dtype=tl.float32)
-    psi = tl.zeros(m.shape, dtype=tl.float32)
+
+@triton.jit
+def _mlp_loop(a0, W1, B1, W2, HID: tl.constexpr, FINITE: tl.constexpr, NEED_PSI: tl.constexpr,
+              UNROLL: tl.constexpr):  # fmt: skip
+    mlp = tl.zeros(a0.shape, dtype=tl.float32)
+    psi = tl.zeros(a0.shape, dtype=tl.float32)
+    if UNROLL:  # every unit's weight loads visible to the scheduler at once
+        for j in tl.static_range(HID):
+            mlp, psi = _mlp_unit(a0, mlp, psi, W1, B1, W2, j, FINITE, NEED_PSI)
+    else:
+        for j in range(HID):
+            mlp, psi = _mlp_unit(a0, mlp, psi, W1, B1, W2, j, FINITE, NEED_PSI)
+    return mlp, psi
+
+
+@triton.jit
+def _mlp(
+    a0, W1, B1, W2, B2, HID: tl.constexpr, HP: tl.constexpr, NEED_PSI: tl.constexpr, UNROLL: tl.constexpr
+):
+    """Step 4 before its final clamp, ``A_pre = W2 · relu(clamp(W1 · A0 + b1, -5, 5)) + b2``, at each entry; with
+    ``NEED_PSI`` also ``psi = dA_pre/dA0 = sum_j w2_j w1_j [unit j passes]``. ``HP``: the hidden size rounded up to
+    a power of two."""
     units = tl.arange(0, HP)
     live = units < HID
     w_finite = (
@@ -307,28 +334,23 @@ def _rows_core(
         & _finite(tl.load(W2 + units, mask=live, other=0.0))
     )
     if tl.sum(w_finite.to(tl.int32), axis=0) == HP:
-        # Finite weights (always, in training): a unit's term relu(clamp(z, -5, 5)) is clamp(z, 0, 5), and z is NaN
-        # only where A0 is, so the NaN-keeping clamp is not needed per unit: half the instructions of the loop below,
-        # the same numbers.
-        for j in range(HID):
-            w1j = tl.load(W1 + j).to(tl.float32)
-            w2j = tl.load(W2 + j).to(tl.float32)
-            z = a0 * w1j + tl.load(B1 + j).to(tl.float32)
-            mlp += w2j * tl.minimum(tl.maximum(z, 0.0), 5.0)
-            if NEED_PSI:  # the unit passes the gradient where 0 < z <= 5 (the clamp's bound included)
-                psi += tl.where((z > 0.0) & (z <= 5.0), w2j * w1j, 0.0)
+        mlp, psi = _mlp_loop(a0, W1, B1, W2, HID, True, NEED_PSI, UNROLL)
         mlp = tl.where(a0 != a0, a0, mlp)
     else:
-        # Torch's arithmetic term by term, NaN and inf included (the step-12 fallback depends on it).
-        for j in range(HID):
-            w1j = tl.load(W1 + j).to(tl.float32)
-            w2j = tl.load(W2 + j).to(tl.float32)
-            z = a0 * w1j + tl.load(B1 + j).to(tl.float32)
-            zc = _clamp(z, -5.0, 5.0)
-            mlp += w2j * tl.where(zc < 0.0, 0.0, zc)
-            if NEED_PSI:  # relu passes where its output is > 0, the clamp on its bounds included
-                psi += tl.where((zc > 0.0) & _within(z, -5.0, 5.0), w2j * w1j, 0.0)
-    a_pre = mlp + tl.load(B2).to(tl.float32)
+        mlp, psi = _mlp_loop(a0, W1, B1, W2, HID, False, NEED_PSI, UNROLL)
+    return mlp + tl.load(B2).to(tl.float32), psi
+
+
+@triton.jit
+def _step3_a0(m, e):
+    return _clamp(_clamp(m, -8.0, 8.0) * e, -10.0, 10.0)
+
+
+@triton.jit
+def _rows_core(MSK, m, a_pre, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK: tl.constexpr):
+    """Steps 5-7 for a block of rows of the head mean ``m``, given step 4's ``A_pre`` there: everything in them
+    depends on the entry or its row."""
+    msk = _load_mask(MSK, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK)
     a = _clamp(a_pre, -5.0, 5.0)
     # 5. gate
     tay_pre = 1.0 + 2.5 * a
@@ -340,7 +362,7 @@ def _rows_core(
     fz = _softmax_rows(3.0 * hm, ~valid)
     # 7. (the energy balance that follows needs the whole matrix)
     t0 = tl.where(valid, sg * fz, 0.0)
-    return msk, a0, a_pre, psi, tay_pre, sg, p, hm, fz, t0
+    return msk, tay_pre, sg, p, hm, fz, t0
 
 
 @triton.jit
@@ -454,10 +476,13 @@ _MASK = ("sm_b", "sm_q", "sm_k")
 
 @triton.jit(do_not_specialize=[*_SHAPE, *_SCORES, *_MASK])
 def rows_fwd_kernel(
-    S, MSK, WORK, W1, B1, W2, B2, Lq, Lk, n_e, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, e,
+    S, MSK, WORK, SAVED, W1, B1, W2, B2, Lq, Lk, n_e, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, e,
     HID: tl.constexpr, HP: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
+    SAVE_MLP: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
-    """Steps 1-7 for ``RB`` rows of element ``program_id(0)``: writes ``M``, ``T0`` and ``Hm``."""
+    """Steps 1-7 for ``RB`` rows of element ``program_id(0)``: writes ``M``, ``T0`` and ``Hm``; with ``SAVE_MLP``
+    also step 4's ``A_pre`` and derivative ``psi`` (planes 0, 1 of ``SAVED``), which spares the backward its pass
+    over the MLP's units."""
     b = tl.program_id(0).to(tl.int64)
     offs_q, offs_k, valid = _row_block(Lq, Lk, 1, RB, BK)
     s_ptrs = S + b * ss_b + offs_q[:, None] * ss_q + offs_k[None, :] * ss_k
@@ -467,13 +492,18 @@ def rows_fwd_kernel(
         acc += _clean(tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32))
     # Masked entries are -inf in the spec's input whatever the scores hold there: -10 after step 1, in every head.
     m = tl.where(_load_mask(MSK, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK), -10.0, acc / H)
-    _msk, _a0, _a_pre, _psi, _tay_pre, _sg, _p, hm, _fz, t0 = _rows_core(
-        MSK, W1, B1, W2, B2, m, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, e, HID, HP, HAS_MASK, False
+    a_pre, psi = _mlp(_step3_a0(m, e), W1, B1, W2, B2, HID, HP, SAVE_MLP, UNROLL)
+    _msk, _tay_pre, _sg, _p, hm, _fz, t0 = _rows_core(
+        MSK, m, a_pre, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK
     )  # fmt: skip
     w_ptrs = WORK + b * 4 * n_e + offs_q[:, None] * Lk + offs_k[None, :]
     tl.store(w_ptrs + W_M * n_e, m, mask=valid)
     tl.store(w_ptrs + W_T0 * n_e, t0, mask=valid)
     tl.store(w_ptrs + W_HM * n_e, hm, mask=valid)
+    if SAVE_MLP:
+        saved_ptrs = SAVED + b * 2 * n_e + offs_q[:, None] * Lk + offs_k[None, :]
+        tl.store(saved_ptrs, a_pre, mask=valid)
+        tl.store(saved_ptrs + n_e, psi, mask=valid)
 
 
 @triton.jit(do_not_specialize=[*_SHAPE, "lo25", "lo75"])
@@ -626,20 +656,29 @@ def stats_bwd_kernel(
 
 @triton.jit(do_not_specialize=[*_SHAPE, *_MASK])
 def rows_bwd_kernel(
-    MSK, WORK, GRADS, DHM, A0, DA, DB2, W1, B1, W2, B2, Lq, Lk, n_e, H, sm_b, sm_q, sm_k, e,
+    MSK, WORK, SAVED, GRADS, DHM, A0, DA, DB2, W1, B1, W2, B2, Lq, Lk, n_e, H, sm_b, sm_q, sm_k, e,
     HID: tl.constexpr, HP: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
+    SAVED_MLP: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
     """Steps 7-2 back for ``RB`` rows of element ``program_id(0)``: the full gradient at ``M`` over ``H`` (each
-    head's share of the mean), and the MLP's input ``A0`` and output gradient for its parameters' sums."""
+    head's share of the mean), and the MLP's input ``A0`` and output gradient for its parameters' sums. Step 4's
+    ``A_pre`` and ``psi`` come from ``SAVED`` (``SAVED_MLP``) or are recomputed."""
     b = tl.program_id(0).to(tl.int64)
     offs_q, offs_k, valid = _row_block(Lq, Lk, 1, RB, BK)
     e_ptrs = b * 4 * n_e + offs_q[:, None] * Lk + offs_k[None, :]
     m = tl.load(WORK + e_ptrs + W_M * n_e, mask=valid, other=0.0)
     dt0 = tl.load(GRADS + e_ptrs + G_DT0 * n_e, mask=valid, other=0.0)
     dm = tl.load(GRADS + e_ptrs + G_DMS * n_e, mask=valid, other=0.0)
-    msk, a0, a_pre, psi, tay_pre, sg, p, _hm, fz, _t0 = _rows_core(
-        MSK, W1, B1, W2, B2, m, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, e, HID, HP, HAS_MASK, True
-    )  # fmt: skip
+    a0 = _step3_a0(m, e)
+    if SAVED_MLP:
+        saved_ptrs = SAVED + b * 2 * n_e + offs_q[:, None] * Lk + offs_k[None, :]
+        a_pre = tl.load(saved_ptrs, mask=valid, other=0.0)
+        psi = tl.load(saved_ptrs + n_e, mask=valid, other=0.0)
+    else:
+        a_pre, psi = _mlp(a0, W1, B1, W2, B2, HID, HP, True, UNROLL)
+    msk, tay_pre, sg, p, _hm, fz, _t0 = _rows_core(
+        MSK, m, a_pre, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK
+    )
     # 7
     dsg = dt0 * fz
     dfz = dt0 * sg

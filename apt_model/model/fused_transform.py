@@ -135,8 +135,23 @@ def _launch_args(scores: Tensor, masked: Tensor | None) -> tuple[Tensor, tuple, 
 # (blocks of 32-128; BENCHMARKS.md).
 MLP_BLOCK = 128
 MLP_WARPS = 4
+# Whether a forward that will be differentiated keeps step 4's A_pre and derivative psi per entry (two float32 maps,
+# 8 MB per transform at B=256) so that the backward's row kernel skips its pass over the MLP's units — the pass
+# that the row kernels spend most of their time in; False recomputes them there.
+SAVE_MLP = True
+# Whether the row kernels unroll the loop over the MLP's units (tl.static_range): every weight load in view of the
+# scheduler at once, for a longer compile.
+UNROLL_MLP = False
 # The module's launch settings above, by name: what bench/transform.py sweeps and bench/train_step.py can set.
-LAUNCH_SETTINGS = ("NUM_WARPS", "ROWS_PER_PROGRAM", "ROW_WARPS", "MLP_BLOCK", "MLP_WARPS")
+LAUNCH_SETTINGS = (
+    "NUM_WARPS",
+    "ROWS_PER_PROGRAM",
+    "ROW_WARPS",
+    "MLP_BLOCK",
+    "MLP_WARPS",
+    "SAVE_MLP",
+    "UNROLL_MLP",
+)
 
 
 def _step3_e(eps: float) -> float:
@@ -152,8 +167,8 @@ def _cuda_guard(t: Tensor):
 
 
 def _forward(
-    scores: Tensor, masked: Tensor | None, tau, w1, b1, w2, b2, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
+    scores: Tensor, masked: Tensor | None, tau, w1, b1, w2, b2, eps: float, save_mlp: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from apt_model.model import _transform_triton as kernels
 
     batch, heads, lq, lk = scores.shape
@@ -164,20 +179,23 @@ def _forward(
     # maps M, T0, Hm and F - 0.2 M (planes W_M, W_T0, W_HM, W_BASE; every entry is written by the kernels).
     keys = torch.empty((batch, 4), dtype=torch.int32, device=dev)
     work = torch.empty((batch, 4, lq, lk), dtype=torch.float32, device=dev)
+    # Step 4's A_pre and psi for the backward (planes 0, 1), or nothing.
+    saved = torch.empty((batch, 2, lq, lk) if save_mlp else (0,), dtype=torch.float32, device=dev)
     if batch > 0:
         n_e, row_blocks = lq * lk, -(-lq // rows["RB"])
         e = _step3_e(eps)
         with _cuda_guard(scores):
             kernels.rows_fwd_kernel[(batch, row_blocks)](
-                scores, mask, work, w1, b1, w2, b2, lq, lk, n_e, heads, *scores.stride(), *mask_strides, e,
-                HID=w1.shape[0], HP=_hidden_pow2(w1.shape[0]), **rows,
+                scores, mask, work, saved if save_mlp else work, w1, b1, w2, b2, lq, lk, n_e, heads,
+                *scores.stride(), *mask_strides, e, HID=w1.shape[0], HP=_hidden_pow2(w1.shape[0]),
+                SAVE_MLP=save_mlp, UNROLL=bool(UNROLL_MLP), **rows,
             )  # fmt: skip
             kernels.stats_fwd_kernel[(batch,)](work, keys, tau, lq, lk, n_e, **stats)
             kernels.heads_fwd_kernel[(batch, heads, row_blocks)](
                 scores, mask, work, probs, lq, lk, n_e, heads, *scores.stride(), *mask_strides,
                 *probs.stride()[:3], **rows,
             )  # fmt: skip
-    return probs, keys, work
+    return probs, keys, work, saved
 
 
 def _backward(
@@ -186,6 +204,7 @@ def _backward(
     masked: Tensor | None,
     keys: Tensor,
     work: Tensor,
+    saved: Tensor,
     tau,
     w1,
     b1,
@@ -224,9 +243,10 @@ def _backward(
                 *grad.stride(), **rows,
             )  # fmt: skip
             kernels.stats_bwd_kernel[(batch,)](work, grads, keys, tau, d_tau, d_hmean, lq, lk, n_e, **stats)
+            have_saved = saved.numel() > 0
             kernels.rows_bwd_kernel[(batch, row_blocks)](
-                mask, work, grads, d_hmean, a0, d_a, d_b2, w1, b1, w2, b2, lq, lk, n_e, heads, *mask_strides, e,
-                HID=hidden, HP=hp, **rows,
+                mask, work, saved if have_saved else work, grads, d_hmean, a0, d_a, d_b2, w1, b1, w2, b2, lq, lk,
+                n_e, heads, *mask_strides, e, HID=hidden, HP=hp, SAVED_MLP=have_saved, UNROLL=bool(UNROLL_MLP), **rows,
             )  # fmt: skip
             kernels.scores_bwd_kernel[(batch, heads, row_blocks)](
                 scores, mask, work, grad, grads, d_scores, lq, lk, n_e, heads, *scores.stride(), *mask_strides,
@@ -254,20 +274,23 @@ def autopoietic_probs_op(
     w2: Tensor,
     b2: Tensor,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+    save_mlp: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Steps 1-14 and the masked softmax, fused: probabilities ``[B, H, Lq, Lk]`` in ``scores.dtype``; and, saved
-    for the backward, the ``[B, 4]`` int32 keys of the quantiles' order statistics and the ``[B, 4, Lq, Lk]``
-    float32 maps ``M``, ``T0``, ``Hm``, ``F - 0.2 M``."""
-    return _forward(scores, masked, tau, w1, b1, w2, b2, eps)
+    for the backward, the ``[B, 4]`` int32 keys of the quantiles' order statistics, the ``[B, 4, Lq, Lk]``
+    float32 maps ``M``, ``T0``, ``Hm``, ``F - 0.2 M``, and (``save_mlp``; else empty) the ``[B, 2, Lq, Lk]`` maps
+    of step 4's ``A_pre`` and ``dA_pre/dA0``."""
+    return _forward(scores, masked, tau, w1, b1, w2, b2, eps, save_mlp)
 
 
 @autopoietic_probs_op.register_fake
-def _(scores, masked, tau, w1, b1, w2, b2, eps):
+def _(scores, masked, tau, w1, b1, w2, b2, eps, save_mlp):
     batch, _, lq, lk = scores.shape
     return (
         scores.new_empty(scores.shape),
         scores.new_empty((batch, 4), dtype=torch.int32),
         scores.new_empty((batch, 4, lq, lk), dtype=torch.float32),
+        scores.new_empty((batch, 2, lq, lk) if save_mlp else (0,), dtype=torch.float32),
     )
 
 
@@ -282,7 +305,10 @@ def fused_autopoietic_probs(
     eps: float,
 ) -> Tensor:
     """The fused transform's probabilities (see :func:`autopoietic_probs_op`)."""
-    return autopoietic_probs_op(scores, masked, tau, w1, b1, w2, b2, eps)[0]
+    differentiated = torch.is_grad_enabled() and any(t.requires_grad for t in (scores, tau, w1, b1, w2, b2))
+    return autopoietic_probs_op(scores, masked, tau, w1, b1, w2, b2, eps, bool(SAVE_MLP) and differentiated)[
+        0
+    ]
 
 
 @torch.library.custom_op("apt::autopoietic_probs_backward", mutates_args=())
@@ -292,6 +318,7 @@ def autopoietic_probs_backward_op(
     masked: Tensor | None,
     keys: Tensor,
     work: Tensor,
+    saved: Tensor,
     tau: Tensor,
     w1: Tensor,
     b1: Tensor,
@@ -299,28 +326,28 @@ def autopoietic_probs_backward_op(
     b2: Tensor,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _backward(grad, scores, masked, keys, work, tau, w1, b1, w2, b2, eps)
+    return _backward(grad, scores, masked, keys, work, saved, tau, w1, b1, w2, b2, eps)
 
 
 @autopoietic_probs_backward_op.register_fake
-def _(grad, scores, masked, keys, work, tau, w1, b1, w2, b2, eps):
+def _(grad, scores, masked, keys, work, saved, tau, w1, b1, w2, b2, eps):
     mlp = w1.new_empty((3, w1.shape[0]), dtype=torch.float32)
     return scores.new_empty(scores.shape), tau.new_empty(tau.shape), mlp, b2.new_empty(b2.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    scores, masked, tau, w1, b1, w2, b2, eps = inputs
-    ctx.save_for_backward(scores, masked, output[1], output[2], tau, w1, b1, w2, b2)
+    scores, masked, tau, w1, b1, w2, b2, eps, _save_mlp = inputs
+    ctx.save_for_backward(scores, masked, output[1], output[2], output[3], tau, w1, b1, w2, b2)
     ctx.eps = eps
 
 
-def _autograd_backward(ctx, grad, _grad_keys, _grad_work):
-    scores, masked, keys, work, tau, w1, b1, w2, b2 = ctx.saved_tensors
+def _autograd_backward(ctx, grad, _grad_keys, _grad_work, _grad_saved):
+    scores, masked, keys, work, saved, tau, w1, b1, w2, b2 = ctx.saved_tensors
     d_scores, d_tau, d_mlp, d_b2 = torch.ops.apt.autopoietic_probs_backward(
-        grad, scores, masked, keys, work, tau, w1, b1, w2, b2, ctx.eps
+        grad, scores, masked, keys, work, saved, tau, w1, b1, w2, b2, ctx.eps
     )
     d_w1, d_b1, d_w2 = (g.to(x.dtype).reshape(x.shape) for g, x in zip(d_mlp, (w1, b1, w2), strict=True))
-    return d_scores, None, d_tau, d_w1, d_b1, d_w2, d_b2, None
+    return d_scores, None, d_tau, d_w1, d_b1, d_w2, d_b2, None, None
 
 
 autopoietic_probs_op.register_autograd(_autograd_backward, setup_context=_setup_context)

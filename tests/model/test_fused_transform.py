@@ -266,11 +266,47 @@ def test_fused_transform_falls_back_to_the_head_mean_like_torch_when_the_mlp_is_
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
-def test_custom_op_registration_passes_torch_opcheck(device) -> None:
+@pytest.mark.parametrize("save_mlp", [True, False])
+def test_custom_op_registration_passes_torch_opcheck(device, save_mlp) -> None:
     """Schema, fake (meta) implementation and autograd registration, as torch.compile relies on them."""
     scores, masked, params, eps, _ = _case(13, (2, 2, 6, 6), "padding", 1.0, device)
-    args = (scores.requires_grad_(True), masked, *(p.requires_grad_(True) for p in params), eps)
+    args = (scores.requires_grad_(True), masked, *(p.requires_grad_(True) for p in params), eps, save_mlp)
     torch.library.opcheck(fused_transform.autopoietic_probs_op, args)
+
+
+@pytest.mark.parametrize(("save_mlp", "unroll"), [(False, False), (True, True)])
+def test_saved_or_recomputed_element_mlp_and_unrolled_units_give_the_same_numbers(
+    device, monkeypatch, save_mlp, unroll
+) -> None:
+    """The backward takes step 4's A_pre and derivative from the forward (the default) or recomputes them; the row
+    kernels loop over the MLP's units or unroll them. Same float operations in the same order: the same numbers. The
+    MLP kept in range (as above), so its gradients are not all 0."""
+    scores, masked, params, eps, grad_out = _case(43, (2, 4, 12, 12), "padding", 1.0, device, eps=0.8)
+    params[2], params[3] = params[2] * 0.1, params[3] * 0.2  # b1, w2
+    monkeypatch.setattr(fused_transform, "SAVE_MLP", True)
+    monkeypatch.setattr(fused_transform, "UNROLL_MLP", False)
+    out, grads = _grads(
+        fused_transform.fused_autopoietic_probs, scores, masked, params, eps, grad_out, torch.float32
+    )
+    monkeypatch.setattr(fused_transform, "SAVE_MLP", save_mlp)
+    monkeypatch.setattr(fused_transform, "UNROLL_MLP", unroll)
+    out2, grads2 = _grads(
+        fused_transform.fused_autopoietic_probs, scores, masked, params, eps, grad_out, torch.float32
+    )
+    torch.testing.assert_close(out2, out, rtol=0, atol=1e-7)
+    assert grads[3].abs().max() > 0  # the MLP's parameters get gradient here
+    for got, want in zip(grads2, grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_forward_without_gradient_keeps_nothing_for_the_backward(device) -> None:
+    """Evaluation (no gradient) does not pay for the maps only a backward reads."""
+    scores, masked, params, eps, _ = _case(44, (2, 2, 6, 6), "padding", 1.0, device)
+    with torch.no_grad():
+        *_, saved = fused_transform.autopoietic_probs_op(scores, masked, *params, eps, False)
+    assert saved.numel() == 0
+    *_, saved = fused_transform.autopoietic_probs_op(scores, masked, *params, eps, True)
+    assert saved.shape == (2, 2, 6, 6)
 
 
 def test_compiled_graph_keeps_the_fused_op_whole(device) -> None:
