@@ -35,6 +35,8 @@
 #   PART=deepspeed-fused — on a 4-GPU host: the scaling line with the fused transform (the default since; the eager
 #                  step it runs is 2.2x faster on one GPU): ZeRO-2 bf16 1/2/4 GPUs, three interleaved repeats, micro 256,
 #                  large data, ranks pinned; then ZeRO-3 + CPU offload train + resume on 2 GPUs with it.
+#   PART=late-read — GPU 0 alone: the loop's late read-back and the saved element-MLP maps, each against its absence,
+#                  with the fast path's tests first; the step at B=256 and B=16 (BART, plain attention) and a profile.
 #   PART=split — GPU 0 alone, after the fused transform's work was split over three kinds of program (rows, the
 #                  per-element statistics, heads): the fused tests, the transform alone (kernel times, warps and rows
 #                  per program), the step at B=256 (fused vs torch-op transform, BART, plain attention) and at B=16.
@@ -339,6 +341,28 @@ if [[ $part == whole-step3 ]]; then
       --steps 20 --repeats 3 --out "$out/train_step_${part}_b256.json" 2>&1 | tee -a "$log"
     timeout 75 python3 bench/train_step.py --batch 16 --variants apt-fast bart-bf16 --warmup 8 --steps 20 \
       --repeats 3 --out "$out/train_step_${part}_b16.json" 2>&1 | tee -a "$log"
+  else
+    echo "tests failed: benchmarks skipped" | tee -a "$log"
+  fi
+fi
+
+if [[ $part == late-read ]]; then
+  # After the late read-back (the loop reads step n's loss after launching step n + 1) and the forward keeping the
+  # element MLP's A_pre and derivative for the backward: the tests, then each change against its absence in the same
+  # call (apt-fast-readnow; SAVE_MLP=0), the step table at B=256 and B=16, and the profile.
+  export CUDA_VISIBLE_DEVICES=0
+  if tests_pass 150 tests/training/test_fastpath.py tests/model/test_fused_transform.py; then
+    timeout 80 python3 bench/transform.py --batch 256 --only-fused --iters 10 --repeats 3 --sweep SAVE_MLP=0 \
+      UNROLL_MLP=1 SAVE_MLP=0,UNROLL_MLP=1 --out "$out/transform_$part.json" 2>&1 | tee -a "$log"
+    timeout 150 python3 bench/train_step.py --batch 256 --variants apt-fast apt-fast-readnow apt-fast-nodbc \
+      bart-bf16 plain-fast --warmup 8 --steps 20 --repeats 5 --out "$out/train_step_${part}_b256.json" 2>&1 \
+      | tee -a "$log"
+    timeout 60 python3 bench/train_step.py --batch 256 --variants apt-fast --fused-setting SAVE_MLP=0 --warmup 8 \
+      --steps 20 --repeats 5 --out "$out/train_step_${part}_b256_recompute.json" 2>&1 | tee -a "$log"
+    timeout 70 python3 bench/train_step.py --batch 16 --variants apt-fast apt-fast-readnow bart-bf16 --warmup 8 \
+      --steps 20 --repeats 3 --out "$out/train_step_${part}_b16.json" 2>&1 | tee -a "$log"
+    timeout 60 python3 bench/step_profile.py --batch 256 --variants apt-fast --out "$out/step_profile_$part.json" \
+      2>&1 | tee -a "$log"
   else
     echo "tests failed: benchmarks skipped" | tee -a "$log"
   fi
