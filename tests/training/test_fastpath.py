@@ -222,7 +222,8 @@ def test_default_fast_path_graphs_the_whole_step_and_trains_like_eager() -> None
 def test_results_read_one_step_late_change_nothing_on_cuda() -> None:
     """The loop reads step n's loss and norm after launching step n + 1. Two captured paths, one read at once and
     one a step late (fed from pageable CPU batches, which it pins), give the same outcomes — the poisoned step's
-    ``applied=False`` included — and the same weights (a step lost or applied twice moves them by ~1e-3)."""
+    ``applied=False`` included — and the same weights (a step lost or applied twice moves them by the learning rate's
+    order, 1e-3)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     cuda = torch.device("cuda")
     torch._dynamo.reset()
@@ -255,7 +256,13 @@ def test_results_read_one_step_late_change_nothing_on_cuda() -> None:
     assert late.whole is not None and late.whole.captured
     expected = [n != poisoned for n in range(1, n_steps + 1)]
     assert [r.applied for r in read_late] == [r.applied for r in read_now] == expected
+    # Two runs of the same graphs differ in the last bits (the embeddings' backward adds with atomics: 7e-7 of the
+    # norm seen on the H200), and Adam magnifies that on weights near zero, as in the test above.
     for a, b in zip(read_now, read_late, strict=True):
-        assert (a.loss, a.grad_norm) == (b.loss, b.grad_norm) or not a.applied
+        if a.applied:
+            assert (b.loss, b.grad_norm) == (
+                pytest.approx(a.loss, rel=1e-5),
+                pytest.approx(a.grad_norm, rel=1e-5),
+            )
     for p_now, p_late in zip(now.model.parameters(), late.model.parameters(), strict=True):
-        torch.testing.assert_close(p_late, p_now, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(p_late, p_now, rtol=1e-5, atol=2e-5)
