@@ -306,23 +306,17 @@ def _mlp_unit(a0, mlp, psi, W1, B1, W2, j, FINITE: tl.constexpr, NEED_PSI: tl.co
 
 
 @triton.jit
-def _mlp_loop(a0, W1, B1, W2, HID: tl.constexpr, FINITE: tl.constexpr, NEED_PSI: tl.constexpr,
-              UNROLL: tl.constexpr):  # fmt: skip
+def _mlp_loop(a0, W1, B1, W2, HID: tl.constexpr, FINITE: tl.constexpr, NEED_PSI: tl.constexpr):
     mlp = tl.zeros(a0.shape, dtype=tl.float32)
     psi = tl.zeros(a0.shape, dtype=tl.float32)
-    if UNROLL:  # every unit's weight loads visible to the scheduler at once
-        for j in tl.static_range(HID):
-            mlp, psi = _mlp_unit(a0, mlp, psi, W1, B1, W2, j, FINITE, NEED_PSI)
-    else:
-        for j in range(HID):
-            mlp, psi = _mlp_unit(a0, mlp, psi, W1, B1, W2, j, FINITE, NEED_PSI)
+    # A plain loop: unrolled (tl.static_range) the row kernels ran 1.4-3.5x slower on the H200 (BENCHMARKS.md).
+    for j in range(HID):
+        mlp, psi = _mlp_unit(a0, mlp, psi, W1, B1, W2, j, FINITE, NEED_PSI)
     return mlp, psi
 
 
 @triton.jit
-def _mlp(
-    a0, W1, B1, W2, B2, HID: tl.constexpr, HP: tl.constexpr, NEED_PSI: tl.constexpr, UNROLL: tl.constexpr
-):
+def _mlp(a0, W1, B1, W2, B2, HID: tl.constexpr, HP: tl.constexpr, NEED_PSI: tl.constexpr):
     """Step 4 before its final clamp, ``A_pre = W2 · relu(clamp(W1 · A0 + b1, -5, 5)) + b2``, at each entry; with
     ``NEED_PSI`` also ``psi = dA_pre/dA0 = sum_j w2_j w1_j [unit j passes]``. ``HP``: the hidden size rounded up to
     a power of two."""
@@ -334,10 +328,10 @@ def _mlp(
         & _finite(tl.load(W2 + units, mask=live, other=0.0))
     )
     if tl.sum(w_finite.to(tl.int32), axis=0) == HP:
-        mlp, psi = _mlp_loop(a0, W1, B1, W2, HID, True, NEED_PSI, UNROLL)
+        mlp, psi = _mlp_loop(a0, W1, B1, W2, HID, True, NEED_PSI)
         mlp = tl.where(a0 != a0, a0, mlp)
     else:
-        mlp, psi = _mlp_loop(a0, W1, B1, W2, HID, False, NEED_PSI, UNROLL)
+        mlp, psi = _mlp_loop(a0, W1, B1, W2, HID, False, NEED_PSI)
     return mlp + tl.load(B2).to(tl.float32), psi
 
 
@@ -478,7 +472,7 @@ _MASK = ("sm_b", "sm_q", "sm_k")
 def rows_fwd_kernel(
     S, MSK, WORK, SAVED, W1, B1, W2, B2, Lq, Lk, n_e, H, ss_b, ss_h, ss_q, ss_k, sm_b, sm_q, sm_k, e,
     HID: tl.constexpr, HP: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
-    SAVE_MLP: tl.constexpr, UNROLL: tl.constexpr,
+    SAVE_MLP: tl.constexpr,
 ):  # fmt: skip
     """Steps 1-7 for ``RB`` rows of element ``program_id(0)``: writes ``M``, ``T0`` and ``Hm``; with ``SAVE_MLP``
     also step 4's ``A_pre`` and derivative ``psi`` (planes 0, 1 of ``SAVED``), which spares the backward its pass
@@ -492,7 +486,7 @@ def rows_fwd_kernel(
         acc += _clean(tl.load(s_ptrs + h * ss_h, mask=valid, other=0.0).to(tl.float32))
     # Masked entries are -inf in the spec's input whatever the scores hold there: -10 after step 1, in every head.
     m = tl.where(_load_mask(MSK, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK), -10.0, acc / H)
-    a_pre, psi = _mlp(_step3_a0(m, e), W1, B1, W2, B2, HID, HP, SAVE_MLP, UNROLL)
+    a_pre, psi = _mlp(_step3_a0(m, e), W1, B1, W2, B2, HID, HP, SAVE_MLP)
     _msk, _tay_pre, _sg, _p, hm, _fz, t0 = _rows_core(
         MSK, m, a_pre, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK
     )  # fmt: skip
@@ -658,7 +652,7 @@ def stats_bwd_kernel(
 def rows_bwd_kernel(
     MSK, WORK, SAVED, GRADS, DHM, A0, DA, DB2, W1, B1, W2, B2, Lq, Lk, n_e, H, sm_b, sm_q, sm_k, e,
     HID: tl.constexpr, HP: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
-    SAVED_MLP: tl.constexpr, UNROLL: tl.constexpr,
+    SAVED_MLP: tl.constexpr,
 ):  # fmt: skip
     """Steps 7-2 back for ``RB`` rows of element ``program_id(0)``: the full gradient at ``M`` over ``H`` (each
     head's share of the mean), and the MLP's input ``A0`` and output gradient for its parameters' sums. Step 4's
@@ -675,7 +669,7 @@ def rows_bwd_kernel(
         a_pre = tl.load(saved_ptrs, mask=valid, other=0.0)
         psi = tl.load(saved_ptrs + n_e, mask=valid, other=0.0)
     else:
-        a_pre, psi = _mlp(a0, W1, B1, W2, B2, HID, HP, True, UNROLL)
+        a_pre, psi = _mlp(a0, W1, B1, W2, B2, HID, HP, True)
     msk, tay_pre, sg, p, _hm, fz, _t0 = _rows_core(
         MSK, m, a_pre, b, offs_q, offs_k, valid, sm_b, sm_q, sm_k, HAS_MASK
     )
@@ -750,9 +744,18 @@ def mlp_param_grad_kernel(
     b1 = tl.load(B1 + units, mask=live, other=0.0).to(tl.float32)
     w2 = tl.load(W2 + units, mask=live, other=0.0).to(tl.float32)
     z = a0[:, None] * w1[None, :] + b1[None, :]
-    zc = _clamp(z, -5.0, 5.0)
     out = units.to(tl.int64) * tl.num_programs(0) + pid
-    tl.store(DW2 + out, tl.sum(da[:, None] * tl.where(zc < 0.0, 0.0, zc), axis=0))
-    dz = tl.where((zc > 0.0) & _within(z, -5.0, 5.0), da[:, None] * w2[None, :], 0.0)
-    tl.store(DW1 + out, tl.sum(dz * a0[:, None], axis=0))
-    tl.store(DB1 + out, tl.sum(dz, axis=0))
+    finite = _finite(w1) & _finite(b1) & _finite(w2)
+    if tl.sum(finite.to(tl.int32), axis=0) == HP:
+        # Finite weights (always, in training), and A0 is finite (a clamped mean of cleaned scores): relu(clamp(z))
+        # is min(max(z, 0), 5) and w2 comes out of the sums — about half the instructions per entry and unit.
+        tl.store(DW2 + out, tl.sum(da[:, None] * tl.minimum(tl.maximum(z, 0.0), 5.0), axis=0))
+        passes = (z > 0.0) & (z <= 5.0)
+        tl.store(DW1 + out, w2 * tl.sum(tl.where(passes, (da * a0)[:, None], 0.0), axis=0))
+        tl.store(DB1 + out, w2 * tl.sum(tl.where(passes, da[:, None], 0.0), axis=0))
+    else:
+        zc = _clamp(z, -5.0, 5.0)
+        tl.store(DW2 + out, tl.sum(da[:, None] * tl.where(zc < 0.0, 0.0, zc), axis=0))
+        dz = tl.where((zc > 0.0) & _within(z, -5.0, 5.0), da[:, None] * w2[None, :], 0.0)
+        tl.store(DW1 + out, tl.sum(dz * a0[:, None], axis=0))
+        tl.store(DB1 + out, tl.sum(dz, axis=0))

@@ -139,9 +139,6 @@ MLP_WARPS = 4
 # 8 MB per transform at B=256) so that the backward's row kernel skips its pass over the MLP's units — the pass
 # that the row kernels spend most of their time in; False recomputes them there.
 SAVE_MLP = True
-# Whether the row kernels unroll the loop over the MLP's units (tl.static_range): every weight load in view of the
-# scheduler at once, for a longer compile.
-UNROLL_MLP = False
 # The module's launch settings above, by name: what bench/transform.py sweeps and bench/train_step.py can set.
 LAUNCH_SETTINGS = (
     "NUM_WARPS",
@@ -150,7 +147,6 @@ LAUNCH_SETTINGS = (
     "MLP_BLOCK",
     "MLP_WARPS",
     "SAVE_MLP",
-    "UNROLL_MLP",
 )
 
 
@@ -188,7 +184,7 @@ def _forward(
             kernels.rows_fwd_kernel[(batch, row_blocks)](
                 scores, mask, work, saved if save_mlp else work, w1, b1, w2, b2, lq, lk, n_e, heads,
                 *scores.stride(), *mask_strides, e, HID=w1.shape[0], HP=_hidden_pow2(w1.shape[0]),
-                SAVE_MLP=save_mlp, UNROLL=bool(UNROLL_MLP), **rows,
+                SAVE_MLP=save_mlp, **rows,
             )  # fmt: skip
             kernels.stats_fwd_kernel[(batch,)](work, keys, tau, lq, lk, n_e, **stats)
             kernels.heads_fwd_kernel[(batch, heads, row_blocks)](
@@ -246,7 +242,7 @@ def _backward(
             have_saved = saved.numel() > 0
             kernels.rows_bwd_kernel[(batch, row_blocks)](
                 mask, work, saved if have_saved else work, grads, d_hmean, a0, d_a, d_b2, w1, b1, w2, b2, lq, lk,
-                n_e, heads, *mask_strides, e, HID=hidden, HP=hp, SAVED_MLP=have_saved, UNROLL=bool(UNROLL_MLP), **rows,
+                n_e, heads, *mask_strides, e, HID=hidden, HP=hp, SAVED_MLP=have_saved, **rows,
             )  # fmt: skip
             kernels.scores_bwd_kernel[(batch, heads, row_blocks)](
                 scores, mask, work, grad, grads, d_scores, lq, lk, n_e, heads, *scores.stride(), *mask_strides,

@@ -274,22 +274,16 @@ def test_custom_op_registration_passes_torch_opcheck(device, save_mlp) -> None:
     torch.library.opcheck(fused_transform.autopoietic_probs_op, args)
 
 
-@pytest.mark.parametrize(("save_mlp", "unroll"), [(False, False), (True, True)])
-def test_saved_or_recomputed_element_mlp_and_unrolled_units_give_the_same_numbers(
-    device, monkeypatch, save_mlp, unroll
-) -> None:
-    """The backward takes step 4's A_pre and derivative from the forward (the default) or recomputes them; the row
-    kernels loop over the MLP's units or unroll them. Same float operations in the same order: the same numbers. The
-    MLP kept in range (as above), so its gradients are not all 0."""
+def test_saved_or_recomputed_element_mlp_give_the_same_numbers(device, monkeypatch) -> None:
+    """The backward takes step 4's A_pre and derivative from the forward (the default) or recomputes them: the
+    same float operations, so the same numbers. The MLP kept in range (as above), so its gradients are not all 0."""
     scores, masked, params, eps, grad_out = _case(43, (2, 4, 12, 12), "padding", 1.0, device, eps=0.8)
     params[2], params[3] = params[2] * 0.1, params[3] * 0.2  # b1, w2
     monkeypatch.setattr(fused_transform, "SAVE_MLP", True)
-    monkeypatch.setattr(fused_transform, "UNROLL_MLP", False)
     out, grads = _grads(
         fused_transform.fused_autopoietic_probs, scores, masked, params, eps, grad_out, torch.float32
     )
-    monkeypatch.setattr(fused_transform, "SAVE_MLP", save_mlp)
-    monkeypatch.setattr(fused_transform, "UNROLL_MLP", unroll)
+    monkeypatch.setattr(fused_transform, "SAVE_MLP", False)
     out2, grads2 = _grads(
         fused_transform.fused_autopoietic_probs, scores, masked, params, eps, grad_out, torch.float32
     )
