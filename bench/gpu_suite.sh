@@ -37,6 +37,8 @@
 #                  large data, ranks pinned; then ZeRO-3 + CPU offload train + resume on 2 GPUs with it.
 #   PART=late-read — GPU 0 alone: the loop's late read-back and the saved element-MLP maps, each against its absence,
 #                  with the fast path's tests first; the step at B=256 and B=16 (BART, plain attention) and a profile.
+#   PART=late-read2 — GPU 0 alone, after the MLP parameter gradients' finite-weight path: the tests, the transform's
+#                  kernels, the step at B=256 and B=16, the step with inductor's RNG options, and a profile.
 #   PART=split — GPU 0 alone, after the fused transform's work was split over three kinds of program (rows, the
 #                  per-element statistics, heads): the fused tests, the transform alone (kernel times, warps and rows
 #                  per program), the step at B=256 (fused vs torch-op transform, BART, plain attention) and at B=16.
@@ -363,6 +365,32 @@ if [[ $part == late-read ]]; then
     timeout 70 python3 bench/train_step.py --batch 16 --variants apt-fast apt-fast-readnow bart-bf16 --warmup 8 \
       --steps 20 --repeats 3 --out "$out/train_step_${part}_b16.json" 2>&1 | tee -a "$log"
     timeout 60 python3 bench/step_profile.py --batch 256 --variants apt-fast --out "$out/step_profile_$part.json" \
+      2>&1 | tee -a "$log"
+  else
+    echo "tests failed: benchmarks skipped" | tee -a "$log"
+  fi
+fi
+
+if [[ $part == late-read2 ]]; then
+  # After the MLP parameter gradients' finite-weight path: the tests, the transform's kernels (saved vs recomputed
+  # MLP maps), the step table at B=256 and B=16, the step with inductor's random numbers from ATen's kernels
+  # (fallback_random; align_random_eager where this torch has it), and the profile.
+  export CUDA_VISIBLE_DEVICES=0
+  python3 -c 'from torch._inductor import config as c; import torch._inductor.codegen.triton as t, inspect
+print("inductor: align_random_eager", hasattr(c, "align_random_eager"), "rand4x", "rand4x" in inspect.getsource(t))' \
+    | tee -a "$log"
+  if tests_pass 150 tests/training/test_fastpath.py tests/model/test_fused_transform.py; then
+    timeout 60 python3 bench/transform.py --batch 256 --only-fused --iters 10 --repeats 3 --sweep SAVE_MLP=0 \
+      --out "$out/transform_$part.json" 2>&1 | tee -a "$log"
+    timeout 130 python3 bench/train_step.py --batch 256 --variants apt-fast apt-fast-nodbc bart-bf16 plain-fast \
+      --warmup 8 --steps 20 --repeats 5 --out "$out/train_step_${part}_b256.json" 2>&1 | tee -a "$log"
+    for opt in fallback_random align_random_eager; do
+      timeout 50 python3 bench/train_step.py --batch 256 --variants apt-fast --inductor-option "$opt=1" --warmup 8 \
+        --steps 20 --repeats 5 --out "$out/train_step_${part}_b256_$opt.json" 2>&1 | tail -n 1 | tee -a "$log"
+    done
+    timeout 60 python3 bench/train_step.py --batch 16 --variants apt-fast bart-bf16 --warmup 8 --steps 20 \
+      --repeats 3 --out "$out/train_step_${part}_b16.json" 2>&1 | tee -a "$log"
+    timeout 50 python3 bench/step_profile.py --batch 256 --variants apt-fast --out "$out/step_profile_$part.json" \
       2>&1 | tee -a "$log"
   else
     echo "tests failed: benchmarks skipped" | tee -a "$log"

@@ -342,6 +342,7 @@ def _summary(args: argparse.Namespace, device: torch.device, results: list[dict[
         "config": "playground (d_model 256, 6+6 layers, 8 heads, d_ff 1024)",
         "timing": {"warmup": args.warmup, "steps": args.steps, "repeats": args.repeats},
         "fused_settings": args.fused_setting,
+        "inductor_options": args.inductor_option,
         "results": results,
         "ratios": ratios(results),
     }
@@ -400,8 +401,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KNOB=N",
         help="launch settings of the fused transform (fused_transform.ROW_WARPS, MLP_BLOCK, ...) for every variant",
     )
+    p.add_argument(
+        "--inductor-option",
+        nargs="*",
+        default=[],
+        metavar="NAME=0|1",
+        help="boolean inductor options for the compiled step (fastpath.INDUCTOR_OPTIONS), e.g. fallback_random=1",
+    )
     args = p.parse_args(argv)
+    from torch._inductor import config as inductor_config
+
     from apt_model.model import fused_transform
+    from apt_model.training import fastpath
+
+    for kv in args.inductor_option:
+        name, _, value = kv.partition("=")
+        if not hasattr(inductor_config, name) or value not in ("0", "1"):
+            p.error(f"--inductor-option {kv}: expected NAME=0|1 with NAME an option of this torch's inductor")
+        fastpath.INDUCTOR_OPTIONS[name] = value == "1"
 
     for kv in args.fused_setting:
         name, _, value = kv.partition("=")

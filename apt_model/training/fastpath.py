@@ -58,6 +58,10 @@ from apt_model.config import TrainConfig
 from apt_model.model.dbc_dac import DBCDAC
 from apt_model.training.batching import Batch
 
+# Inductor options for the compiled loss (torch.compile's ``options``), on top of the mode's; bench/train_step.py's
+# ``--inductor-option`` sets them to compare.
+INDUCTOR_OPTIONS: dict[str, object] = {}
+
 # Ordinary compiled steps before the capture: compilation, autotuning, cuBLAS and optimizer state all happen here,
 # never inside a capture (a lazily created optimizer state would be re-zeroed by every replay).
 STEP_GRAPH_WARMUP = 3
@@ -142,8 +146,15 @@ class TrainStep:
             )
         if compiled:
             # With the whole step graphed, the loss is compiled without cudagraph trees (we capture it ourselves).
-            mode = "reduce-overhead" if self.graphs and not step_graph else "default"
-            self._loss = torch.compile(self._eager_loss, mode=mode, dynamic=False)
+            tree_graphs = self.graphs and not step_graph
+            if (
+                INDUCTOR_OPTIONS
+            ):  # torch.compile takes a mode or options, not both: "reduce-overhead" as an option
+                options = {**({"triton.cudagraphs": True} if tree_graphs else {}), **INDUCTOR_OPTIONS}
+                self._loss = torch.compile(self._eager_loss, options=options, dynamic=False)
+            else:
+                mode = "reduce-overhead" if tree_graphs else "default"
+                self._loss = torch.compile(self._eager_loss, mode=mode, dynamic=False)
         if step_graph:
             self.whole = _WholeStep(self, capture=self.graphs)
             if self.graphs and dbc is not None:

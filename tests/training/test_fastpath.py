@@ -61,6 +61,31 @@ def test_graph_mode_keeps_its_own_grad_buffers_and_trains_identically() -> None:
         torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    ("options", "step_graph", "expected"),
+    [
+        ({}, False, {"mode": "reduce-overhead"}),
+        ({}, True, {"mode": "default"}),
+        ({"fallback_random": True}, False, {"options": {"triton.cudagraphs": True, "fallback_random": True}}),
+        ({"fallback_random": True}, True, {"options": {"fallback_random": True}}),
+    ],
+)
+def test_inductor_options_reach_the_compiled_loss_with_the_modes_graphs(
+    monkeypatch: pytest.MonkeyPatch, options: dict, step_graph: bool, expected: dict
+) -> None:
+    """torch.compile takes a mode or options, not both: with options set, cudagraph trees become an option."""
+    from apt_model.training import fastpath
+
+    calls: list[dict] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    monkeypatch.setattr(fastpath, "INDUCTOR_OPTIONS", options)
+    model = APTModel(model_preset("tiny"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    TrainStep(model, TrainConfig(), optimizer=opt, device=torch.device("cpu"), precision="fp32", pad_id=0,
+              compiled=True, cuda_graphs=True, step_graph=step_graph)  # fmt: skip
+    assert calls == [{**expected, "dynamic": False}]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the GPU machine)")
 def test_compiled_step_with_cuda_graphs_accumulates_like_eager() -> None:
     """Two micro-batches per step through the compiled step with CUDA graphs (pytorch/pytorch#169545 made the
