@@ -39,6 +39,7 @@
 #                  with the fast path's tests first; the step at B=256 and B=16 (BART, plain attention) and a profile.
 #   PART=late-read2 — GPU 0 alone, after the MLP parameter gradients' finite-weight path: the tests, the transform's
 #                  kernels, the step at B=256 and B=16, the step with inductor's RNG options, and a profile.
+#   PART=rng-default — GPU 0: with inductor's fallback_random the default, the step table and the X3 quality run.
 #   PART=split — GPU 0 alone, after the fused transform's work was split over three kinds of program (rows, the
 #                  per-element statistics, heads): the fused tests, the transform alone (kernel times, warps and rows
 #                  per program), the step at B=256 (fused vs torch-op transform, BART, plain attention) and at B=16.
@@ -392,6 +393,22 @@ print("inductor: align_random_eager", hasattr(c, "align_random_eager"), "rand4x"
       --repeats 3 --out "$out/train_step_${part}_b16.json" 2>&1 | tee -a "$log"
     timeout 50 python3 bench/step_profile.py --batch 256 --variants apt-fast --out "$out/step_profile_$part.json" \
       2>&1 | tee -a "$log"
+  else
+    echo "tests failed: benchmarks skipped" | tee -a "$log"
+  fi
+fi
+
+if [[ $part == rng-default ]]; then
+  # With fallback_random the fast path's default: its tests, the step table at B=256 and B=16, then the best quality
+  # recipe (X3 on xl) through the user path from a cold compile.
+  export CUDA_VISIBLE_DEVICES=0
+  if tests_pass 90 tests/training/test_fastpath.py; then
+    timeout 130 python3 bench/train_step.py --batch 256 --variants apt-fast apt-fast-nodbc bart-bf16 plain-fast \
+      --warmup 8 --steps 20 --repeats 5 --out "$out/train_step_${part}_b256.json" 2>&1 | tee -a "$log"
+    timeout 90 python3 bench/train_step.py --batch 16 --variants bart-bf16 apt-fast --warmup 8 --steps 20 \
+      --repeats 3 --out "$out/train_step_${part}_b16.json" 2>&1 | tee -a "$log"
+    x3="--batch-size 256 --gradient-accumulation 1 --warmup-steps 300 --weight-decay 0.1 --embedding-init-std 1.0 --lr 1e-3 --dropout 0"
+    QUALITY_TIMEOUT=230 run_quality_recipes quality_rng_default 0 xl "X3 $x3 --t0 50 --epochs 50"
   else
     echo "tests failed: benchmarks skipped" | tee -a "$log"
   fi

@@ -59,8 +59,10 @@ from apt_model.model.dbc_dac import DBCDAC
 from apt_model.training.batching import Batch
 
 # Inductor options for the compiled loss (torch.compile's ``options``), on top of the mode's; bench/train_step.py's
-# ``--inductor-option`` sets them to compare.
-INDUCTOR_OPTIONS: dict[str, object] = {}
+# ``--inductor-option`` sets them to compare. ``fallback_random``: dropout's random numbers from ATen's kernel, which
+# draws four per Philox call, instead of inductor's one (torch 2.11 has no 4-at-a-time draw): the B=256 step ran
+# 16.35 ms against 16.83 ms on the H200 (BENCHMARKS.md).
+INDUCTOR_OPTIONS: dict[str, object] = {"fallback_random": True}
 
 # Ordinary compiled steps before the capture: compilation, autotuning, cuBLAS and optimizer state all happen here,
 # never inside a capture (a lazily created optimizer state would be re-zeroed by every replay).
