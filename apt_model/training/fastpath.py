@@ -149,9 +149,8 @@ class TrainStep:
         if compiled:
             # With the whole step graphed, the loss is compiled without cudagraph trees (we capture it ourselves).
             tree_graphs = self.graphs and not step_graph
-            if (
-                INDUCTOR_OPTIONS
-            ):  # torch.compile takes a mode or options, not both: "reduce-overhead" as an option
+            # torch.compile takes a mode or options, not both: with options, "reduce-overhead" becomes one.
+            if INDUCTOR_OPTIONS:
                 options = {**({"triton.cudagraphs": True} if tree_graphs else {}), **INDUCTOR_OPTIONS}
                 self._loss = torch.compile(self._eager_loss, options=options, dynamic=False)
             else:
