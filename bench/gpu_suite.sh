@@ -40,6 +40,7 @@
 #   PART=late-read2 — GPU 0 alone, after the MLP parameter gradients' finite-weight path: the tests, the transform's
 #                  kernels, the step at B=256 and B=16, the step with inductor's RNG options, and a profile.
 #   PART=rng-default — GPU 0: with inductor's fallback_random the default, the step table and the X3 quality run.
+#   PART=cdt — GPU 0: the default step at B=256, then with inductor's coordinate_descent_tuning.
 #   PART=split — GPU 0 alone, after the fused transform's work was split over three kinds of program (rows, the
 #                  per-element statistics, heads): the fused tests, the transform alone (kernel times, warps and rows
 #                  per program), the step at B=256 (fused vs torch-op transform, BART, plain attention) and at B=16.
@@ -412,6 +413,16 @@ if [[ $part == rng-default ]]; then
   else
     echo "tests failed: benchmarks skipped" | tee -a "$log"
   fi
+fi
+
+if [[ $part == cdt ]]; then
+  # The session's last GPU minutes: the default step again at B=256 (the 2 M tokens/s line, met by 0.2%), then with
+  # inductor's coordinate-descent tuning of its kernels' launch settings (its compile cost shows in warmup_s).
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 60 python3 bench/train_step.py --batch 256 --variants apt-fast --warmup 8 --steps 20 --repeats 5 \
+    --out "$out/train_step_${part}_b256.json" 2>&1 | grep 'B=256' | tee -a "$log"
+  timeout 150 python3 bench/train_step.py --batch 256 --variants apt-fast --inductor-option coordinate_descent_tuning=1 \
+    --warmup 8 --steps 20 --repeats 5 --out "$out/train_step_${part}_b256_tuned.json" 2>&1 | grep 'B=256' | tee -a "$log"
 fi
 
 if [[ $part == deepspeed-fused ]]; then
