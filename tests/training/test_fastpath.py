@@ -291,3 +291,22 @@ def test_results_read_one_step_late_change_nothing_on_cuda() -> None:
             )
     for p_now, p_late in zip(now.model.parameters(), late.model.parameters(), strict=True):
         torch.testing.assert_close(p_late, p_now, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the GPU machine)")
+def test_replayed_steps_draw_new_dropout_masks_on_cuda() -> None:
+    """Dropout's random numbers come from ATen's generator (``fallback_random``) inside the captured graphs; each
+    replay must draw new ones. Same batch, learning rate 0 (the weights never move): the losses still differ from
+    step to step, as eager's do, and only a frozen mask would repeat them."""
+    cuda = torch.device("cuda")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = APTModel(model_preset("tiny", dropout=0.5)).to(cuda)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, fused=True)
+    fast = TrainStep(model, TrainConfig(weight_decay=0.0), optimizer=opt, device=cuda, precision="fp32", pad_id=0,
+                     compiled=True)  # fmt: skip
+    window = random_window(1, 8, cuda, seed=5)
+    losses = [fast(window, n + 1).loss for n in range(STEP_GRAPH_WARMUP + 6)]
+    assert fast.whole is not None and fast.whole.captured
+    replayed = losses[STEP_GRAPH_WARMUP + 1 :]  # after the capture step
+    assert len(set(replayed)) == len(replayed)
