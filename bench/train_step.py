@@ -421,10 +421,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         fastpath.INDUCTOR_OPTIONS[name] = value == "1"
 
     for kv in args.fused_setting:
-        name, _, value = kv.partition("=")
-        if name not in fused_transform.LAUNCH_SETTINGS or not value.isdigit():
-            p.error(f"--fused-setting {kv}: expected KNOB=N with KNOB a launch setting of fused_transform")
-        setattr(fused_transform, name, int(value))
+        try:
+            setattr(fused_transform, *fused_transform.parse_launch_setting(kv))
+        except ValueError as exc:
+            p.error(f"--fused-setting {exc}")
     return args
 
 

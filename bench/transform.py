@@ -134,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--only-fused", action="store_true", help="time only the fused variants")
     args = p.parse_args(argv)
+    sweep: dict[str, dict[str, int]] = {}  # checked before anything touches the GPU
+    for setting in args.sweep:  # e.g. ROW_WARPS=2 or MLP_BLOCK=64,MLP_WARPS=2
+        try:
+            sweep[setting] = dict(fused_transform.parse_launch_setting(kv) for kv in setting.split(","))
+        except ValueError as exc:
+            p.error(f"--sweep {exc}")
     device = torch.device("cuda")
     mod = autopoietic.AutopoieticTransform(args.hidden).to(device)
     weights = (mod.tau, mod.w1, mod.b1, mod.w2, mod.b2)
@@ -150,11 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         "fused Triton": (_fused, library_mlp, {}),
         "fused, 8 rows/program": (_fused, library_mlp, {"ROWS_PER_PROGRAM": 8}),
     }
-    for setting in args.sweep:  # e.g. ROW_WARPS=2 or MLP_BLOCK=64,MLP_WARPS=2
-        pairs = dict(kv.split("=", 1) for kv in setting.split(","))
-        if not set(pairs) <= set(knobs):
-            p.error(f"--sweep {setting}: knobs are {', '.join(knobs)}")
-        variants[f"fused, {setting}"] = (_fused, library_mlp, {k: int(v) for k, v in pairs.items()})
+    for setting, pairs in sweep.items():
+        variants[f"fused, {setting}"] = (_fused, library_mlp, pairs)
     if args.skip_matmul:
         del variants["matmul over h"]
     if args.only_fused:

@@ -150,6 +150,15 @@ LAUNCH_SETTINGS = (
 )
 
 
+def parse_launch_setting(text: str) -> tuple[str, int]:
+    """``KNOB=N`` with KNOB one of :data:`LAUNCH_SETTINGS` and N a non-negative integer (what the bench scripts
+    take on their command lines); ValueError naming what is wrong otherwise."""
+    name, _, value = text.partition("=")
+    if name not in LAUNCH_SETTINGS or not value.isdigit():
+        raise ValueError(f"{text}: expected KNOB=N with KNOB one of {', '.join(LAUNCH_SETTINGS)}")
+    return name, int(value)
+
+
 def _step3_e(eps: float) -> float:
     return min(max(eps, 0.05), 0.8)
 

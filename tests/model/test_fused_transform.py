@@ -447,3 +447,12 @@ def test_compiled_model_keeps_one_fused_op_per_transform(fused_model_transforms)
     (gm,) = graphs
     ops = [n for n in gm.graph.nodes if n.target is torch.ops.apt.autopoietic_probs.default]
     assert len(ops) == 6
+
+
+def test_launch_settings_from_the_command_line_are_checked() -> None:
+    """What bench/train_step.py --fused-setting and bench/transform.py --sweep take: a known knob and an integer."""
+    assert fused_transform.parse_launch_setting("MLP_BLOCK=64") == ("MLP_BLOCK", 64)
+    assert fused_transform.parse_launch_setting("SAVE_MLP=0") == ("SAVE_MLP", 0)
+    for bad in ("NO_SUCH_KNOB=2", "MLP_BLOCK=x", "MLP_BLOCK=-1", "MLP_BLOCK", "mlp_block=64"):
+        with pytest.raises(ValueError, match="expected KNOB=N"):
+            fused_transform.parse_launch_setting(bad)
