@@ -75,6 +75,11 @@ class StepOutput:
     grad_norm: float  # global gradient norm before clipping (may be nan/inf)
     applied: bool  # False when the update was withheld because the loss or gradients were not finite
 
+    @classmethod
+    def withheld_unless_finite(cls, loss: float, grad_norm: float) -> StepOutput:
+        """The whole-step path's outcome: its optimizer withholds the update when either number is not finite."""
+        return cls(loss, grad_norm, applied=math.isfinite(loss) and math.isfinite(grad_norm))
+
 
 class PendingStep:
     """A launched optimizer step; :meth:`result` has its :class:`StepOutput`, waiting for the device if needed.
@@ -104,8 +109,7 @@ class PendingStep:
         if self._output is None:
             assert self._host is not None and self._ready is not None
             self._ready.synchronize()
-            loss_f, norm_f = self._host.tolist()
-            self._output = StepOutput(loss_f, norm_f, applied=math.isfinite(loss_f) and math.isfinite(norm_f))
+            self._output = StepOutput.withheld_unless_finite(*self._host.tolist())
             self._host = self._ready = None
         return self._output
 
@@ -148,14 +152,11 @@ class TrainStep:
             )
         if compiled:
             # With the whole step graphed, the loss is compiled without cudagraph trees (we capture it ourselves).
-            tree_graphs = self.graphs and not step_graph
-            # torch.compile takes a mode or options, not both: with options, "reduce-overhead" becomes one.
-            if INDUCTOR_OPTIONS:
-                options = {**({"triton.cudagraphs": True} if tree_graphs else {}), **INDUCTOR_OPTIONS}
-                self._loss = torch.compile(self._eager_loss, options=options, dynamic=False)
-            else:
-                mode = "reduce-overhead" if tree_graphs else "default"
-                self._loss = torch.compile(self._eager_loss, mode=mode, dynamic=False)
+            # torch.compile takes a mode or options, not both: mode "reduce-overhead" is the option below.
+            tree_graphs = {"triton.cudagraphs": True} if self.graphs and not step_graph else {}
+            self._loss = torch.compile(
+                self._eager_loss, options={**tree_graphs, **INDUCTOR_OPTIONS}, dynamic=False
+            )
         if step_graph:
             self.whole = _WholeStep(self, capture=self.graphs)
             if self.graphs and dbc is not None:
@@ -416,8 +417,6 @@ class _WholeStep:
         self._run("update", self._update)
         if self.capture:
             return self._read_back()
-        loss_f, norm_f = self.out.tolist()
+        output = StepOutput.withheld_unless_finite(*self.out.tolist())
         step._clear_grads()
-        return PendingStep(
-            StepOutput(loss_f, norm_f, applied=math.isfinite(loss_f) and math.isfinite(norm_f))
-        )
+        return PendingStep(output)
