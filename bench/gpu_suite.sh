@@ -41,9 +41,6 @@
 #                  kernels, the step at B=256 and B=16, the step with inductor's RNG options, and a profile.
 #   PART=rng-default — GPU 0: with inductor's fallback_random the default, the step table and the X3 quality run.
 #   PART=cdt — GPU 0: the default step at B=256, then with inductor's coordinate_descent_tuning.
-#   PART=mask-dropout — GPU 0: the dropout keep-mask kernel (eight draws per Philox call): its tests and the fast
-#                  path's, dropout's ways of drawing alone (bench/dropout_rng.py), the step at B=256 against torch's
-#                  dropout, BART and plain attention, B=16, and a profile.
 #   PART=split — GPU 0 alone, after the fused transform's work was split over three kinds of program (rows, the
 #                  per-element statistics, heads): the fused tests, the transform alone (kernel times, warps and rows
 #                  per program), the step at B=256 (fused vs torch-op transform, BART, plain attention) and at B=16.
@@ -426,22 +423,6 @@ if [[ $part == cdt ]]; then
     --out "$out/train_step_${part}_b256.json" 2>&1 | grep 'B=256' | tee -a "$log"
   timeout 150 python3 bench/train_step.py --batch 256 --variants apt-fast --inductor-option coordinate_descent_tuning=1 \
     --warmup 8 --steps 20 --repeats 5 --out "$out/train_step_${part}_b256_tuned.json" 2>&1 | grep 'B=256' | tee -a "$log"
-fi
-
-if [[ $part == mask-dropout ]]; then
-  export CUDA_VISIBLE_DEVICES=0
-  if tests_pass 200 tests/model/test_dropout.py tests/training/test_fastpath.py tests/model/test_fused_transform.py; then
-    timeout 90 python3 bench/dropout_rng.py --out "$out/dropout_rng_$part.json" 2>&1 | tee -a "$log"
-    timeout 175 python3 bench/train_step.py --batch 256 --variants apt-fast apt-fast-torchdropout apt-fast-nodbc \
-      bart-bf16 plain-fast --warmup 8 --steps 20 --repeats 5 --out "$out/train_step_${part}_b256.json" 2>&1 \
-      | tee -a "$log"
-    timeout 70 python3 bench/train_step.py --batch 16 --variants apt-fast bart-bf16 --warmup 8 --steps 20 \
-      --repeats 3 --out "$out/train_step_${part}_b16.json" 2>&1 | tee -a "$log"
-    timeout 50 python3 bench/step_profile.py --batch 256 --variants apt-fast --out "$out/step_profile_$part.json" \
-      2>&1 | tee -a "$log"
-  else
-    echo "tests failed: benchmarks skipped" | tee -a "$log"
-  fi
 fi
 
 if [[ $part == deepspeed-fused ]]; then

@@ -14,8 +14,6 @@ Variants (each measured at every batch size):
   apt-fast-lossgraph  as apt-fast with only the loss (forward + backward) graphed, by cudagraph trees; clipping, the
                       optimizer and gradient accumulation run from the host (the fast path before the whole-step graphs)
   apt-fast-torch      as apt-fast with the transform as torch ops compiled by inductor (--transform-kernel torch)
-  apt-fast-torchdropout  as apt-fast with torch's own dropout (inductor's, or ATen's numbers under fallback_random)
-                      instead of the model's eight-draws-per-Philox-call keep mask (apt_model.model.dropout)
   apt-eager-torch     as apt-eager with the transform as eager torch ops
   apt-fast-nographs   as apt-fast without CUDA graphs (torch.compile fusion only)
   apt-fast-nodbc      as apt-fast with DBC-DAC off (the DBC-DAC cost is apt-fast vs this)
@@ -62,7 +60,6 @@ VARIANTS = (
     "apt-fast-readnow",
     "apt-fast-lossgraph",
     "apt-fast-torch",
-    "apt-fast-torchdropout",
     "apt-fast-nographs",
     "apt-fast-nodbc",
     "apt-fast-dbcgraph",
@@ -262,7 +259,6 @@ def profile_steps(step_fn, batch: dict, device: torch.device, out_dir: Path, tag
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from apt_model.model import DBCDAC
-    from apt_model.model.dropout import set_implementation as set_dropout
     from apt_model.model.fused_transform import set_transform_kernel
 
     device = torch.device(args.device)
@@ -282,7 +278,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 torch.cuda.empty_cache()
             # Read while the step is traced (compiled variants) or at every call (eager): set for build and timing.
             set_transform_kernel("torch" if variant.endswith("-torch") else "auto")
-            set_dropout("torch" if variant.endswith("-torchdropout") else "mask")
             if variant == "bart-bf16":
                 step_fn, n_params = build_bart_step(device, args.vocab, max_len)
             elif (
@@ -329,7 +324,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             del step_fn
         del fast_step
     set_transform_kernel("auto")
-    set_dropout("mask")
     return _summary(args, device, results)
 
 
@@ -370,10 +364,6 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
         if (b, "apt-fast-dbcgraph") in by and (b, "apt-fast-nodbc") in by:
             row["dbc_dac_graph_cost_pct"] = 100 * (
                 by[(b, "apt-fast-dbcgraph")]["ms_per_step"] / by[(b, "apt-fast-nodbc")]["ms_per_step"] - 1
-            )
-        if (b, "apt-fast") in by and (b, "apt-fast-torchdropout") in by:
-            row["fast: torch-dropout ms / default ms"] = (
-                by[(b, "apt-fast-torchdropout")]["ms_per_step"] / by[(b, "apt-fast")]["ms_per_step"]
             )
         if (b, "apt-fast") in by and (b, "apt-eager") in by:
             row["fast/eager"] = by[(b, "apt-eager")]["ms_per_step"] / by[(b, "apt-fast")]["ms_per_step"]

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apt_model.model.autopoietic import AutopoieticTransform
-from apt_model.model.dropout import dropout
 
 __all__ = ["AutopoieticAttention", "build_mask", "causal_mask"]
 
@@ -152,7 +151,7 @@ class AutopoieticAttention(nn.Module):
             # the spec's -inf at masked entries is applied by the transform itself (autopoietic_probs).
             scores = torch.matmul(q * (1.0 / math.sqrt(self.d_head)), k.transpose(-2, -1))
             probs = self.transform(scores, masked)
-            attn = dropout(probs, drop, self.training) if drop > 0 else probs
+            attn = F.dropout(probs, drop, self.training) if drop > 0 else probs
             out = torch.matmul(attn, v)
         else:
             masked = build_mask(lq, lk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
@@ -169,7 +168,7 @@ class AutopoieticAttention(nn.Module):
                 probs = torch.softmax(scores, dim=-1)
                 if dead is not None:
                     probs = probs.masked_fill(dead.unsqueeze(1), 0.0)
-                attn = dropout(probs, drop, self.training) if drop > 0 else probs
+                attn = F.dropout(probs, drop, self.training) if drop > 0 else probs
                 out = torch.matmul(attn, v)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=drop)

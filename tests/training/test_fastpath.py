@@ -295,8 +295,8 @@ def test_results_read_one_step_late_change_nothing_on_cuda() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the GPU machine)")
 def test_replayed_steps_draw_new_dropout_masks_on_cuda() -> None:
-    """Dropout's masks come from ATen's generator inside the captured graphs (the mask kernel's seed, see
-    apt_model.model.dropout, or ATen's uniform numbers under ``fallback_random``); each replay must draw new ones. Same batch, learning rate 0 (the weights never move): the losses still differ from
+    """Dropout's random numbers come from ATen's generator (``fallback_random``) inside the captured graphs; each
+    replay must draw new ones. Same batch, learning rate 0 (the weights never move): the losses still differ from
     step to step, as eager's do, and only a frozen mask would repeat them."""
     cuda = torch.device("cuda")
     torch._dynamo.reset()
