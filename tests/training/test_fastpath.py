@@ -150,8 +150,9 @@ def run_whole_pair(
 
     ``atol`` bounds the weights' difference. On the CPU the two paths do the same float arithmetic (1e-6). CUDA's
     fused AdamW computes its step size on the device from a tensor learning rate and on the host from a float one,
-    which differ in the last bits; Adam magnifies that on weights near zero (1.4e-6 seen). A missing or doubled
-    part of the step moves weights by the learning rate's order (1e-3)."""
+    which differ in the last bits, and the two compiled graphs need not pick the same kernels; Adam magnifies that on
+    weights near zero (up to 3.2e-5 seen on the H200 after ten steps, once other tests had compiled first). A missing
+    or doubled part of the step moves weights by the learning rate's order (1e-3)."""
     pair, poison = make_whole_pair(device, **kw)
     (ref_model, ref), (model, whole) = pair
     assert ref.whole is None and whole.whole is not None
@@ -217,7 +218,7 @@ def test_whole_step_captured_replays_the_ordinary_numbers_on_cuda() -> None:
     (the same storage every step), and the numbers stay the ordinary compiled step's."""
     torch.backends.cuda.matmul.allow_tf32 = False
     whole = run_whole_pair(torch.device("cuda"), n_steps=STEP_GRAPH_WARMUP + 7, poisoned=STEP_GRAPH_WARMUP + 4,
-                           rows=8, atol=2e-5, compiled=True, cuda_graphs=True)  # fmt: skip
+                           rows=8, atol=1e-4, compiled=True, cuda_graphs=True)  # fmt: skip
     assert whole.whole is not None and whole.whole.captured
     assert set(whole.whole.graphs) == {"first", "more", "update"}
     ptrs = [p.grad.data_ptr() for p in whole.params]  # type: ignore[union-attr]
@@ -282,7 +283,8 @@ def test_results_read_one_step_late_change_nothing_on_cuda() -> None:
     expected = [n != poisoned for n in range(1, n_steps + 1)]
     assert [r.applied for r in read_late] == [r.applied for r in read_now] == expected
     # Two runs of the same graphs differ in the last bits (the embeddings' backward adds with atomics: 7e-7 of the
-    # norm seen on the H200), and Adam magnifies that on weights near zero, as in the test above.
+    # norm seen on the H200), and Adam magnifies that on weights near zero, as in the test above (2.3e-5 seen); a
+    # step lost or applied twice would move weights by ~1e-3.
     for a, b in zip(read_now, read_late, strict=True):
         if a.applied:
             assert (b.loss, b.grad_norm) == (
@@ -290,7 +292,7 @@ def test_results_read_one_step_late_change_nothing_on_cuda() -> None:
                 pytest.approx(a.grad_norm, rel=1e-5),
             )
     for p_now, p_late in zip(now.model.parameters(), late.model.parameters(), strict=True):
-        torch.testing.assert_close(p_late, p_now, rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(p_late, p_now, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the GPU machine)")
