@@ -37,9 +37,13 @@ KERNELS = ("auto", "triton", "torch")
 # lengths); a larger tile would spill registers, so longer sequences take the torch ops.
 MAX_TILE = 64 * 64
 
-# Warps of the per-element statistics programs; None: by tile size (8 for 64 x 64; the H200 ran 4 and 16 no faster
-# over forward and backward together, BENCHMARKS.md).
+# Warps of the per-element statistics programs (the backward's, and the forward's where STATS_FWD_WARPS is None);
+# None: by tile size (8 for 64 x 64; the H200 ran the backward with 4 and 16 no faster, BENCHMARKS.md).
 NUM_WARPS: int | None = None
+# Warps of the statistics forward alone; None: as NUM_WARPS gives the backward. Its 32 bisection rounds are chains
+# of small reductions, which fewer warps finish sooner: 38 instead of 45 us per transform with 4 warps at B=256 on
+# the H200, where the backward, with more arithmetic per entry, took 36 instead of 20 (BENCHMARKS.md).
+STATS_FWD_WARPS: int | None = 4
 # Rows of one batch element per program of the row and head kernels (4 x 64 entries: one warp). On the H200 at
 # B=256 these kernels ran 1.1-1.5x faster with 8 rows than with 16, 1.3-2x slower with 32, and 4 rows took 5% off
 # the transform's time against 8 (BENCHMARKS.md).
@@ -142,6 +146,7 @@ SAVE_MLP = True
 # The module's launch settings above, by name: what bench/transform.py sweeps and bench/train_step.py can set.
 LAUNCH_SETTINGS = (
     "NUM_WARPS",
+    "STATS_FWD_WARPS",
     "ROWS_PER_PROGRAM",
     "ROW_WARPS",
     "MLP_BLOCK",
@@ -195,7 +200,8 @@ def _forward(
                 *scores.stride(), *mask_strides, e, HID=w1.shape[0], HP=_hidden_pow2(w1.shape[0]),
                 SAVE_MLP=save_mlp, **rows,
             )  # fmt: skip
-            kernels.stats_fwd_kernel[(batch,)](work, keys, tau, lq, lk, n_e, **stats)
+            fwd_stats = {**stats, "num_warps": STATS_FWD_WARPS or stats["num_warps"]}
+            kernels.stats_fwd_kernel[(batch,)](work, keys, tau, lq, lk, n_e, **fwd_stats)
             kernels.heads_fwd_kernel[(batch, heads, row_blocks)](
                 scores, mask, work, probs, lq, lk, n_e, heads, *scores.stride(), *mask_strides,
                 *probs.stride()[:3], **rows,
