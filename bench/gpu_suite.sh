@@ -41,6 +41,14 @@
 #                  kernels, the step at B=256 and B=16, the step with inductor's RNG options, and a profile.
 #   PART=rng-default — GPU 0: with inductor's fallback_random the default, the step table and the X3 quality run.
 #   PART=cdt — GPU 0: the default step at B=256, then with inductor's coordinate_descent_tuning.
+#   PART=inductor-options — GPU 0: the B=256 step with inductor's aggressive_fusion, then with combo_kernels, each
+#                  in its own process; then the step at B=16 and B=256 with DBC-DAC on and off, BART and plain
+#                  attention, in one process.
+#   PART=combo — GPU 0: with inductor's combo_kernels the default, the fast path's and the fused transform's tests,
+#                  the step at B=16 and B=256 beside BART in one process, then B=256 without combo_kernels.
+#   PART=stats-warps — GPU 0: the fast path's and the fused transform's tests (failures printed in full), then the
+#                  statistics forward with 4 warps (the default since) against the backward's 8: the transform's
+#                  kernels and the step at B=256, each in its own process; B=16 and a profile.
 #   PART=split — GPU 0 alone, after the fused transform's work was split over three kinds of program (rows, the
 #                  per-element statistics, heads): the fused tests, the transform alone (kernel times, warps and rows
 #                  per program), the step at B=256 (fused vs torch-op transform, BART, plain attention) and at B=16.
@@ -423,6 +431,48 @@ if [[ $part == cdt ]]; then
     --out "$out/train_step_${part}_b256.json" 2>&1 | grep 'B=256' | tee -a "$log"
   timeout 150 python3 bench/train_step.py --batch 256 --variants apt-fast --inductor-option coordinate_descent_tuning=1 \
     --warmup 8 --steps 20 --repeats 5 --out "$out/train_step_${part}_b256_tuned.json" 2>&1 | grep 'B=256' | tee -a "$log"
+fi
+
+if [[ $part == stats-warps ]]; then
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/training/test_fastpath.py \
+    tests/model/test_fused_transform.py 2>&1 | grep -v DEBUG | grep -E '^E |Error|^FAILED|passed|failed' \
+    | head -n 60 | tee -a "$log"
+  timeout 60 python3 bench/transform.py --batch 256 --only-fused --iters 10 --repeats 3 --sweep STATS_FWD_WARPS=0 \
+    --out "$out/transform_$part.json" 2>&1 | tee -a "$log"
+  timeout 150 python3 bench/train_step.py --batch 256 --variants apt-fast bart-bf16 plain-fast --warmup 8 \
+    --steps 20 --repeats 5 --out "$out/train_step_${part}_b256.json" 2>&1 | grep -E '^B=|/bart' | tee -a "$log"
+  timeout 60 python3 bench/train_step.py --batch 256 --variants apt-fast --fused-setting STATS_FWD_WARPS=0 \
+    --warmup 8 --steps 20 --repeats 5 --out "$out/train_step_${part}_b256_fwd8.json" 2>&1 | grep -E '^B=' \
+    | tee -a "$log"
+  timeout 60 python3 bench/train_step.py --batch 16 --variants apt-fast bart-bf16 --warmup 8 --steps 20 \
+    --repeats 3 --out "$out/train_step_${part}_b16.json" 2>&1 | grep -E '^B=|/bart' | tee -a "$log"
+  timeout 50 python3 bench/step_profile.py --batch 256 --variants apt-fast --out "$out/step_profile_$part.json" \
+    2>&1 | tail -n 3 | tee -a "$log"
+fi
+
+if [[ $part == inductor-options ]]; then
+  export CUDA_VISIBLE_DEVICES=0
+  for opt in aggressive_fusion combo_kernels; do
+    timeout 75 python3 bench/train_step.py --batch 256 --variants apt-fast --inductor-option "$opt=1" --warmup 8 \
+      --steps 20 --repeats 5 --out "$out/train_step_${part}_b256_$opt.json" 2>&1 | grep -E '^B=' | tee -a "$log"
+  done
+  timeout 330 python3 bench/train_step.py --batch 16 256 --variants apt-fast apt-fast-nodbc bart-bf16 plain-fast \
+    --warmup 8 --steps 20 --repeats 5 --out "$out/train_step_${part}_b16_b256.json" 2>&1 \
+    | grep -E '^B=|/bart|dbc_dac_cost' | tee -a "$log"
+fi
+
+if [[ $part == combo ]]; then
+  export CUDA_VISIBLE_DEVICES=0
+  if tests_pass 150 tests/training/test_fastpath.py tests/model/test_fused_transform.py; then
+    timeout 200 python3 bench/train_step.py --batch 16 256 --variants apt-fast bart-bf16 --warmup 8 --steps 20 \
+      --repeats 5 --out "$out/train_step_$part.json" 2>&1 | grep -E '^B=|/bart' | tee -a "$log"
+    timeout 70 python3 bench/train_step.py --batch 256 --variants apt-fast --inductor-option combo_kernels=0 \
+      --warmup 8 --steps 20 --repeats 5 --out "$out/train_step_${part}_b256_off.json" 2>&1 | grep -E '^B=' \
+      | tee -a "$log"
+  else
+    echo "tests failed: benchmarks skipped" | tee -a "$log"
+  fi
 fi
 
 if [[ $part == deepspeed-fused ]]; then

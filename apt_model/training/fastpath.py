@@ -61,8 +61,10 @@ from apt_model.training.batching import Batch
 # Inductor options for the compiled loss (torch.compile's ``options``), on top of the mode's; bench/train_step.py's
 # ``--inductor-option`` sets them to compare. ``fallback_random``: dropout's random numbers from ATen's kernel, which
 # draws four per Philox call, instead of inductor's one (torch 2.11 has no 4-at-a-time draw): the B=256 step ran
-# 16.35 ms against 16.83 ms on the H200 (BENCHMARKS.md).
-INDUCTOR_OPTIONS: dict[str, object] = {"fallback_random": True}
+# 16.35 ms against 16.83 ms on the H200. ``combo_kernels``: inductor's horizontal fusion, which runs independent
+# kernels of the graph as one launch, each on its own blocks, so small ones overlap instead of queueing: 15.76
+# against 16.15 ms (BENCHMARKS.md).
+INDUCTOR_OPTIONS: dict[str, object] = {"fallback_random": True, "combo_kernels": True}
 
 # Ordinary compiled steps before the capture: compilation, autotuning, cuBLAS and optimizer state all happen here,
 # never inside a capture (a lazily created optimizer state would be re-zeroed by every replay).
