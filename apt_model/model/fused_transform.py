@@ -40,9 +40,9 @@ MAX_TILE = 64 * 64
 # Warps of the per-element statistics programs (the backward's, and the forward's where STATS_FWD_WARPS is None);
 # None: by tile size (8 for 64 x 64; the H200 ran the backward with 4 and 16 no faster, BENCHMARKS.md).
 NUM_WARPS: int | None = None
-# Warps of the statistics forward alone; None: as NUM_WARPS gives the backward. Its 32 bisection rounds are chains
-# of small reductions, which fewer warps finish sooner: 38 instead of 45 us per transform with 4 warps at B=256 on
-# the H200, where the backward, with more arithmetic per entry, took 36 instead of 20 (BENCHMARKS.md).
+# Warps of the statistics forward alone; None (or 0): as NUM_WARPS gives the backward. Its 32 bisection rounds are
+# chains of small reductions, which fewer warps finish sooner: 38 instead of 45 us per transform with 4 warps at
+# B=256 on the H200, where the backward, with more arithmetic per entry, took 36 instead of 20 (BENCHMARKS.md).
 STATS_FWD_WARPS: int | None = 4
 # Rows of one batch element per program of the row and head kernels (4 x 64 entries: one warp). On the H200 at
 # B=256 these kernels ran 1.1-1.5x faster with 8 rows than with 16, 1.3-2x slower with 32, and 4 rows took 5% off
