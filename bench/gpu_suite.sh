@@ -98,6 +98,15 @@ tests_pass() {
   grep -q ' passed' <<<"$summary" && ! grep -q ' failed' <<<"$summary"
 }
 
+# One bench/train_step.py run with the suite's timing (8 warm-up steps, windows of 20 steps), its table lines and
+# ratios appended to the log. Usage: step_table LIMIT_S NAME REPEATS ARGS… (writes $out/train_step_NAME.json)
+step_table() {
+  local limit=$1 name=$2 repeats=$3
+  shift 3
+  timeout "$limit" python3 bench/train_step.py "$@" --warmup 8 --steps 20 --repeats "$repeats" \
+    --out "$out/train_step_$name.json" 2>&1 | grep -E '^B=|/bart|dbc_dac_cost' | tee -a "$log"
+}
+
 # Quality recipes side by side, recipe i on GPU first_gpu + i; then one JSON and one log for all of them under OUT_DIR.
 # Usage: run_quality_recipes NAME FIRST_GPU DATA_SIZE "TAG flags…" …
 run_quality_recipes() {
@@ -440,13 +449,9 @@ if [[ $part == stats-warps ]]; then
     | head -n 60 | tee -a "$log"
   timeout 60 python3 bench/transform.py --batch 256 --only-fused --iters 10 --repeats 3 --sweep STATS_FWD_WARPS=0 \
     --out "$out/transform_$part.json" 2>&1 | tee -a "$log"
-  timeout 150 python3 bench/train_step.py --batch 256 --variants apt-fast bart-bf16 plain-fast --warmup 8 \
-    --steps 20 --repeats 5 --out "$out/train_step_${part}_b256.json" 2>&1 | grep -E '^B=|/bart' | tee -a "$log"
-  timeout 60 python3 bench/train_step.py --batch 256 --variants apt-fast --fused-setting STATS_FWD_WARPS=0 \
-    --warmup 8 --steps 20 --repeats 5 --out "$out/train_step_${part}_b256_fwd8.json" 2>&1 | grep -E '^B=' \
-    | tee -a "$log"
-  timeout 60 python3 bench/train_step.py --batch 16 --variants apt-fast bart-bf16 --warmup 8 --steps 20 \
-    --repeats 3 --out "$out/train_step_${part}_b16.json" 2>&1 | grep -E '^B=|/bart' | tee -a "$log"
+  step_table 150 "${part}_b256" 5 --batch 256 --variants apt-fast bart-bf16 plain-fast
+  step_table 60 "${part}_b256_fwd8" 5 --batch 256 --variants apt-fast --fused-setting STATS_FWD_WARPS=0
+  step_table 60 "${part}_b16" 3 --batch 16 --variants apt-fast bart-bf16
   timeout 50 python3 bench/step_profile.py --batch 256 --variants apt-fast --out "$out/step_profile_$part.json" \
     2>&1 | tail -n 3 | tee -a "$log"
 fi
@@ -454,22 +459,16 @@ fi
 if [[ $part == inductor-options ]]; then
   export CUDA_VISIBLE_DEVICES=0
   for opt in aggressive_fusion combo_kernels; do
-    timeout 75 python3 bench/train_step.py --batch 256 --variants apt-fast --inductor-option "$opt=1" --warmup 8 \
-      --steps 20 --repeats 5 --out "$out/train_step_${part}_b256_$opt.json" 2>&1 | grep -E '^B=' | tee -a "$log"
+    step_table 75 "${part}_b256_$opt" 5 --batch 256 --variants apt-fast --inductor-option "$opt=1"
   done
-  timeout 330 python3 bench/train_step.py --batch 16 256 --variants apt-fast apt-fast-nodbc bart-bf16 plain-fast \
-    --warmup 8 --steps 20 --repeats 5 --out "$out/train_step_${part}_b16_b256.json" 2>&1 \
-    | grep -E '^B=|/bart|dbc_dac_cost' | tee -a "$log"
+  step_table 330 "${part}_b16_b256" 5 --batch 16 256 --variants apt-fast apt-fast-nodbc bart-bf16 plain-fast
 fi
 
 if [[ $part == combo ]]; then
   export CUDA_VISIBLE_DEVICES=0
   if tests_pass 150 tests/training/test_fastpath.py tests/model/test_fused_transform.py; then
-    timeout 200 python3 bench/train_step.py --batch 16 256 --variants apt-fast bart-bf16 --warmup 8 --steps 20 \
-      --repeats 5 --out "$out/train_step_$part.json" 2>&1 | grep -E '^B=|/bart' | tee -a "$log"
-    timeout 70 python3 bench/train_step.py --batch 256 --variants apt-fast --inductor-option combo_kernels=0 \
-      --warmup 8 --steps 20 --repeats 5 --out "$out/train_step_${part}_b256_off.json" 2>&1 | grep -E '^B=' \
-      | tee -a "$log"
+    step_table 200 "$part" 5 --batch 16 256 --variants apt-fast bart-bf16
+    step_table 70 "${part}_b256_off" 5 --batch 256 --variants apt-fast --inductor-option combo_kernels=0
   else
     echo "tests failed: benchmarks skipped" | tee -a "$log"
   fi
