@@ -73,6 +73,17 @@
 #                  user path's wall time with nothing else on the card.
 #   PART=dbc-graph — GPU 0: the CUDA-only tests of DBC-DAC's CUDA-graph mode and of the fast path, the DBC-DAC
 #                  breakdown with the graphed application, then B=256 with DBC-DAC eager, graphed and off (one process).
+#   PART=quality-wd — GPU 0, three runs side by side on the one card: recipe X3 on xl with weight decay 1.0 and 0.3
+#                  (50 epochs), and 1.0 over 80 epochs (AdamW's decay after the training set is fitted is what makes
+#                  small transformers generalise on arithmetic tables in the grokking studies).
+#   PART=quality-wd2 — the same, after quality-wd (weight decay 1.0 over 80 epochs led): half the batch (twice the
+#                  updates per epoch), weight decay 2.0, and twice the learning rate, each over 80 epochs.
+#   PART=quality-wd3 — the same, after quality-wd2 (batch 128 led: 89% val): batch 128 over 65 epochs (what fits
+#                  the 3 minutes alone) at seeds 42 and 7, and batch 64 over 40 epochs.
+#   PART=quality-b128 — GPU 0 alone, cold compile: the best recipe of quality-wd2/3 (batch 128, weight decay 1.0,
+#                  80 epochs), the user path's wall time with nothing else on the card.
+#   PART=quality-w1e80 — GPU 0 alone, cold compile: X3 with weight decay 1.0 over 80 epochs (batch 256: the recipe
+#                  of quality-wd that could fit the 3 minutes, where batch 128's took 225 s).
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -107,7 +118,8 @@ step_table() {
     --out "$out/train_step_$name.json" 2>&1 | grep -E '^B=|/bart|dbc_dac_cost' | tee -a "$log"
 }
 
-# Quality recipes side by side, recipe i on GPU first_gpu + i; then one JSON and one log for all of them under OUT_DIR.
+# Quality recipes side by side, recipe i on GPU first_gpu + i (all on FIRST_GPU when QUALITY_ONE_GPU=1: their wall
+# times then share the card and are not the 3-minute figure); then one JSON and one log for all of them under OUT_DIR.
 # Usage: run_quality_recipes NAME FIRST_GPU DATA_SIZE "TAG flags…" …
 run_quality_recipes() {
   local name=$1 first_gpu=$2 size=$3 i=0 tag pids=()
@@ -119,7 +131,7 @@ run_quality_recipes() {
       rm -rf "$work/cache/$name/$tag"
       # Each run its own inductor/Triton cache: a cold compile, as on a fresh machine, even with runs side by side.
       TORCHINDUCTOR_CACHE_DIR="$work/cache/$name/$tag/inductor" TRITON_CACHE_DIR="$work/cache/$name/$tag/triton" \
-      CUDA_VISIBLE_DEVICES=$((first_gpu + i)) timeout "${QUALITY_TIMEOUT:-540}" python3 bench/quality_run.py --out "$work/$name" --tag "$tag" \
+      CUDA_VISIBLE_DEVICES=$((first_gpu + (${QUALITY_ONE_GPU:-0} == 1 ? 0 : i))) timeout "${QUALITY_TIMEOUT:-540}" python3 bench/quality_run.py --out "$work/$name" --tag "$tag" \
         --data-size "$size" -- --max-src-len 40 --max-tgt-len 24 --eval-every 10 --save-interval 1000 "$@" \
         > "$work/${name}_$tag.log" 2>&1
       echo "$name $tag rc=$?" >> "$work/${name}_summary.txt"
@@ -496,6 +508,40 @@ if [[ $part == dbc-graph ]]; then
   timeout 60 python3 bench/dbc_dac.py --out "$out/dbc_dac_graph.json" 2>&1 | tee -a "$log"
   timeout 300 python3 bench/train_step.py --batch 256 --variants apt-fast apt-fast-dbcgraph apt-fast-nodbc --warmup 8 \
     --steps 20 --repeats 5 --out "$out/train_step_dbcgraph_b256.json" 2>&1 | tee -a "$log"
+fi
+
+if [[ $part == quality-wd ]]; then
+  x3="--batch-size 256 --gradient-accumulation 1 --warmup-steps 300 --embedding-init-std 1.0 --lr 1e-3 --dropout 0"
+  QUALITY_ONE_GPU=1 QUALITY_TIMEOUT=560 run_quality_recipes quality_wd 0 xl \
+    "W1 $x3 --weight-decay 1.0 --t0 50 --epochs 50" \
+    "W03 $x3 --weight-decay 0.3 --t0 50 --epochs 50" \
+    "W1e80 $x3 --weight-decay 1.0 --t0 80 --epochs 80"
+fi
+
+if [[ $part == quality-wd2 ]]; then
+  x3="--gradient-accumulation 1 --warmup-steps 300 --embedding-init-std 1.0 --dropout 0 --t0 80 --epochs 80"
+  QUALITY_ONE_GPU=1 QUALITY_TIMEOUT=560 run_quality_recipes quality_wd2 0 xl \
+    "B128 $x3 --batch-size 128 --lr 1e-3 --weight-decay 1.0" \
+    "W2 $x3 --batch-size 256 --lr 1e-3 --weight-decay 2.0" \
+    "LR2 $x3 --batch-size 256 --lr 2e-3 --weight-decay 1.0"
+fi
+
+if [[ $part == quality-wd3 ]]; then
+  x3="--gradient-accumulation 1 --warmup-steps 300 --embedding-init-std 1.0 --dropout 0 --lr 1e-3 --weight-decay 1.0"
+  QUALITY_ONE_GPU=1 QUALITY_TIMEOUT=560 run_quality_recipes quality_wd3 0 xl \
+    "B128e65 $x3 --batch-size 128 --t0 65 --epochs 65" \
+    "B128e65s7 $x3 --batch-size 128 --t0 65 --epochs 65 --seed 7" \
+    "B64e40 $x3 --batch-size 64 --t0 40 --epochs 40"
+fi
+
+if [[ $part == quality-b128 ]]; then
+  x3="--gradient-accumulation 1 --warmup-steps 300 --embedding-init-std 1.0 --dropout 0 --lr 1e-3 --weight-decay 1.0"
+  QUALITY_TIMEOUT=400 run_quality_recipes quality_b128 0 xl "B128 $x3 --batch-size 128 --t0 80 --epochs 80"
+fi
+
+if [[ $part == quality-w1e80 ]]; then
+  x3="--batch-size 256 --gradient-accumulation 1 --warmup-steps 300 --embedding-init-std 1.0 --lr 1e-3 --dropout 0"
+  QUALITY_TIMEOUT=400 run_quality_recipes quality_w1e80 0 xl "W1e80 $x3 --weight-decay 1.0 --t0 80 --epochs 80"
 fi
 
 if [[ $part == quality ]]; then

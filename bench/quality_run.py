@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         "final_val_token_acc": epochs[-1].get("val_token_acc") if epochs else None,
         "status": exp.get("status"),
     }
+    # The curves, so a recipe's val loss can be read against its train loss epoch by epoch.
+    report["history"] = [
+        {k: e.get(k) for k in ("epoch", "train_loss", "val_loss", "val_token_acc", "epoch_seconds")} for e in epochs
+    ]
     for split in ("train", "val"):
         vdir = out / f"verify_{split}"
         verify = apt(
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             complete = len(vr["failures"]) == vr["overall"]["n"] - vr["overall"]["exact_count"]
             doc = json.loads(data.read_text())
             report["val_by_kind"] = val_by_kind(doc, vr["failures"]) if complete else None
+            report["val_failures"] = vr["failures"]
         (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
         json.dumps(
