@@ -84,6 +84,8 @@
 #                  80 epochs), the user path's wall time with nothing else on the card.
 #   PART=quality-w1e80 — GPU 0 alone, cold compile: X3 with weight decay 1.0 over 80 epochs (batch 256: the recipe
 #                  of quality-wd that could fit the 3 minutes, where batch 128's took 225 s).
+#   PART=collate — the host's time to build an epoch's batches (bench/collate.py: row by row vs cut from the padded
+#                  table), then the fast path's and the fused transform's CUDA tests with the table's batches.
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -99,12 +101,16 @@ log="$out/log_$part.txt"
 { nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } | tee "$log"
 
-# Runs the given test files under a time limit, appending pytest's summary to the log; true when they passed (the
-# benchmarks of a part run only then). Usage: tests_pass LIMIT_S FILE...
+# Runs the given test files under a time limit, appending pytest's summary to the log and its whole output (each
+# failure's numbers) to OUT_DIR/pytest_PART.txt; true when they passed (the benchmarks of a part run only then).
+# Usage: tests_pass LIMIT_S FILE...
 tests_pass() {
   local limit=$1 summary
   shift
-  summary=$(timeout "$limit" python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -n 15)
+  local full="$work/pytest_last.txt"
+  timeout "$limit" python3 -m pytest -q -p no:cacheprovider "$@" > "$full" 2>&1
+  { echo "\$ pytest $*"; cat "$full"; } >> "$out/pytest_$part.txt"
+  summary=$(tail -n 15 "$full")
   echo "$summary" | tee -a "$log"
   grep -q ' passed' <<<"$summary" && ! grep -q ' failed' <<<"$summary"
 }
@@ -542,6 +548,12 @@ fi
 if [[ $part == quality-w1e80 ]]; then
   x3="--batch-size 256 --gradient-accumulation 1 --warmup-steps 300 --embedding-init-std 1.0 --lr 1e-3 --dropout 0"
   QUALITY_TIMEOUT=400 run_quality_recipes quality_w1e80 0 xl "W1e80 $x3 --weight-decay 1.0 --t0 80 --epochs 80"
+fi
+
+if [[ $part == collate ]]; then
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 60 python3 bench/collate.py --out "$out/collate.json" 2>&1 | tee -a "$log"
+  tests_pass 200 tests/training/test_fastpath.py tests/model/test_fused_transform.py tests/training/test_batching.py
 fi
 
 if [[ $part == quality ]]; then

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     # The curves, so a recipe's val loss can be read against its train loss epoch by epoch.
     report["history"] = [
-        {k: e.get(k) for k in ("epoch", "train_loss", "val_loss", "val_token_acc", "epoch_seconds")} for e in epochs
+        {k: e.get(k) for k in ("epoch", "train_loss", "val_loss", "val_token_acc", "epoch_seconds")}
+        for e in epochs
     ]
     for split in ("train", "val"):
         vdir = out / f"verify_{split}"

@@ -520,7 +520,7 @@ class Worker:
                     rows, share = plan[mine[j]], tokens[mine[j]] / window_tokens
                 else:  # keeps this rank in step with the others (ZeRO communicates per micro-step)
                     rows, share = plan[window[0]][:1], 0.0
-                batch = self.batcher.collate([examples[i] for i in rows]).to(self.device)
+                batch = self.batcher.collate_indices(rows).to(self.device)
                 out = compute_loss(
                     engine, batch, pad_id=self.pad_id, label_smoothing=self.cfg.label_smoothing
                 )

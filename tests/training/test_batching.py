@@ -132,3 +132,52 @@ def test_grouped_plan_keeps_each_steps_batches_at_similar_lengths() -> None:
     assert step_spread(grouped) * 2 < step_spread(plain)  # 178 vs 399 here
     with pytest.raises(ValueError, match="group"):
         b.epoch_indices(0, group=0)
+
+
+def _same_batch(a, b) -> None:  # type: ignore[no-untyped-def]
+    for name in ("src", "tgt_in", "tgt_out"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype == torch.long and x.is_contiguous(), name
+        assert torch.equal(x, y), name
+    assert a.n_tokens == b.n_tokens
+
+
+@pytest.mark.parametrize("pad_mode", ["bucket", "fixed"])
+def test_batches_cut_from_the_padded_table_equal_row_by_row_collation(pad_mode: str) -> None:
+    """epoch() and eval_batches() cut batches out of rows padded once; every batch must be what collate() builds
+    from the same rows: widths rounded past the widest example, short fixed batches, empty answers."""
+    gen = torch.Generator().manual_seed(3)
+    ex = [
+        Example(
+            tuple(
+                torch.randint(4, 50, (int(torch.randint(1, 23, (), generator=gen)),), generator=gen).tolist()
+            ),
+            tuple(
+                torch.randint(4, 50, (int(torch.randint(0, 7, (), generator=gen)),), generator=gen).tolist()
+            ),
+        )
+        for _ in range(101)
+    ]
+    b = Batcher(ex, 8, 0, 1, 2, max_src_len=24, max_tgt_len=9, pad_mode=pad_mode, bucket_batches=3)
+    for epoch in range(3):
+        plan = b.epoch_indices(epoch)
+        for idx, batch in zip(plan, b.epoch(epoch), strict=True):
+            _same_batch(batch, b.collate([ex[i] for i in idx]))
+    order = sorted(range(len(ex)), key=lambda i: len(ex[i].src) + len(ex[i].out))
+    for s, batch in zip(range(0, len(ex), 8), b.eval_batches(), strict=True):
+        _same_batch(batch, b.collate([ex[i] for i in order[s : s + 8]]))
+    # One row and three rows; a row repeated (the DeepSpeed worker's filler micro-batch reuses a row).
+    for idx in ([5], [7, 7, 1]):
+        _same_batch(b.collate_indices(idx), b.collate([ex[i] for i in idx]))
+
+
+def test_batches_cut_from_the_padded_table_refuse_rows_past_a_fixed_shape() -> None:
+    long_row = [Example(tuple(range(4, 34)), (5,)), Example((4,), (5,))]
+    fixed = Batcher(long_row, 2, 0, 1, 2, max_src_len=24, max_tgt_len=9, pad_mode="fixed")
+    with pytest.raises(ValueError, match="exceed the padded shape"):
+        fixed.collate_indices([0, 1])
+    with pytest.raises(ValueError, match="exceed the padded shape"):
+        fixed.collate(long_row)
+    assert fixed.collate_indices([1]).src.shape == (2, 24)
+    with pytest.raises(ValueError, match="at least one row"):
+        fixed.collate_indices([])
