@@ -86,6 +86,9 @@
 #                  of quality-wd that could fit the 3 minutes, where batch 128's took 225 s).
 #   PART=collate — the host's time to build an epoch's batches (bench/collate.py: row by row vs cut from the padded
 #                  table), then the fast path's and the fused transform's CUDA tests with the table's batches.
+#   PART=quality-table — GPU 0 alone, after batches became cuts of one padded table (bench/collate.py): the CUDA
+#                  tests (whole output kept; the runs go on either way), then the batch-128 recipe over 80 and over
+#                  100 epochs, one after the other, each from a cold compile: the user path's wall time.
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -554,6 +557,14 @@ if [[ $part == collate ]]; then
   export CUDA_VISIBLE_DEVICES=0
   timeout 60 python3 bench/collate.py --out "$out/collate.json" 2>&1 | tee -a "$log"
   tests_pass 200 tests/training/test_fastpath.py tests/model/test_fused_transform.py tests/training/test_batching.py
+fi
+
+if [[ $part == quality-table ]]; then
+  export CUDA_VISIBLE_DEVICES=0
+  tests_pass 150 tests/training/test_fastpath.py tests/model/test_fused_transform.py || true
+  b128="--batch-size 128 --gradient-accumulation 1 --warmup-steps 300 --embedding-init-std 1.0 --lr 1e-3 --dropout 0 --weight-decay 1.0"
+  QUALITY_TIMEOUT=230 run_quality_recipes quality_table80 0 xl "B128e80 $b128 --t0 80 --epochs 80"
+  QUALITY_TIMEOUT=230 run_quality_recipes quality_table100 0 xl "B128e100 $b128 --t0 100 --epochs 100"
 fi
 
 if [[ $part == quality ]]; then
