@@ -57,9 +57,13 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             old = [batcher.collate([train[i] for i in idx]) for idx in plan]
             by_row.append(time.perf_counter() - t)
-            assert all(
-                a.src.equal(b.src) and a.tgt_out.equal(b.tgt_out) for a, b in zip(new, old, strict=True)
-            )
+            same = all(
+                a.src.equal(b.src) and a.tgt_in.equal(b.tgt_in) and a.tgt_out.equal(b.tgt_out)
+                and a.n_tokens == b.n_tokens
+                for a, b in zip(new, old, strict=True)
+            )  # fmt: skip
+            if not same:
+                raise SystemExit(f"B={bs}, epoch {e}: the table's batches differ from row-by-row collation")
         row = {
             "batch_size": bs,
             "batches": len(plan),

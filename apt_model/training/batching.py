@@ -238,9 +238,10 @@ class Batcher:
     def collate_indices(self, indices: Sequence[int]) -> Batch:
         """``collate([examples[i] for i in indices])``, the same tensors, from rows padded once per batcher.
 
-        Padding row by row in Python took ~0.7 s per epoch of the xl data on a development CPU (half an epoch's GPU
-        time at batch 128, with the GPU idle meanwhile); cutting each batch out of one padded table is a few
-        index-selects."""
+        Padding row by row in Python took 0.7-0.8 s per epoch of the xl data on the H200 machine's CPU, about half
+        of a quality run's epoch, with the GPU idle meanwhile; cutting each batch out of one padded table is a few
+        index-selects (``bench/collate.py``). The table is built on first use, so ``examples`` must not change
+        after that."""
         if not indices:
             raise ValueError("a batch needs at least one row")
         if self._table is None:
