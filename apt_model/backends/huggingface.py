@@ -822,8 +822,8 @@ def _make_trainer_class() -> type:
             self.apt_optimizer: torch.optim.Optimizer | None = None
 
         # -- data ----------------------------------------------------------------------------------------------
-        def _collate(self, rows: list[Any]) -> dict[str, Any]:
-            b: Batch = self.apt_batcher.collate(rows)
+        def _collate(self, rows: list[int]) -> dict[str, Any]:
+            b: Batch = self.apt_batcher.collate_indices(rows)
             return {
                 "input_ids": b.src,
                 "decoder_input_ids": b.tgt_in,
@@ -833,7 +833,8 @@ def _make_trainer_class() -> type:
 
         def get_train_dataloader(self) -> Any:
             loader = torch.utils.data.DataLoader(
-                self.apt_batcher.examples,
+                # Indices, not examples: each batch is cut from the batcher's padded table (collate_indices).
+                range(len(self.apt_batcher.examples)),
                 batch_sampler=self.apt_sampler,
                 collate_fn=self._collate,
                 num_workers=0,
