@@ -520,38 +520,39 @@ if [[ $part == dbc-graph ]]; then
     --steps 20 --repeats 5 --out "$out/train_step_dbcgraph_b256.json" 2>&1 | tee -a "$log"
 fi
 
+# The xl recipes of the weight-decay study (twelfth session): X3's settings without batch size, learning rate,
+# weight decay and length, which each part sets; B128 is the best of them (batch 128, lr 1e-3, weight decay 1.0).
+xl_base="--gradient-accumulation 1 --warmup-steps 300 --embedding-init-std 1.0 --dropout 0"
+b128="$xl_base --batch-size 128 --lr 1e-3 --weight-decay 1.0"
+
 if [[ $part == quality-wd ]]; then
-  x3="--batch-size 256 --gradient-accumulation 1 --warmup-steps 300 --embedding-init-std 1.0 --lr 1e-3 --dropout 0"
   QUALITY_ONE_GPU=1 QUALITY_TIMEOUT=560 run_quality_recipes quality_wd 0 xl \
-    "W1 $x3 --weight-decay 1.0 --t0 50 --epochs 50" \
-    "W03 $x3 --weight-decay 0.3 --t0 50 --epochs 50" \
-    "W1e80 $x3 --weight-decay 1.0 --t0 80 --epochs 80"
+    "W1 $xl_base --batch-size 256 --lr 1e-3 --weight-decay 1.0 --t0 50 --epochs 50" \
+    "W03 $xl_base --batch-size 256 --lr 1e-3 --weight-decay 0.3 --t0 50 --epochs 50" \
+    "W1e80 $xl_base --batch-size 256 --lr 1e-3 --weight-decay 1.0 --t0 80 --epochs 80"
 fi
 
 if [[ $part == quality-wd2 ]]; then
-  x3="--gradient-accumulation 1 --warmup-steps 300 --embedding-init-std 1.0 --dropout 0 --t0 80 --epochs 80"
   QUALITY_ONE_GPU=1 QUALITY_TIMEOUT=560 run_quality_recipes quality_wd2 0 xl \
-    "B128 $x3 --batch-size 128 --lr 1e-3 --weight-decay 1.0" \
-    "W2 $x3 --batch-size 256 --lr 1e-3 --weight-decay 2.0" \
-    "LR2 $x3 --batch-size 256 --lr 2e-3 --weight-decay 1.0"
+    "B128 $b128 --t0 80 --epochs 80" \
+    "W2 $xl_base --batch-size 256 --lr 1e-3 --weight-decay 2.0 --t0 80 --epochs 80" \
+    "LR2 $xl_base --batch-size 256 --lr 2e-3 --weight-decay 1.0 --t0 80 --epochs 80"
 fi
 
 if [[ $part == quality-wd3 ]]; then
-  x3="--gradient-accumulation 1 --warmup-steps 300 --embedding-init-std 1.0 --dropout 0 --lr 1e-3 --weight-decay 1.0"
   QUALITY_ONE_GPU=1 QUALITY_TIMEOUT=560 run_quality_recipes quality_wd3 0 xl \
-    "B128e65 $x3 --batch-size 128 --t0 65 --epochs 65" \
-    "B128e65s7 $x3 --batch-size 128 --t0 65 --epochs 65 --seed 7" \
-    "B64e40 $x3 --batch-size 64 --t0 40 --epochs 40"
+    "B128e65 $b128 --t0 65 --epochs 65" \
+    "B128e65s7 $b128 --t0 65 --epochs 65 --seed 7" \
+    "B64e40 $xl_base --batch-size 64 --lr 1e-3 --weight-decay 1.0 --t0 40 --epochs 40"
 fi
 
 if [[ $part == quality-b128 ]]; then
-  x3="--gradient-accumulation 1 --warmup-steps 300 --embedding-init-std 1.0 --dropout 0 --lr 1e-3 --weight-decay 1.0"
-  QUALITY_TIMEOUT=400 run_quality_recipes quality_b128 0 xl "B128 $x3 --batch-size 128 --t0 80 --epochs 80"
+  QUALITY_TIMEOUT=400 run_quality_recipes quality_b128 0 xl "B128 $b128 --t0 80 --epochs 80"
 fi
 
 if [[ $part == quality-w1e80 ]]; then
-  x3="--batch-size 256 --gradient-accumulation 1 --warmup-steps 300 --embedding-init-std 1.0 --lr 1e-3 --dropout 0"
-  QUALITY_TIMEOUT=400 run_quality_recipes quality_w1e80 0 xl "W1e80 $x3 --weight-decay 1.0 --t0 80 --epochs 80"
+  QUALITY_TIMEOUT=400 run_quality_recipes quality_w1e80 0 xl \
+    "W1e80 $xl_base --batch-size 256 --lr 1e-3 --weight-decay 1.0 --t0 80 --epochs 80"
 fi
 
 if [[ $part == collate ]]; then
@@ -563,13 +564,11 @@ fi
 if [[ $part == quality-table ]]; then
   export CUDA_VISIBLE_DEVICES=0
   tests_pass 150 tests/training/test_fastpath.py tests/model/test_fused_transform.py || true
-  b128="--batch-size 128 --gradient-accumulation 1 --warmup-steps 300 --embedding-init-std 1.0 --lr 1e-3 --dropout 0 --weight-decay 1.0"
   QUALITY_TIMEOUT=300 run_quality_recipes quality_table80 0 xl "B128e80 $b128 --t0 80 --epochs 80"
 fi
 
 if [[ $part == quality-table100 ]]; then
   export CUDA_VISIBLE_DEVICES=0
-  b128="--batch-size 128 --gradient-accumulation 1 --warmup-steps 300 --embedding-init-std 1.0 --lr 1e-3 --dropout 0 --weight-decay 1.0"
   QUALITY_TIMEOUT=330 run_quality_recipes quality_table100 0 xl "B128e100 $b128 --t0 100 --epochs 100"
 fi
 
