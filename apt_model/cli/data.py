@@ -22,7 +22,9 @@ def register(subparsers: Any) -> None:
     gen = sub.add_parser("generate", help="generate an HLBD Hardcore or Full dataset file")
     gen.add_argument("--kind", default="hardcore", help="hardcore | full (default: hardcore)")
     gen.add_argument("--seed", default="42", help="non-negative integer (default: 42)")
-    gen.add_argument("--size", default="default", help="small | default | large | xl (default: default)")
+    gen.add_argument(
+        "--size", default="default", help="small | default | large | xl | xxl (default: default)"
+    )
     gen.add_argument(
         "--val-fraction", default="0.1", help="share of validation pairs, in (0, 0.5) (default: 0.1)"
     )

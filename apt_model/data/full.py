@@ -15,7 +15,7 @@ concept whose record pair and other levels are trained on. Val therefore tests c
 only as the answer to the concept's other tags. The number of val pairs is ``round(val_fraction × all pairs)``
 (capped by the 3-per-concept rule). Loaders of files without ``splits`` hash each per-level input instead.
 
-``size``: ``small`` uses the first 24 concepts; ``default``, ``large`` and ``xl`` use the whole table (it is
+``size``: ``small`` uses the first 24 concepts; ``default``, ``large``, ``xl`` and ``xxl`` use the whole table (it is
 hand-written, so the larger sizes cannot be larger). ``metadata.content_sha256`` = sha256 of
 ``dumps_json({"samples": ..., "val": ...})``.
 """

@@ -52,7 +52,12 @@ _ARITH_COUNTS = {
     "default": {"+": 700, "-": 700, "×": 400, "÷": 400},
     "large": {"+": 2500, "-": 2500, "×": 482, "÷": 482},
     "xl": {"+": 2500, "-": 2500, "×": 482, "÷": 482},
+    "xxl": {"+": 2500, "-": 2500, "×": 2500, "÷": 2500},
 }
+# Operand bound of × and ÷ per size: products within 100 (the reference's arithmetic), except xxl, whose operands go
+# to 50 each (products up to 2,500): the physics formulas and rectangle areas multiply and divide numbers of that
+# size, and xl's ~2,000 such training problems were measured to be too few to learn it from (BENCHMARKS.md).
+_WIDE_OPERAND = 50
 _GEOMETRY_COUNTS = {
     "small": {"square": 40, "rectangle": 60, "triangle": 60, "right": 20},
     "default": {"square": 100, "rectangle": 350, "triangle": 300, "right": 89},
@@ -61,9 +66,10 @@ _GEOMETRY_COUNTS = {
     # (2,000 of 15,931 angle pairs gave 16% val exact) and the physics formulas (300 of 380–931 each: 19–56%).
     # Arithmetic stays at `large` (+ and − already ≥ 98% val there).
     "xl": {"square": 100, "rectangle": 870, "triangle": 8000, "right": 89},
+    "xxl": {"square": 100, "rectangle": 870, "triangle": 8000, "right": 89},
 }
 # Per formula kind, capped by its pool (xl: every problem of every formula).
-_PHYSICS_COUNTS = {"small": 20, "default": 80, "large": 300, "xl": 1000}
+_PHYSICS_COUNTS = {"small": 20, "default": 80, "large": 300, "xl": 1000, "xxl": 1000}
 
 # --------------------------------------------------------------------------------------------------- arithmetic
 _ARITH_TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -98,12 +104,17 @@ _ARITH_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _arith_candidates(op: str) -> list[tuple[int, int, int]]:
-    """Every (a, b, answer) of ``op`` within 100, in a fixed order."""
+def _arith_candidates(op: str, wide: bool = False) -> list[tuple[int, int, int]]:
+    """Every (a, b, answer) of ``op`` within 100 (× and ÷ with ``wide``: both operands up to 50), in a fixed order."""
     if op == "+":
         return [(a, b, a + b) for a in range(101) for b in range(101 - a)]
     if op == "-":
         return [(a, b, a - b) for a in range(101) for b in range(a + 1)]
+    if wide:
+        n = _WIDE_OPERAND
+        if op == "×":
+            return [(a, b, a * b) for a in range(1, n + 1) for b in range(1, n + 1)]
+        return [(b * q, b, q) for b in range(1, n + 1) for q in range(1, n + 1)]
     if op == "×":
         return [(a, b, a * b) for a in range(1, 101) for b in range(1, 100 // a + 1)]
     return [(b * q, b, q) for b in range(1, 101) for q in range(1, 100 // b + 1)]
@@ -630,7 +641,7 @@ def _sample(rng: random.Random, items: Sequence[_T], k: int) -> list[_T]:
 def _arithmetic(b: _Builder, rng: random.Random, size: str) -> None:
     for op, count in _ARITH_COUNTS[size].items():
         templates = _ARITH_TEMPLATES[op]
-        for x, y, answer in _sample(rng, _arith_candidates(op), count):
+        for x, y, answer in _sample(rng, _arith_candidates(op, wide=size == "xxl"), count):
             template = templates[rng.randrange(len(templates))]
             b.add(
                 "arithmetic",

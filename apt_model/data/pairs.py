@@ -93,7 +93,7 @@ class HLBDDataset:
 # product could be a training multiplication).
 GENERATOR_VERSION = "1.1.0"
 
-SIZES: tuple[str, ...] = ("small", "default", "large", "xl")
+SIZES: tuple[str, ...] = ("small", "default", "large", "xl", "xxl")
 
 
 def check_params(seed: int, size: str, val_fraction: float) -> None:

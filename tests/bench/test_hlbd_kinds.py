@@ -71,11 +71,14 @@ def _expected_counts(size: str) -> dict[str, dict[str, int]]:
             FACT: geometry_facts,
         },
         "physics": {**{k: min(n, pool) for k, pool in physics_pools.items()}, FACT: physics_facts},
-        "arithmetic": {op: min(c, len(hc._arith_candidates(op))) for op, c in hc._ARITH_COUNTS[size].items()},
+        "arithmetic": {
+            op: min(c, len(hc._arith_candidates(op, wide=size == "xxl")))
+            for op, c in hc._ARITH_COUNTS[size].items()
+        },
     }
 
 
-@pytest.mark.parametrize("size", ["large", "xl"])
+@pytest.mark.parametrize("size", ["large", "xl", "xxl"])
 def test_every_row_is_classified_consistently_and_counted_as_generated(size: str) -> None:
     doc = hc.generate_hardcore(42, size)
     counts: dict[str, Counter[str]] = {}
@@ -93,7 +96,7 @@ def test_every_row_is_classified_consistently_and_counted_as_generated(size: str
             counts[module][kind] += 1
     assert {m: dict(c) for m, c in counts.items()} == _expected_counts(size)
     # The numbers, spelled out: xl adds triangles and takes every physics problem there is.
-    triangles, distance = {"large": (2000, 300), "xl": (8000, 841)}[size]
+    triangles, distance = {"large": (2000, 300), "xl": (8000, 841), "xxl": (8000, 841)}[size]
     assert _expected_counts(size)["geometry"]["triangle"] == triangles
     assert _expected_counts(size)["physics"]["distance"] == distance
     assert _expected_counts(size)["geometry"]["rect-area"] == 435

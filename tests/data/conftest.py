@@ -20,7 +20,7 @@ def hardcore_doc() -> dict[str, Any]:
     return generate("hardcore")
 
 
-@pytest.fixture(scope="session", params=["default", "large", "xl"])
+@pytest.fixture(scope="session", params=["default", "large", "xl", "xxl"])
 def sized_hardcore_doc(request: pytest.FixtureRequest) -> dict[str, Any]:
     """The Hardcore document at each size whose computed problems the split must hold out alike."""
     return generate("hardcore", size=request.param)

@@ -97,7 +97,7 @@ def test_every_question_type_has_at_least_four_phrasings() -> None:
         assert len(set(templates)) == len(templates), templates
 
 
-def test_arithmetic_answers_are_correct_and_within_100(sized_hardcore_doc: dict) -> None:
+def test_arithmetic_answers_are_correct_and_in_range(sized_hardcore_doc: dict) -> None:
     ops = {
         "+": lambda a, b: a + b,
         "-": lambda a, b: a - b,
@@ -105,18 +105,28 @@ def test_arithmetic_answers_are_correct_and_within_100(sized_hardcore_doc: dict)
         "÷": lambda a, b: a // b,
     }
     patterns = [(op, _template_regex(t, ("a", "b"))) for op, ts in hc._ARITH_TEMPLATES.items() for t in ts]
-    seen_ops = set()
+    # xxl: × and ÷ of operands up to 50 (products up to 2,500); every other size keeps all numbers within 100.
+    wide = sized_hardcore_doc["metadata"]["params"]["size"] == "xxl"
+    seen_ops, seen_wide = set(), set()
     for r in _rows(sized_hardcore_doc, "arithmetic"):
         matches = [(op, m) for op, p in patterns if (m := p.match(r["input"]))]
         assert len(matches) == 1, r
         op, m = matches[0]
         a, b = int(m["a"]), int(m["b"])
-        assert max(a, b) <= 100 and int(r["output"]) <= 100
+        if op in "+-" or not wide:
+            assert max(a, b) <= 100 and int(r["output"]) <= 100
+        elif op == "×":
+            assert max(a, b) <= 50
+        else:
+            assert b <= 50 and a // b <= 50
+        if wide and ((op == "×" and int(r["output"]) > 100) or (op == "÷" and a > 100)):
+            seen_wide.add(op)
         if op == "÷":
             assert a % b == 0
         assert r["output"] == str(ops[op](a, b)), r
         seen_ops.add(op)
     assert seen_ops == set(ops)
+    assert seen_wide == ({"×", "÷"} if wide else set())
 
 
 def test_no_arithmetic_operand_pair_of_val_appears_in_train(sized_hardcore_doc: dict) -> None:
@@ -240,9 +250,9 @@ def test_val_fraction_changes_only_the_split_of_fact_modules() -> None:
 def test_size_scales_computed_problems() -> None:
     totals = {
         s: generate("hardcore", size=s)["metadata"]["total_samples"]
-        for s in ("small", "default", "large", "xl")
+        for s in ("small", "default", "large", "xl", "xxl")
     }
-    assert totals["small"] < totals["default"] < totals["large"] < totals["xl"]
+    assert totals["small"] < totals["default"] < totals["large"] < totals["xl"] < totals["xxl"]
     # A size only adds problems: the smaller sizes' files are unchanged by the larger ones' existence.
     assert totals["large"] == 12726
 
@@ -292,3 +302,30 @@ def test_no_shown_number_pair_of_val_appears_in_any_training_problem(sized_hardc
     assert modules == {"arithmetic", "geometry", "physics"}
     assert len(keys["val"]) >= 50
     assert keys["val"].isdisjoint(keys["train"])
+
+
+def _val_problems(doc: dict, module: str) -> set[tuple[tuple[int, ...], str]]:
+    """A module's val problems as (sorted numbers shown, answer): the same problem under any phrasing."""
+    split = _split_of(doc)
+    return {
+        (tuple(sorted(int(n) for n in re.findall(r"\d+", r["input"]))), r["output"])
+        for r in _rows(doc, module)
+        if split[r["input"]] == "val" and re.search(r"\d", r["input"])
+    }
+
+
+def test_xxl_adds_only_arithmetic_and_holds_out_xls_other_val_problems() -> None:
+    xl, xxl = generate("hardcore", size="xl"), generate("hardcore", size="xxl")
+    # Geometry is generated before arithmetic, so it is identical; physics draws its phrasings after arithmetic's
+    # samples, so only its wording may differ: its val problems (numbers and answers) are xl's.
+    assert xl["data"]["geometry"] == xxl["data"]["geometry"]
+    for module in ("zodiac", "reverse_english"):
+        assert xl["data"][module] == xxl["data"][module]
+    assert _val_problems(xl, "physics") == _val_problems(xxl, "physics")
+    assert xl["metadata"]["counts"]["physics"] == xxl["metadata"]["counts"]["physics"]
+    # So a model trained on xxl can be scored on xl's val: none of its inputs is a training input of xxl.
+    xxl_train = {r["input"] for rows in xxl["data"].values() for r in rows} - set(
+        xxl["metadata"]["splits"]["val"]
+    )
+    assert not xxl_train & set(xl["metadata"]["splits"]["val"])
+    assert xxl["metadata"]["counts"]["arithmetic"]["total"] > xl["metadata"]["counts"]["arithmetic"]["total"]
