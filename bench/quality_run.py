@@ -70,13 +70,54 @@ def val_by_kind(dataset: dict[str, Any], failures: list[dict[str, Any]]) -> dict
     return breakdown(rows)
 
 
+def cross_val(
+    size: str, data: Path, run_dir: Path, out: Path, report: dict[str, Any], log: Path, device: str
+) -> None:
+    """Verify the model on ``size``'s val split; record it as ``exact_val_<size>`` with its per-kind breakdown and
+    how many of those val inputs the training split held (0 under the shared hold-out rule, or the score means
+    nothing)."""
+    other = out / f"hardcore_{size}.json"
+    generate = apt(
+        "data", "generate", "--kind", "hardcore", "--seed", "42", "--size", size, "--out", str(other),
+    )  # fmt: skip
+    run_step(f"generate_{size}", generate, report, out, log)
+    ours = json.loads(data.read_text())
+    ours_val = {normalize_text(t) for t in ours["metadata"]["splits"]["val"]}
+    ours_train = {normalize_text(r["input"]) for rows in ours["data"].values() for r in rows} - ours_val
+    doc = json.loads(other.read_text())
+    leaked = sum(1 for t in doc["metadata"]["splits"]["val"] if normalize_text(t) in ours_train)
+    vdir = out / f"verify_val_{size}"
+    verify = apt(
+        "verify", "--model", str(run_dir), "--dataset", str(other), "--split", "val",
+        "--device", device, "--batch-size", "512", "--out", str(vdir), "--failures", "100000",
+    )  # fmt: skip
+    run_step(f"verify_val_{size}", verify, report, out, log)
+    vr = json.loads((vdir / "verification_report.json").read_text())
+    complete = len(vr["failures"]) == vr["overall"]["n"] - vr["overall"]["exact_count"]
+    report[f"exact_val_{size}"] = {
+        "overall": vr["overall"]["exact"],
+        "modules": {m: v["exact"] for m, v in vr["modules"].items()},
+        "n": vr["overall"]["n"],
+        "val_inputs_in_our_training_split": leaked,
+        "by_kind": val_by_kind(doc, vr["failures"]) if complete else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tag", default="run")
     p.add_argument("--device", default="cuda")
     p.add_argument(
-        "--data-size", default="default", help="`apt data generate --size` (small | default | large | xl)"
+        "--data-size",
+        default="default",
+        help="`apt data generate --size` (small | default | large | xl | xxl)",
+    )
+    p.add_argument(
+        "--also-val-size",
+        default=None,
+        help="also verify on the val split of this size's data (same seed): a model trained on a larger size, "
+        "scored on the problems a smaller size holds out (none of which is in the larger size's training split)",
     )
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="extra `apt train` flags, after --")
     args = p.parse_args(argv)
@@ -134,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             doc = json.loads(data.read_text())
             report["val_by_kind"] = val_by_kind(doc, vr["failures"]) if complete else None
             report["val_failures"] = vr["failures"]
+        (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.also_val_size:
+        cross_val(args.also_val_size, data, run_dir, out, report, log, args.device)
         (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
         json.dumps(
