@@ -90,6 +90,10 @@
 #                  tests (whole output kept; the run goes on either way), then the batch-128 recipe over 80 epochs
 #                  from a cold compile: the user path's wall time. PART=quality-table100: the same recipe over 100
 #                  epochs (its own call: both runs and the tests would not fit one call's 600 s).
+#   PART=quality-mul — three runs side by side on GPU 0: batch 128 over 120 epochs on xl, and over 80 and 100 epochs
+#                  on xxl (xl plus × and ÷ of operands up to 50).
+#   PART=quality-xxl — GPU 0 alone, cold compile: batch 128 over 80 epochs on xxl, verified on xxl's val and xl's;
+#                  then quality-table's recipe (xl) at --seed 7, alone.
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -130,6 +134,7 @@ step_table() {
 
 # Quality recipes side by side, recipe i on GPU first_gpu + i (all on FIRST_GPU when QUALITY_ONE_GPU=1: their wall
 # times then share the card and are not the 3-minute figure); then one JSON and one log for all of them under OUT_DIR.
+# QUALITY_ARGS: extra bench/quality_run.py flags for every recipe (e.g. --also-val-size xl).
 # Usage: run_quality_recipes NAME FIRST_GPU DATA_SIZE "TAG flags…" …
 run_quality_recipes() {
   local name=$1 first_gpu=$2 size=$3 i=0 tag pids=()
@@ -142,7 +147,7 @@ run_quality_recipes() {
       # Each run its own inductor/Triton cache: a cold compile, as on a fresh machine, even with runs side by side.
       TORCHINDUCTOR_CACHE_DIR="$work/cache/$name/$tag/inductor" TRITON_CACHE_DIR="$work/cache/$name/$tag/triton" \
       CUDA_VISIBLE_DEVICES=$((first_gpu + (${QUALITY_ONE_GPU:-0} == 1 ? 0 : i))) timeout "${QUALITY_TIMEOUT:-540}" python3 bench/quality_run.py --out "$work/$name" --tag "$tag" \
-        --data-size "$size" -- --max-src-len 40 --max-tgt-len 24 --eval-every 10 --save-interval 1000 "$@" \
+        --data-size "$size" ${QUALITY_ARGS:-} -- --max-src-len 40 --max-tgt-len 24 --eval-every 10 --save-interval 1000 "$@" \
         > "$work/${name}_$tag.log" 2>&1
       echo "$name $tag rc=$?" >> "$work/${name}_summary.txt"
     ) &
@@ -570,6 +575,25 @@ fi
 if [[ $part == quality-table100 ]]; then
   export CUDA_VISIBLE_DEVICES=0
   QUALITY_TIMEOUT=330 run_quality_recipes quality_table100 0 xl "B128e100 $b128 --t0 100 --epochs 100"
+fi
+
+if [[ $part == quality-mul ]]; then
+  # Three runs on one card (times shared, not the 3-minute figure): what the ~85 s that quality-table freed buys —
+  # the batch-128 recipe over 120 epochs on xl — beside xxl (xl plus × and ÷ of operands up to 50: products as large
+  # as physics' and the rectangles') over 80 and 100 epochs. Physics' val problems are the same pairs in xl and xxl.
+  (QUALITY_ONE_GPU=1 QUALITY_TIMEOUT=575 run_quality_recipes quality_e120 0 xl "E120 $b128 --t0 120 --epochs 120") &
+  (QUALITY_ONE_GPU=1 QUALITY_TIMEOUT=575 run_quality_recipes quality_mul 0 xxl \
+    "M80 $b128 --t0 80 --epochs 80" "M100 $b128 --t0 100 --epochs 100") &
+  wait
+fi
+
+if [[ $part == quality-xxl ]]; then
+  # GPU 0 alone, cold compile: the xxl recipe of quality-mul (batch 128, 80 epochs), the user path's wall time,
+  # scored on its own val and on xl's (the same physics and geometry problems, and arithmetic within 100).
+  QUALITY_ARGS="--also-val-size xl" QUALITY_TIMEOUT=400 run_quality_recipes quality_xxl80 0 xxl \
+    "X80 $b128 --t0 80 --epochs 80"
+  # Then, alone again, quality-table's recipe at the other seed of the earlier studies: how far one run moves.
+  QUALITY_TIMEOUT=300 run_quality_recipes quality_table80s7 0 xl "B128e80s7 $b128 --t0 80 --epochs 80 --seed 7"
 fi
 
 if [[ $part == quality ]]; then
