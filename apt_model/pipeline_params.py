@@ -44,7 +44,7 @@ class PipelineParams(BaseModel):
     # HLBD data
     dataset_kind: str = Field("hardcore", description="hardcore | full")
     dataset_seed: int = Field(42, description="generator seed")
-    dataset_size: str = Field("small", description="small | default | large | xl")
+    dataset_size: str = Field("small", description="small | default | large | xl | xxl")
     val_fraction: float = Field(0.1, description="validation share, in (0, 0.5)")
     # model
     preset: str = Field("tiny", description="model preset: tiny | playground | reference")
