@@ -88,8 +88,7 @@
 #                  table), then the fast path's and the fused transform's CUDA tests with the table's batches.
 #   PART=quality-table — GPU 0 alone, after batches became cuts of one padded table (bench/collate.py): the CUDA
 #                  tests (whole output kept; the run goes on either way), then the batch-128 recipe over 80 epochs
-#                  from a cold compile: the user path's wall time. PART=quality-table100: the same recipe over 100
-#                  epochs (its own call: both runs and the tests would not fit one call's 600 s).
+#                  from a cold compile: the user path's wall time.
 #   PART=quality-mul — three runs side by side on GPU 0: batch 128 over 120 epochs on xl, and over 80 and 100 epochs
 #                  on xxl (xl plus × and ÷ of operands up to 50).
 #   PART=quality-xxl — GPU 0 alone, cold compile: batch 128 over 80 epochs on xxl, verified on xxl's val and xl's;
@@ -570,11 +569,6 @@ if [[ $part == quality-table ]]; then
   export CUDA_VISIBLE_DEVICES=0
   tests_pass 150 tests/training/test_fastpath.py tests/model/test_fused_transform.py || true
   QUALITY_TIMEOUT=300 run_quality_recipes quality_table80 0 xl "B128e80 $b128 --t0 80 --epochs 80"
-fi
-
-if [[ $part == quality-table100 ]]; then
-  export CUDA_VISIBLE_DEVICES=0
-  QUALITY_TIMEOUT=330 run_quality_recipes quality_table100 0 xl "B128e100 $b128 --t0 100 --epochs 100"
 fi
 
 if [[ $part == quality-mul ]]; then
