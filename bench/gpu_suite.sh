@@ -93,6 +93,8 @@
 #                  on xxl (xl plus × and ÷ of operands up to 50).
 #   PART=quality-xxl — GPU 0 alone, cold compile: batch 128 over 80 epochs on xxl, verified on xxl's val and xl's;
 #                  then quality-table's recipe (xl) at --seed 7, alone.
+#   PART=quality-w70 — GPU 0 alone, cold compile: the recipe over 80 epochs on xxl with × and ÷ operands up to 70
+#                  (bench/hlbd_wide.py), scored on its own val, xl's and xxl's.
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -588,6 +590,15 @@ if [[ $part == quality-xxl ]]; then
     "X80 $b128 --t0 80 --epochs 80"
   # Then, alone again, quality-table's recipe at the other seed of the earlier studies: how far one run moves.
   QUALITY_TIMEOUT=300 run_quality_recipes quality_table80s7 0 xl "B128e80s7 $b128 --t0 80 --epochs 80 --seed 7"
+fi
+
+if [[ $part == quality-w70 ]]; then
+  # GPU 0 alone, cold compile: does more multiplication data keep lifting physics? xxl's bound raised from 50 to 70
+  # (bench/hlbd_wide.py: every × and ÷ of operands up to 70), the same recipe over 80 epochs, scored on its own val,
+  # on xl's and on xxl's (xxl's unseen products are a subset of its own).
+  python3 bench/hlbd_wide.py --operand 70 --out "$work/hardcore_w70.json" | tee -a "$log"
+  QUALITY_ARGS="--dataset $work/hardcore_w70.json --also-val-size xl xxl" QUALITY_TIMEOUT=420 \
+    run_quality_recipes quality_w70 0 xxl "W70 $b128 --t0 80 --epochs 80"
 fi
 
 if [[ $part == quality ]]; then

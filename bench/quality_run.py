@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -114,9 +115,16 @@ def main(argv: list[str] | None = None) -> int:
         help="`apt data generate --size` (small | default | large | xl | xxl)",
     )
     p.add_argument(
-        "--also-val-size",
+        "--dataset",
+        type=Path,
         default=None,
-        help="also verify on the val split of this size's data (same seed): a model trained on a larger size, "
+        help="train on this HLBD Hardcore file (copied into the run) instead of generating one at --data-size",
+    )
+    p.add_argument(
+        "--also-val-size",
+        nargs="+",
+        default=[],
+        help="also verify on the val split of these sizes' data (same seed): a model trained on a larger size, "
         "scored on the problems a smaller size holds out (none of which is in the larger size's training split)",
     )
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="extra `apt train` flags, after --")
@@ -131,10 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     env_note = {k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES",) if k in os.environ}
     report["env"] = env_note
 
-    generate = apt(
-        "data", "generate", "--kind", "hardcore", "--seed", "42", "--size", args.data_size, "--out", str(data),
-    )  # fmt: skip
-    run_step("generate", generate, report, out, log)
+    if args.dataset is not None:
+        shutil.copyfile(args.dataset, data)
+        report["data_size"] = None
+        report["dataset"] = {
+            "file": str(args.dataset),
+            "params": json.loads(data.read_text())["metadata"]["params"],
+        }
+    else:
+        generate = apt(
+            "data", "generate", "--kind", "hardcore", "--seed", "42", "--size", args.data_size, "--out", str(data),
+        )  # fmt: skip
+        run_step("generate", generate, report, out, log)
     train = apt(
         "train", "--backend", "playground", "--preset", "playground", "--dataset", str(data),
         "--save-dir", str(run_dir), "--overwrite", "--no-tracking", "--no-progress", "--device", args.device, *extra,
@@ -176,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             report["val_by_kind"] = val_by_kind(doc, vr["failures"]) if complete else None
             report["val_failures"] = vr["failures"]
         (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    if args.also_val_size:
-        cross_val(args.also_val_size, data, run_dir, out, report, log, args.device)
+    for size in args.also_val_size:
+        cross_val(size, data, run_dir, out, report, log, args.device)
         (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
         json.dumps(

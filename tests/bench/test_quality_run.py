@@ -1,4 +1,4 @@
-"""bench/quality_run.py: the user path (generate, train, verify) and the score on another size's val split."""
+"""bench/quality_run.py: the user path (train, verify) on a given file, and the scores on other sizes' val splits."""
 
 from __future__ import annotations
 
@@ -8,36 +8,45 @@ from typing import Any
 
 import pytest
 
-from apt_model.data import generate
+from apt_model.data import generate, write_dataset
 from bench.quality_run import cross_val, main
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    """One epoch of the tiny preset on the small data, on CPU, also scored on the default size's val split."""
+    """One epoch of the tiny preset on a given file of the small data, on CPU, also scored on the default and small
+    sizes' val splits."""
     out = tmp_path_factory.mktemp("quality")
-    argv = [
-        "--out",
-        str(out),
-        "--tag",
-        "t",
-        "--device",
-        "cpu",
-        "--data-size",
-        "small",
+    given = out / "given.json"
+    write_dataset(generate("hardcore", size="small"), given)
+    argv = ["--out", str(out), "--tag", "t", "--device", "cpu", "--dataset", str(given)]
+    argv += [
         "--also-val-size",
         "default",
+        "small",
+        "--",
+        "--preset",
+        "tiny",
+        "--epochs",
+        "1",
+        "--compile",
+        "off",
     ]
-    assert main([*argv, "--", "--preset", "tiny", "--epochs", "1", "--compile", "off"]) == 0
+    assert main(argv) == 0
+    assert (out / "t" / "hardcore.json").read_bytes() == given.read_bytes()
     return out / "t", json.loads((out / "t" / "quality.json").read_text())
 
 
 def test_runs_the_user_path_and_scores_the_other_sizes_val(tiny_run: tuple[Path, dict[str, Any]]) -> None:
     _, report = tiny_run
-    assert [s["name"] for s in report["steps"]] == [
-        "generate", "train", "verify_train", "verify_val", "generate_default", "verify_val_default",
-    ]  # fmt: skip
+    steps = ["train", "verify_train", "verify_val"]
+    steps += ["generate_default", "verify_val_default", "generate_small", "verify_val_small"]
+    assert [s["name"] for s in report["steps"]] == steps
     assert all(s["rc"] == 0 for s in report["steps"])
+    assert report["dataset"]["params"]["size"] == "small" and report["data_size"] is None
+    # The given file is the small size itself, so its val split scored again gives the same figures.
+    assert report["exact_val_small"]["overall"] == report["exact_val"]["overall"]
+    assert report["exact_val_small"]["n"] == report["exact_val"]["n"]
     default_val = generate("hardcore", size="default")["metadata"]["split_counts"]["val"]
     cross = report["exact_val_default"]
     assert cross["n"] == default_val != report["exact_val"]["n"]
