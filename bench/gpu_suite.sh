@@ -90,11 +90,13 @@
 #                  tests (whole output kept; the run goes on either way), then the batch-128 recipe over 80 epochs
 #                  from a cold compile: the user path's wall time.
 #   PART=quality-mul — three runs side by side on GPU 0: batch 128 over 120 epochs on xl, and over 80 and 100 epochs
-#                  on xxl (xl plus × and ÷ of operands up to 50).
-#   PART=quality-xxl — GPU 0 alone, cold compile: batch 128 over 80 epochs on xxl, verified on xxl's val and xl's;
-#                  then quality-table's recipe (xl) at --seed 7, alone.
-#   PART=quality-w70 — GPU 0 alone, cold compile: the recipe over 80 epochs on xxl with × and ÷ operands up to 70
-#                  (bench/hlbd_wide.py), scored on its own val, xl's and xxl's.
+#                  on xl plus × and ÷ of operands up to 50 (xxl as first defined; bench/hlbd_wide.py --operand 50).
+#   PART=quality-xxl — GPU 0 alone, cold compile: batch 128 over 80 epochs on that operand-50 data, verified on its
+#                  val and xl's; then quality-table's recipe (xl) at --seed 7, alone.
+#   PART=quality-w70 — GPU 0 alone, cold compile: the recipe over 80 epochs with × and ÷ operands up to 70 (what
+#                  --size xxl is since), scored on its own val, xl's and xxl's (then: operands up to 50).
+#   PART=quality-w99 — GPU 0 alone, cold compile: operands up to 99 over 50 epochs (what fits 3 minutes), scored on
+#                  its own val, xl's and xxl's. PART=quality-xxl60: --size xxl over 60 epochs, alone, scored on xl's.
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -575,30 +577,48 @@ fi
 
 if [[ $part == quality-mul ]]; then
   # Three runs on one card (times shared, not the 3-minute figure): what the ~85 s that quality-table freed buys —
-  # the batch-128 recipe over 120 epochs on xl — beside xxl (xl plus × and ÷ of operands up to 50: products as large
-  # as physics' and the rectangles') over 80 and 100 epochs. Physics' val problems are the same pairs in xl and xxl.
+  # the batch-128 recipe over 120 epochs on xl — beside xl plus × and ÷ of operands up to 50 (products as large as
+  # physics' and the rectangles') over 80 and 100 epochs. Physics' val problems are the same pairs in both.
+  python3 bench/hlbd_wide.py --operand 50 --out "$work/hardcore_w50.json" | tee -a "$log"
   (QUALITY_ONE_GPU=1 QUALITY_TIMEOUT=575 run_quality_recipes quality_e120 0 xl "E120 $b128 --t0 120 --epochs 120") &
-  (QUALITY_ONE_GPU=1 QUALITY_TIMEOUT=575 run_quality_recipes quality_mul 0 xxl \
+  (QUALITY_ARGS="--dataset $work/hardcore_w50.json" QUALITY_ONE_GPU=1 QUALITY_TIMEOUT=575 \
+    run_quality_recipes quality_mul 0 xxl \
     "M80 $b128 --t0 80 --epochs 80" "M100 $b128 --t0 100 --epochs 100") &
   wait
 fi
 
 if [[ $part == quality-xxl ]]; then
-  # GPU 0 alone, cold compile: the xxl recipe of quality-mul (batch 128, 80 epochs), the user path's wall time,
-  # scored on its own val and on xl's (the same physics and geometry problems, and arithmetic within 100).
-  QUALITY_ARGS="--also-val-size xl" QUALITY_TIMEOUT=400 run_quality_recipes quality_xxl80 0 xxl \
+  # GPU 0 alone, cold compile: the operand-50 recipe of quality-mul (batch 128, 80 epochs), the user path's wall
+  # time, scored on its own val and on xl's (the same physics and geometry problems, and arithmetic within 100).
+  python3 bench/hlbd_wide.py --operand 50 --out "$work/hardcore_w50.json" | tee -a "$log"
+  QUALITY_ARGS="--dataset $work/hardcore_w50.json --also-val-size xl" QUALITY_TIMEOUT=400 \
+    run_quality_recipes quality_xxl80 0 xxl \
     "X80 $b128 --t0 80 --epochs 80"
   # Then, alone again, quality-table's recipe at the other seed of the earlier studies: how far one run moves.
   QUALITY_TIMEOUT=300 run_quality_recipes quality_table80s7 0 xl "B128e80s7 $b128 --t0 80 --epochs 80 --seed 7"
 fi
 
 if [[ $part == quality-w70 ]]; then
-  # GPU 0 alone, cold compile: does more multiplication data keep lifting physics? xxl's bound raised from 50 to 70
-  # (bench/hlbd_wide.py: every × and ÷ of operands up to 70), the same recipe over 80 epochs, scored on its own val,
-  # on xl's and on xxl's (xxl's unseen products are a subset of its own).
+  # GPU 0 alone, cold compile: does more multiplication data keep lifting physics? The operand bound raised from 50
+  # to 70 (bench/hlbd_wide.py: every × and ÷ of operands up to 70; --size xxl since), the same recipe over 80 epochs,
+  # scored on its own val, on xl's and on xxl's (when run, xxl's bound was 50: a subset of its own val).
   python3 bench/hlbd_wide.py --operand 70 --out "$work/hardcore_w70.json" | tee -a "$log"
   QUALITY_ARGS="--dataset $work/hardcore_w70.json --also-val-size xl xxl" QUALITY_TIMEOUT=420 \
     run_quality_recipes quality_w70 0 xxl "W70 $b128 --t0 80 --epochs 80"
+fi
+
+if [[ $part == quality-w99 ]]; then
+  # GPU 0 alone, cold compile: operands up to 99 (every × and ÷: ~35,000 training pairs, ~1.8 s an epoch expected), so
+  # 50 epochs to fit the 3 minutes; scored on its own val, xl's and xxl's.
+  python3 bench/hlbd_wide.py --operand 99 --out "$work/hardcore_w99.json" | tee -a "$log"
+  QUALITY_ARGS="--dataset $work/hardcore_w99.json --also-val-size xl xxl" QUALITY_TIMEOUT=420 \
+    run_quality_recipes quality_w99 0 xxl "W99e50 $b128 --t0 50 --epochs 50"
+fi
+
+if [[ $part == quality-xxl60 ]]; then
+  # GPU 0 alone, cold compile: --size xxl over 60 epochs (80 took 183 s; its val loss is lowest near epoch 40).
+  QUALITY_ARGS="--also-val-size xl" QUALITY_TIMEOUT=400 run_quality_recipes quality_xxl60 0 xxl \
+    "XXL60 $b128 --t0 60 --epochs 60"
 fi
 
 if [[ $part == quality ]]; then

@@ -30,8 +30,8 @@ def test_every_product_up_to_the_bound_and_the_generator_left_as_it_was() -> Non
     # Everything but arithmetic is xxl's, and xxl itself is unchanged afterwards.
     xxl = generate("hardcore", size="xxl")
     assert doc["data"]["geometry"] == xxl["data"]["geometry"]
-    assert hardcore._WIDE_OPERAND == 50
-    assert len(_products(xxl)) == 2500
+    assert hardcore._WIDE_OPERAND == 70
+    assert len(_products(xxl)) == 70 * 70
 
 
 def test_writes_a_loadable_file_and_rejects_a_bound_out_of_range(tmp_path: Path) -> None:
