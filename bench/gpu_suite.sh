@@ -96,7 +96,8 @@
 #   PART=quality-w70 — GPU 0 alone, cold compile: the recipe over 80 epochs with × and ÷ operands up to 70 (what
 #                  --size xxl is since), scored on its own val, xl's and xxl's (then: operands up to 50).
 #   PART=quality-w99 — GPU 0 alone, cold compile: operands up to 99 over 50 epochs (what fits 3 minutes), scored on
-#                  its own val, xl's and xxl's. PART=quality-xxl60: --size xxl over 60 epochs, alone, scored on xl's.
+#                  its own val, xl's and xxl's. PART=quality-xxl60: --size xxl over 60 epochs, alone, scored on xl's
+#                  val only (what fits the last ~4 minutes of a session's device time).
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -616,9 +617,17 @@ if [[ $part == quality-w99 ]]; then
 fi
 
 if [[ $part == quality-xxl60 ]]; then
-  # GPU 0 alone, cold compile: --size xxl over 60 epochs (80 took 183 s; its val loss is lowest near epoch 40).
-  QUALITY_ARGS="--also-val-size xl" QUALITY_TIMEOUT=400 run_quality_recipes quality_xxl60 0 xxl \
+  # GPU 0 alone, cold compile: --size xxl over 60 epochs (80 took 183 s; its val loss is lowest near epoch 40), then
+  # only xl's val (the comparable figure), so that it fits a short call; the run's report and log are copied to
+  # OUT_DIR every few seconds, so a call cut short still brings back what was done.
+  (while sleep 3; do
+    cp "$work"/quality_xxl60/*/quality.json "$out/quality_xxl60_partial.json" 2>/dev/null
+    cp "$work"/quality_xxl60/*/log.txt "$out/quality_xxl60_partial_log.txt" 2>/dev/null
+  done) &
+  copier=$!
+  QUALITY_ARGS="--splits --also-val-size xl" QUALITY_TIMEOUT=400 run_quality_recipes quality_xxl60 0 xxl \
     "XXL60 $b128 --t0 60 --epochs 60"
+  kill "$copier"
 fi
 
 if [[ $part == quality ]]; then

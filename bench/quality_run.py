@@ -121,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         help="train on this HLBD Hardcore file (copied into the run) instead of generating one at --data-size",
     )
     p.add_argument(
+        "--splits",
+        nargs="*",
+        choices=("train", "val"),
+        default=["train", "val"],
+        help="the run's own splits to verify, in this order (default: train val; none: only --also-val-size)",
+    )
+    p.add_argument(
         "--also-val-size",
         nargs="+",
         default=[],
@@ -171,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         {k: e.get(k) for k in ("epoch", "train_loss", "val_loss", "val_token_acc", "epoch_seconds")}
         for e in epochs
     ]
-    for split in ("train", "val"):
+    for split in args.splits:
         vdir = out / f"verify_{split}"
         verify = apt(
             "verify", "--model", str(run_dir), "--dataset", str(data), "--split", split,
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
         json.dumps(
-            {k: report[k] for k in ("tag", "steps", "train_report", "exact_train", "exact_val")}, indent=1
+            {k: report.get(k) for k in ("tag", "steps", "train_report", "exact_train", "exact_val")}, indent=1
         )
     )
     return 0

@@ -19,7 +19,19 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     out = tmp_path_factory.mktemp("quality")
     given = out / "given.json"
     write_dataset(generate("hardcore", size="small"), given)
-    argv = ["--out", str(out), "--tag", "t", "--device", "cpu", "--dataset", str(given)]
+    argv = [
+        "--out",
+        str(out),
+        "--tag",
+        "t",
+        "--device",
+        "cpu",
+        "--dataset",
+        str(given),
+        "--splits",
+        "val",
+        "train",
+    ]
     argv += [
         "--also-val-size",
         "default",
@@ -39,7 +51,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
 
 def test_runs_the_user_path_and_scores_the_other_sizes_val(tiny_run: tuple[Path, dict[str, Any]]) -> None:
     _, report = tiny_run
-    steps = ["train", "verify_train", "verify_val"]
+    steps = ["train", "verify_val", "verify_train"]  # --splits' order
     steps += ["generate_default", "verify_val_default", "generate_small", "verify_val_small"]
     assert [s["name"] for s in report["steps"]] == steps
     assert all(s["rc"] == 0 for s in report["steps"])
@@ -67,3 +79,11 @@ def test_counts_the_other_val_problems_that_were_trained_on(tiny_run: tuple[Path
     report: dict[str, Any] = {"steps": []}
     cross_val("small", all_train, run / "run", run, report, run / "log.txt", "cpu")
     assert report["exact_val_small"]["val_inputs_in_our_training_split"] == small_val > 0
+
+
+@pytest.mark.parametrize("argv", [["--splits", "test"], ["--splits", "train", "everything"]])
+def test_unknown_split_exits_2_before_any_work(argv: list[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path), "--device", "cpu", *argv])
+    assert exc.value.code == 2
+    assert not any(tmp_path.iterdir())
