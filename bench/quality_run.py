@@ -28,7 +28,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from apt_model.data.pairs import normalize_text  # noqa: E402
+from apt_model.data.pairs import SIZES, normalize_text  # noqa: E402
 from bench.hlbd_kinds import breakdown  # noqa: E402
 
 KIND_MODULES = ("geometry", "physics", "arithmetic")
@@ -71,6 +71,49 @@ def val_by_kind(dataset: dict[str, Any], failures: list[dict[str, Any]]) -> dict
     return breakdown(rows)
 
 
+def generate_step(name: str, size: str, path: Path, report: dict[str, Any], out: Path, log: Path) -> None:
+    """`apt data generate` of the Hardcore data at ``size`` (seed 42) into ``path``, as step ``name``."""
+    argv = apt("data", "generate", "--kind", "hardcore", "--seed", "42", "--size", size, "--out", str(path))
+    run_step(name, argv, report, out, log)
+
+
+def verify_step(
+    name: str,
+    run_dir: Path,
+    dataset: Path,
+    split: str,
+    device: str,
+    report: dict[str, Any],
+    out: Path,
+    log: Path,
+) -> dict[str, Any]:
+    """`apt verify` of the model on ``dataset``'s ``split`` (val: every wrong answer listed), as step ``name``;
+    returns the verification report."""
+    vdir = out / name
+    verify = apt(
+        "verify", "--model", str(run_dir), "--dataset", str(dataset), "--split", split,
+        "--device", device, "--batch-size", "512", "--out", str(vdir),
+        *(["--failures", "100000"] if split == "val" else []),
+    )  # fmt: skip
+    run_step(name, verify, report, out, log)
+    return json.loads((vdir / "verification_report.json").read_text())
+
+
+def exact_summary(vr: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "overall": vr["overall"]["exact"],
+        "modules": {m: v["exact"] for m, v in vr["modules"].items()},
+        "n": vr["overall"]["n"],
+    }
+
+
+def kinds_of(doc: dict[str, Any], vr: dict[str, Any]) -> dict[str, dict[str, dict]] | None:
+    """Val exact match per kind, or None: "right unless listed" holds only while the report lists every wrong
+    answer (`--failures 100000`)."""
+    complete = len(vr["failures"]) == vr["overall"]["n"] - vr["overall"]["exact_count"]
+    return val_by_kind(doc, vr["failures"]) if complete else None
+
+
 def cross_val(
     size: str, data: Path, run_dir: Path, out: Path, report: dict[str, Any], log: Path, device: str
 ) -> None:
@@ -78,29 +121,17 @@ def cross_val(
     how many of those val inputs the training split held (0 under the shared hold-out rule, or the score means
     nothing)."""
     other = out / f"hardcore_{size}.json"
-    generate = apt(
-        "data", "generate", "--kind", "hardcore", "--seed", "42", "--size", size, "--out", str(other),
-    )  # fmt: skip
-    run_step(f"generate_{size}", generate, report, out, log)
+    generate_step(f"generate_{size}", size, other, report, out, log)
     ours = json.loads(data.read_text())
     ours_val = {normalize_text(t) for t in ours["metadata"]["splits"]["val"]}
     ours_train = {normalize_text(r["input"]) for rows in ours["data"].values() for r in rows} - ours_val
     doc = json.loads(other.read_text())
     leaked = sum(1 for t in doc["metadata"]["splits"]["val"] if normalize_text(t) in ours_train)
-    vdir = out / f"verify_val_{size}"
-    verify = apt(
-        "verify", "--model", str(run_dir), "--dataset", str(other), "--split", "val",
-        "--device", device, "--batch-size", "512", "--out", str(vdir), "--failures", "100000",
-    )  # fmt: skip
-    run_step(f"verify_val_{size}", verify, report, out, log)
-    vr = json.loads((vdir / "verification_report.json").read_text())
-    complete = len(vr["failures"]) == vr["overall"]["n"] - vr["overall"]["exact_count"]
+    vr = verify_step(f"verify_val_{size}", run_dir, other, "val", device, report, out, log)
     report[f"exact_val_{size}"] = {
-        "overall": vr["overall"]["exact"],
-        "modules": {m: v["exact"] for m, v in vr["modules"].items()},
-        "n": vr["overall"]["n"],
+        **exact_summary(vr),
         "val_inputs_in_our_training_split": leaked,
-        "by_kind": val_by_kind(doc, vr["failures"]) if complete else None,
+        "by_kind": kinds_of(doc, vr),
     }
 
 
@@ -109,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tag", default="run")
     p.add_argument("--device", default="cuda")
-    p.add_argument(
-        "--data-size",
-        default="default",
-        help="`apt data generate --size` (small | default | large | xl | xxl)",
-    )
+    p.add_argument("--data-size", default="default", choices=SIZES, help="`apt data generate --size`")
     p.add_argument(
         "--dataset",
         type=Path,
@@ -130,12 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--also-val-size",
         nargs="+",
+        choices=SIZES,
         default=[],
         help="also verify on the val split of these sizes' data (same seed): a model trained on a larger size, "
         "scored on the problems a smaller size holds out (none of which is in the larger size's training split)",
     )
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="extra `apt train` flags, after --")
     args = p.parse_args(argv)
+    if args.dataset is not None and not args.dataset.is_file():
+        p.error(f"--dataset: no such file: {args.dataset}")
     extra = [a for a in args.train_args if a != "--"]
     out = args.out / args.tag
     out.mkdir(parents=True, exist_ok=True)
@@ -154,10 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             "params": json.loads(data.read_text())["metadata"]["params"],
         }
     else:
-        generate = apt(
-            "data", "generate", "--kind", "hardcore", "--seed", "42", "--size", args.data_size, "--out", str(data),
-        )  # fmt: skip
-        run_step("generate", generate, report, out, log)
+        generate_step("generate", args.data_size, data, report, out, log)
     train = apt(
         "train", "--backend", "playground", "--preset", "playground", "--dataset", str(data),
         "--save-dir", str(run_dir), "--overwrite", "--no-tracking", "--no-progress", "--device", args.device, *extra,
@@ -179,24 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         for e in epochs
     ]
     for split in args.splits:
-        vdir = out / f"verify_{split}"
-        verify = apt(
-            "verify", "--model", str(run_dir), "--dataset", str(data), "--split", split,
-            "--device", args.device, "--batch-size", "512", "--out", str(vdir),
-            *(["--failures", "100000"] if split == "val" else []),
-        )  # fmt: skip
-        run_step(f"verify_{split}", verify, report, out, log)
-        vr = json.loads((vdir / "verification_report.json").read_text())
-        report[f"exact_{split}"] = {
-            "overall": vr["overall"]["exact"],
-            "modules": {m: v["exact"] for m, v in vr["modules"].items()},
-            "n": vr["overall"]["n"],
-        }
+        vr = verify_step(f"verify_{split}", run_dir, data, split, args.device, report, out, log)
+        report[f"exact_{split}"] = exact_summary(vr)
         if split == "val":
-            # "Right unless listed" holds only while the report lists every wrong answer (`--failures 100000`).
-            complete = len(vr["failures"]) == vr["overall"]["n"] - vr["overall"]["exact_count"]
-            doc = json.loads(data.read_text())
-            report["val_by_kind"] = val_by_kind(doc, vr["failures"]) if complete else None
+            report["val_by_kind"] = kinds_of(json.loads(data.read_text()), vr)
             report["val_failures"] = vr["failures"]
         (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     for size in args.also_val_size:

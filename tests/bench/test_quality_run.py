@@ -81,9 +81,22 @@ def test_counts_the_other_val_problems_that_were_trained_on(tiny_run: tuple[Path
     assert report["exact_val_small"]["val_inputs_in_our_training_split"] == small_val > 0
 
 
-@pytest.mark.parametrize("argv", [["--splits", "test"], ["--splits", "train", "everything"]])
-def test_unknown_split_exits_2_before_any_work(argv: list[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--splits", "test"], "--splits"),
+        (["--splits", "train", "everything"], "--splits"),
+        (["--data-size", "huge"], "--data-size"),
+        (["--also-val-size", "xl", "huge"], "--also-val-size"),
+        (["--dataset", "no-such-file.json"], "--dataset: no such file"),
+    ],
+)
+def test_bad_arguments_exit_2_before_any_work(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
-        main(["--out", str(tmp_path), "--device", "cpu", *argv])
+        main(["--out", str(out), "--device", "cpu", *argv])
     assert exc.value.code == 2
-    assert not any(tmp_path.iterdir())
+    assert message in capsys.readouterr().err
+    assert not out.exists()
