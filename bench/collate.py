@@ -21,14 +21,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from apt_model.data import generate_hardcore, load_dataset, write_dataset  # noqa: E402
+from apt_model.data import SIZES, generate_hardcore, load_dataset, write_dataset  # noqa: E402
 from apt_model.io import atomic_write_text  # noqa: E402
 from apt_model.training.batching import Batcher, build_tokenizer, encode_pairs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="xl", choices=("small", "default", "large", "xl"))
+    p.add_argument("--size", default="xl", choices=SIZES)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 256])
     p.add_argument("--epochs", type=int, default=5, help="epochs timed per method (medians reported)")
     p.add_argument("--out", type=Path)
