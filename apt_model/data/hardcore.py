@@ -67,10 +67,12 @@ _GEOMETRY_COUNTS = {
     # (2,000 of 15,931 angle pairs gave 16% val exact) and the physics formulas (300 of 380–931 each: 19–56%).
     # Arithmetic stays at `large` (+ and − already ≥ 98% val there).
     "xl": {"square": 100, "rectangle": 870, "triangle": 8000, "right": 89},
-    "xxl": {"square": 100, "rectangle": 870, "triangle": 8000, "right": 89},
 }
 # Per formula kind, capped by its pool (xl: every problem of every formula).
-_PHYSICS_COUNTS = {"small": 20, "default": 80, "large": 300, "xl": 1000, "xxl": 1000}
+_PHYSICS_COUNTS = {"small": 20, "default": 80, "large": 300, "xl": 1000}
+# xxl is xl with wider × and ÷ (above): everything else is xl's, by construction.
+_GEOMETRY_COUNTS["xxl"] = _GEOMETRY_COUNTS["xl"]
+_PHYSICS_COUNTS["xxl"] = _PHYSICS_COUNTS["xl"]
 
 # --------------------------------------------------------------------------------------------------- arithmetic
 _ARITH_TEMPLATES: dict[str, tuple[str, ...]] = {
