@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 2 <= args.operand <= 99:
         p.error(f"--operand: must be in 2..99, got {args.operand}")
+    if not args.out.parent.is_dir():
+        p.error(f"--out: no such folder: {args.out.parent}")
     doc = generate_wide(args.operand, args.seed)
     write_dataset(doc, args.out)
     counts = doc["metadata"]["split_counts"]

@@ -38,7 +38,11 @@ def test_writes_a_loadable_file_and_rejects_a_bound_out_of_range(tmp_path: Path)
     out = tmp_path / "w.json"
     assert main(["--operand", "55", "--out", str(out)]) == 0
     assert len(load_dataset(out).pairs) == generate_wide(55)["metadata"]["total_samples"]
-    with pytest.raises(SystemExit) as exc:
-        main(["--operand", "100", "--out", str(tmp_path / "x.json")])
-    assert exc.value.code == 2
-    assert not (tmp_path / "x.json").exists()
+    for argv in (
+        ["--operand", "100", "--out", str(tmp_path / "x.json")],
+        ["--operand", "60", "--out", str(tmp_path / "no" / "x.json")],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json"]
