@@ -99,6 +99,8 @@
 #                  its own val, xl's and xxl's. PART=quality-xxl60: --size xxl over 60 epochs, alone, scored on xl's
 #                  val only (what fits the last ~4 minutes of a session's device time). PART=quality-xxl60-full:
 #                  the same run with every verification (train, its own val, xl's).
+#   PART=quality-explore — accuracy only, three runs side by side per GPU on two GPUs: operands up to 85 and 99 over 50 and 45
+#                  epochs (and at lr 2e-3), operands up to 70 in two phrasings, up to 99 in two and three phrasings.
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -636,6 +638,50 @@ if [[ $part == quality-xxl60-full ]]; then
   # the train line that call had no time to measure (~260 s of device time with the machine's start).
   QUALITY_ARGS="--also-val-size xl" QUALITY_TIMEOUT=400 run_quality_recipes quality_xxl60full 0 xxl \
     "XXL60F $b128 --t0 60 --epochs 60"
+fi
+
+if [[ $part == quality-explore ]]; then
+  # Accuracy only (wall times shared): six variants of the multiplication data and epochs, three side by side on
+  # each of two GPUs (all six on GPU 0 with one), each scored on its own val and on xl's. WnKk: bench/hlbd_wide.py
+  # --operand n --phrasings k. Question: at about the 3 minutes' work, what lifts physics' unseen products most —
+  # wider operands, more phrasings of the same problems, or more epochs?
+  for spec in "99 1" "85 1" "70 2" "99 2" "99 3"; do
+    set -- $spec
+    python3 bench/hlbd_wide.py --operand "$1" --phrasings "$2" --out "$work/hardcore_w$1k$2.json" | tee -a "$log"
+  done
+  ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+  g1=$(( ngpu > 1 ? 1 : 0 ))
+  explore() {  # GPU TAG DATA_FILE apt-train flags…
+    local gpu=$1 tag=$2 data=$3
+    shift 3
+    rm -rf "$work/cache/explore/$tag"
+    TORCHINDUCTOR_CACHE_DIR="$work/cache/explore/$tag/inductor" TRITON_CACHE_DIR="$work/cache/explore/$tag/triton" \
+    CUDA_VISIBLE_DEVICES=$gpu timeout "${QUALITY_TIMEOUT:-540}" python3 bench/quality_run.py --out "$work/explore" \
+      --tag "$tag" --data-size xxl --dataset "$data" --splits val --also-val-size xl -- --max-src-len 40 \
+      --max-tgt-len 24 --eval-every 10 --save-interval 1000 $b128 "$@" > "$work/explore_$tag.log" 2>&1
+    echo "explore $tag rc=$?" >> "$work/explore_summary.txt"
+  }
+  (while sleep 5; do
+    python3 -c 'import json, sys, pathlib; print(json.dumps([json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*/quality.json"))], indent=1))' \
+      "$work/explore" > "$out/quality_explore.json" 2>/dev/null
+    for f in "$work"/explore/*/log.txt; do grep -E '^epoch|verified|exact|Error' "$f" | sed "s|^|$(basename "$(dirname "$f")"): |"; done \
+      > "$out/quality_explore_log.txt" 2>/dev/null
+    cat "$work/explore_summary.txt" >> "$out/quality_explore_log.txt" 2>/dev/null
+  done) &
+  copier=$!
+  pids=()
+  for run in "0 W99K1e45 w99k1 --t0 45 --epochs 45" "0 W70K2e40 w70k2 --t0 40 --epochs 40" \
+             "0 W85K1e50 w85k1 --t0 50 --epochs 50" "$g1 W99K2e28 w99k2 --t0 28 --epochs 28" \
+             "$g1 W99K3e20 w99k3 --t0 20 --epochs 20" "$g1 W99K1e45lr2 w99k1 --t0 45 --epochs 45 --lr 2e-3"; do
+    set -- $run
+    gpu=$1 tag=$2 data="$work/hardcore_$3.json"
+    shift 3
+    explore "$gpu" "$tag" "$data" "$@" &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+  sleep 6
+  kill "$copier"
 fi
 
 if [[ $part == quality ]]; then

@@ -25,38 +25,44 @@ from apt_model.data import hardcore, write_dataset  # noqa: E402
 
 
 @contextmanager
-def wide_operand(n: int) -> Iterator[None]:
-    """xxl with × and ÷ operands up to ``n``, every problem of both pools, for the duration of the block."""
-    saved = hardcore._WIDE_OPERAND, dict(hardcore._ARITH_COUNTS["xxl"])
-    hardcore._WIDE_OPERAND = n
-    hardcore._ARITH_COUNTS["xxl"] = {**saved[1], "×": n * n, "÷": n * n}
+def wide_operand(n: int, phrasings: int = 1) -> Iterator[None]:
+    """xxl with × and ÷ operands up to ``n``, every problem of both pools, each in ``phrasings`` phrasings, for the
+    duration of the block."""
+    saved = hardcore._WIDE_OPERAND, hardcore._WIDE_PHRASINGS, dict(hardcore._ARITH_COUNTS["xxl"])
+    hardcore._WIDE_OPERAND, hardcore._WIDE_PHRASINGS = n, phrasings
+    hardcore._ARITH_COUNTS["xxl"] = {**saved[2], "×": n * n, "÷": n * n}
     try:
         yield
     finally:
-        hardcore._WIDE_OPERAND, hardcore._ARITH_COUNTS["xxl"] = saved
+        hardcore._WIDE_OPERAND, hardcore._WIDE_PHRASINGS, hardcore._ARITH_COUNTS["xxl"] = saved
 
 
-def generate_wide(n: int, seed: int = 42) -> dict[str, Any]:
-    with wide_operand(n):
+def generate_wide(n: int, seed: int = 42, phrasings: int = 1) -> dict[str, Any]:
+    with wide_operand(n, phrasings):
         doc = hardcore.generate_hardcore(seed=seed, size="xxl")
     doc["metadata"]["params"]["wide_operand"] = n
+    if phrasings != 1:
+        doc["metadata"]["params"]["wide_phrasings"] = phrasings
     return doc
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--operand", type=int, required=True, help="largest × and ÷ operand (xxl's is 70), 2..99")
+    p.add_argument("--phrasings", type=int, default=1, help="phrasings of each × and ÷ problem, 1..5 (xxl's is 1)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if not 2 <= args.operand <= 99:
         p.error(f"--operand: must be in 2..99, got {args.operand}")
+    if not 1 <= args.phrasings <= 5:
+        p.error(f"--phrasings: must be in 1..5, got {args.phrasings}")
     if not args.out.parent.is_dir():
         p.error(f"--out: no such folder: {args.out.parent}")
-    doc = generate_wide(args.operand, args.seed)
+    doc = generate_wide(args.operand, args.seed, args.phrasings)
     write_dataset(doc, args.out)
     counts = doc["metadata"]["split_counts"]
-    print(f"wrote {args.out}: operands up to {args.operand}, train {counts['train']} / val {counts['val']}")
+    print(f"wrote {args.out}: operands up to {args.operand} in {args.phrasings} phrasing(s), train {counts['train']} / val {counts['val']}")
     return 0
 
 

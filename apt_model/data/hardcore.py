@@ -59,6 +59,9 @@ _ARITH_COUNTS = {
 # their unseen products are what the model gets wrong; on an H200 (BENCHMARKS.md, thirteenth session) physics' val
 # went from 50–53% with xl's data to 59% with operands up to 50 and 75% with operands up to 70.
 _WIDE_OPERAND = 70
+# Phrasings per wide × and ÷ problem (the first drawn as for every other arithmetic problem, the rest the templates
+# after it); 1 in the generator, more only in bench/hlbd_wide.py's explorations.
+_WIDE_PHRASINGS = 1
 _GEOMETRY_COUNTS = {
     "small": {"square": 40, "rectangle": 60, "triangle": 60, "right": 20},
     "default": {"square": 100, "rectangle": 350, "triangle": 300, "right": 89},
@@ -644,14 +647,12 @@ def _sample(rng: random.Random, items: Sequence[_T], k: int) -> list[_T]:
 def _arithmetic(b: _Builder, rng: random.Random, size: str) -> None:
     for op, count in _ARITH_COUNTS[size].items():
         templates = _ARITH_TEMPLATES[op]
-        for x, y, answer in _sample(rng, _arith_candidates(op, wide=size == "xxl"), count):
-            template = templates[rng.randrange(len(templates))]
-            b.add(
-                "arithmetic",
-                template.format(a=x, b=y),
-                answer,
-                b.held_out(OPERANDS, (min(x, y), max(x, y))),
-            )
+        wide = size == "xxl"
+        for x, y, answer in _sample(rng, _arith_candidates(op, wide=wide), count):
+            first = rng.randrange(len(templates))
+            split = b.held_out(OPERANDS, (min(x, y), max(x, y)))
+            for k in range(_WIDE_PHRASINGS if wide else 1):
+                b.add("arithmetic", templates[(first + k) % len(templates)].format(a=x, b=y), answer, split)
 
 
 def _geometry(b: _Builder, rng: random.Random, size: str) -> None:

@@ -41,8 +41,25 @@ def test_writes_a_loadable_file_and_rejects_a_bound_out_of_range(tmp_path: Path)
     for argv in (
         ["--operand", "100", "--out", str(tmp_path / "x.json")],
         ["--operand", "60", "--out", str(tmp_path / "no" / "x.json")],
+        ["--operand", "60", "--phrasings", "6", "--out", str(tmp_path / "x.json")],
     ):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json"]
+
+
+def test_more_phrasings_repeat_each_wide_problem_in_other_templates_within_its_split() -> None:
+    one, three = generate_wide(20), generate_wide(20, phrasings=3)
+    assert three["metadata"]["params"]["wide_phrasings"] == 3
+    pairs = _products(one)
+    assert sorted(_products(three)) == sorted(p for p in pairs for _ in range(3))
+    # Every phrasing of a held-out pair is held out with it: no pair is on both sides.
+    val = set(three["metadata"]["splits"]["val"])
+    sides: dict[tuple[int, int], set[bool]] = {}
+    for r in three["data"]["arithmetic"]:
+        nums = tuple(sorted(int(n) for n in re.findall(r"\d+", r["input"])))
+        sides.setdefault(nums, set()).add(r["input"] in val)
+    assert all(len(s) == 1 for s in sides.values())
+    assert any(True in s for s in sides.values())
+    assert hardcore._WIDE_PHRASINGS == 1
