@@ -95,8 +95,9 @@
 #                  val and xl's; then quality-table's recipe (xl) at --seed 7, alone.
 #   PART=quality-w70 — GPU 0 alone, cold compile: the recipe over 80 epochs with × and ÷ operands up to 70 (what
 #                  --size xxl is since), scored on its own val, xl's and xxl's (then: operands up to 50).
-#   PART=quality-w99 — GPU 0 alone, cold compile: operands up to 99 over 50 epochs (what fits 3 minutes), scored on
-#                  its own val, xl's and xxl's. PART=quality-xxl60: --size xxl over 60 epochs, alone, scored on xl's
+#   PART=quality-w99 — GPU 0 alone, cold compile: operands up to 99 over 45 epochs, verified on train, its own val
+#                  and xl's; GPU 1 meanwhile three runs side by side (seed 7, 50 epochs, operands up to 120).
+#                  PART=quality-xxl60: --size xxl over 60 epochs, alone, scored on xl's
 #                  val only (what fits the last ~4 minutes of a session's device time). PART=quality-xxl60-full:
 #                  the same run with every verification (train, its own val, xl's).
 #   PART=quality-explore — accuracy only, three runs side by side per GPU on two GPUs: operands up to 85 and 99 over 50 and 45
@@ -611,14 +612,6 @@ if [[ $part == quality-w70 ]]; then
     run_quality_recipes quality_w70 0 xxl "W70 $b128 --t0 80 --epochs 80"
 fi
 
-if [[ $part == quality-w99 ]]; then
-  # GPU 0 alone, cold compile: operands up to 99 (every × and ÷: ~35,000 training pairs, ~1.8 s an epoch expected), so
-  # 50 epochs to fit the 3 minutes; scored on its own val, xl's and xxl's.
-  python3 bench/hlbd_wide.py --operand 99 --out "$work/hardcore_w99.json" | tee -a "$log"
-  QUALITY_ARGS="--dataset $work/hardcore_w99.json --also-val-size xl xxl" QUALITY_TIMEOUT=420 \
-    run_quality_recipes quality_w99 0 xxl "W99e50 $b128 --t0 50 --epochs 50"
-fi
-
 if [[ $part == quality-xxl60 ]]; then
   # GPU 0 alone, cold compile: --size xxl over 60 epochs (80 took 183 s; its val loss is lowest near epoch 40), then
   # only xl's val (the comparable figure), so that it fits a short call; the run's report and log are copied to
@@ -640,48 +633,72 @@ if [[ $part == quality-xxl60-full ]]; then
     "XXL60F $b128 --t0 60 --epochs 60"
 fi
 
-if [[ $part == quality-explore ]]; then
-  # Accuracy only (wall times shared): six variants of the multiplication data and epochs, three side by side on
-  # each of two GPUs (all six on GPU 0 with one), each scored on its own val and on xl's. WnKk: bench/hlbd_wide.py
-  # --operand n --phrasings k. Question: at about the 3 minutes' work, what lifts physics' unseen products most —
-  # wider operands, more phrasings of the same problems, or more epochs?
-  for spec in "99 1" "85 1" "70 2" "99 2" "99 3"; do
-    set -- $spec
-    python3 bench/hlbd_wide.py --operand "$1" --phrasings "$2" --out "$work/hardcore_w$1k$2.json" | tee -a "$log"
+# Quality runs on bench/hlbd_wide.py's data, each with its own cold inductor/Triton cache, side by side as given
+# (wall times are the 3-minute figure only for a run alone on its card), each scored on its own splits and on xl's
+# val; the reports and logs are copied to OUT_DIR every few seconds, so a call cut short keeps what was done.
+# Usage: wide_runs NAME "STEM hlbd_wide flags…"… -- "GPU TAG STEM SPLITS apt-train flags…"…  (SPLITS: val or
+# train,val; the data of STEM is $work/hardcore_STEM.json)
+wide_runs() {
+  local name=$1 pids=() copier
+  shift
+  while [[ $1 != -- ]]; do
+    set -- $1 "${@:2}"
+    local stem=$1
+    shift
+    local flags=()
+    while [[ $1 == --* && $1 != -- ]]; do flags+=("$1" "$2"); shift 2; done
+    python3 bench/hlbd_wide.py "${flags[@]}" --out "$work/hardcore_$stem.json" | tee -a "$log"
   done
-  ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-  g1=$(( ngpu > 1 ? 1 : 0 ))
-  explore() {  # GPU TAG DATA_FILE apt-train flags…
-    local gpu=$1 tag=$2 data=$3
-    shift 3
-    rm -rf "$work/cache/explore/$tag"
-    TORCHINDUCTOR_CACHE_DIR="$work/cache/explore/$tag/inductor" TRITON_CACHE_DIR="$work/cache/explore/$tag/triton" \
-    CUDA_VISIBLE_DEVICES=$gpu timeout "${QUALITY_TIMEOUT:-540}" python3 bench/quality_run.py --out "$work/explore" \
-      --tag "$tag" --data-size xxl --dataset "$data" --splits val --also-val-size xl -- --max-src-len 40 \
-      --max-tgt-len 24 --eval-every 10 --save-interval 1000 $b128 "$@" > "$work/explore_$tag.log" 2>&1
-    echo "explore $tag rc=$?" >> "$work/explore_summary.txt"
-  }
+  shift
   (while sleep 5; do
     python3 -c 'import json, sys, pathlib; print(json.dumps([json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*/quality.json"))], indent=1))' \
-      "$work/explore" > "$out/quality_explore.json" 2>/dev/null
-    for f in "$work"/explore/*/log.txt; do grep -E '^epoch|verified|exact|Error' "$f" | sed "s|^|$(basename "$(dirname "$f")"): |"; done \
-      > "$out/quality_explore_log.txt" 2>/dev/null
-    cat "$work/explore_summary.txt" >> "$out/quality_explore_log.txt" 2>/dev/null
+      "$work/$name" > "$out/$name.json" 2>/dev/null
+    for f in "$work/$name"/*/log.txt; do grep -E '^epoch|verified|exact|Error' "$f" | sed "s|^|$(basename "$(dirname "$f")"): |"; done \
+      > "$out/${name}_log.txt" 2>/dev/null
+    cat "$work/${name}_summary.txt" >> "$out/${name}_log.txt" 2>/dev/null
   done) &
   copier=$!
-  pids=()
-  for run in "0 W99K1e45 w99k1 --t0 45 --epochs 45" "0 W70K2e40 w70k2 --t0 40 --epochs 40" \
-             "0 W85K1e50 w85k1 --t0 50 --epochs 50" "$g1 W99K2e28 w99k2 --t0 28 --epochs 28" \
-             "$g1 W99K3e20 w99k3 --t0 20 --epochs 20" "$g1 W99K1e45lr2 w99k1 --t0 45 --epochs 45 --lr 2e-3"; do
-    set -- $run
-    gpu=$1 tag=$2 data="$work/hardcore_$3.json"
-    shift 3
-    explore "$gpu" "$tag" "$data" "$@" &
+  for run in "$@"; do
+    (
+      set -- $run
+      gpu=$1 tag=$2 data="$work/hardcore_$3.json" splits=${4//,/ }
+      shift 4
+      rm -rf "$work/cache/$name/$tag"
+      TORCHINDUCTOR_CACHE_DIR="$work/cache/$name/$tag/inductor" TRITON_CACHE_DIR="$work/cache/$name/$tag/triton" \
+      CUDA_VISIBLE_DEVICES=$gpu timeout "${QUALITY_TIMEOUT:-540}" python3 bench/quality_run.py --out "$work/$name" \
+        --tag "$tag" --data-size xxl --dataset "$data" --splits $splits --also-val-size xl -- --max-src-len 40 \
+        --max-tgt-len 24 --eval-every 10 --save-interval 1000 $b128 "$@" > "$work/${name}_$tag.log" 2>&1
+      echo "$name $tag rc=$?" >> "$work/${name}_summary.txt"
+    ) &
     pids+=($!)
   done
   wait "${pids[@]}"
   sleep 6
   kill "$copier"
+}
+
+if [[ $part == quality-explore ]]; then
+  # Accuracy only (wall times shared): six variants of the multiplication data and epochs, three side by side on
+  # each of two GPUs (GPU 1 = GPU 0 with one), each scored on its own val and on xl's. WnKk: bench/hlbd_wide.py
+  # --operand n --phrasings k. Question: at about the 3 minutes' work, what lifts physics' unseen products most —
+  # wider operands, more phrasings of the same problems, or more epochs?
+  g1=$(( $(python3 -c 'import torch; print(torch.cuda.device_count())') > 1 ? 1 : 0 ))
+  wide_runs quality_explore "w99k1 --operand 99" "w85k1 --operand 85" "w70k2 --operand 70 --phrasings 2" \
+    "w99k2 --operand 99 --phrasings 2" "w99k3 --operand 99 --phrasings 3" -- \
+    "0 W99K1e45 w99k1 val --t0 45 --epochs 45" "0 W70K2e40 w70k2 val --t0 40 --epochs 40" \
+    "0 W85K1e50 w85k1 val --t0 50 --epochs 50" "$g1 W99K2e28 w99k2 val --t0 28 --epochs 28" \
+    "$g1 W99K3e20 w99k3 val --t0 20 --epochs 20" "$g1 W99K1e45lr2 w99k1 val --t0 45 --epochs 45 --lr 2e-3"
+fi
+
+if [[ $part == quality-w99 ]]; then
+  # After quality-explore (operands up to 99 over 45 epochs led: 95.4% on xl's val, physics 84.1%): GPU 0 alone, cold
+  # compile, that run with every verification (train, its own val, xl's val): the 3-minute line's wall time. GPU 1
+  # meanwhile, three side by side (accuracy only): the same at seed 7, over 50 epochs, and 9,801 problems of each of
+  # × and ÷ drawn from operands up to 120 (W99's count over a wider range: the range or the count?).
+  g1=$(( $(python3 -c 'import torch; print(torch.cuda.device_count())') > 1 ? 1 : 0 ))
+  wide_runs quality_w99 "w99k1 --operand 99" "w120c --operand 120 --count 9801" -- \
+    "0 W99K1e45 w99k1 train,val --t0 45 --epochs 45" "$g1 W99K1e45s7 w99k1 val --t0 45 --epochs 45 --seed 7" \
+    "$g1 W99K1e50 w99k1 val --t0 50 --epochs 50" "$g1 W120Ce45 w120c val --t0 45 --epochs 45"
 fi
 
 if [[ $part == quality ]]; then

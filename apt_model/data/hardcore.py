@@ -52,13 +52,14 @@ _ARITH_COUNTS = {
     "default": {"+": 700, "-": 700, "×": 400, "÷": 400},
     "large": {"+": 2500, "-": 2500, "×": 482, "÷": 482},
     "xl": {"+": 2500, "-": 2500, "×": 482, "÷": 482},
-    "xxl": {"+": 2500, "-": 2500, "×": 4900, "÷": 4900},
+    "xxl": {"+": 2500, "-": 2500, "×": 9801, "÷": 9801},
 }
 # Operand bound of × and ÷ per size: products within 100 (the reference's arithmetic), except xxl, which has every ×
-# and ÷ of operands up to 70. Physics' formulas and the rectangle areas multiply and divide numbers up to 50, and
-# their unseen products are what the model gets wrong; on an H200 (BENCHMARKS.md, thirteenth session) physics' val
-# went from 50–53% with xl's data to 59% with operands up to 50 and 75% with operands up to 70.
-_WIDE_OPERAND = 70
+# and ÷ of two-digit operands (up to 99). Physics' formulas and the rectangle areas multiply and divide numbers up to
+# 50, and their unseen products are what the model gets wrong; on an H200 (BENCHMARKS.md, thirteenth and fourteenth
+# sessions) physics' val went from 50–53% with xl's data to 59% with operands up to 50, 75% up to 70 and 84% up to
+# 99 — and 78% with as many problems drawn from operands up to 120: the density of two-digit problems is what counts.
+_WIDE_OPERAND = 99
 # Phrasings per wide × and ÷ problem (the first drawn as for every other arithmetic problem, the rest the templates
 # after it); 1 in the generator, more only in bench/hlbd_wide.py's explorations.
 _WIDE_PHRASINGS = 1
@@ -111,7 +112,7 @@ _ARITH_TEMPLATES: dict[str, tuple[str, ...]] = {
 
 
 def _arith_candidates(op: str, wide: bool = False) -> list[tuple[int, int, int]]:
-    """Every (a, b, answer) of ``op`` within 100 (× and ÷ with ``wide``: both operands up to 70), in a fixed order."""
+    """Every (a, b, answer) of ``op`` within 100 (× and ÷ with ``wide``: both operands up to 99), in a fixed order."""
     if op == "+":
         return [(a, b, a + b) for a in range(101) for b in range(101 - a)]
     if op == "-":

@@ -30,8 +30,8 @@ def test_every_product_up_to_the_bound_and_the_generator_left_as_it_was() -> Non
     # Everything but arithmetic is xxl's, and xxl itself is unchanged afterwards.
     xxl = generate("hardcore", size="xxl")
     assert doc["data"]["geometry"] == xxl["data"]["geometry"]
-    assert hardcore._WIDE_OPERAND == 70
-    assert len(_products(xxl)) == 70 * 70
+    assert hardcore._WIDE_OPERAND == 99
+    assert len(_products(xxl)) == 99 * 99
 
 
 def test_writes_a_loadable_file_and_rejects_a_bound_out_of_range(tmp_path: Path) -> None:
@@ -39,7 +39,8 @@ def test_writes_a_loadable_file_and_rejects_a_bound_out_of_range(tmp_path: Path)
     assert main(["--operand", "55", "--out", str(out)]) == 0
     assert len(load_dataset(out).pairs) == generate_wide(55)["metadata"]["total_samples"]
     for argv in (
-        ["--operand", "100", "--out", str(tmp_path / "x.json")],
+        ["--operand", "201", "--out", str(tmp_path / "x.json")],
+        ["--operand", "10", "--count", "101", "--out", str(tmp_path / "x.json")],
         ["--operand", "60", "--out", str(tmp_path / "no" / "x.json")],
         ["--operand", "60", "--phrasings", "6", "--out", str(tmp_path / "x.json")],
     ):
@@ -63,3 +64,12 @@ def test_more_phrasings_repeat_each_wide_problem_in_other_templates_within_its_s
     assert all(len(s) == 1 for s in sides.values())
     assert any(True in s for s in sides.values())
     assert hardcore._WIDE_PHRASINGS == 1
+
+
+def test_a_count_draws_that_many_problems_of_each_pool_from_the_wider_range() -> None:
+    doc = generate_wide(120, count=500)
+    products = _products(doc)
+    assert len(products) == 500
+    assert max(max(a, b) for a, b, _ in products) > 99
+    assert doc["metadata"]["params"]["wide_count"] == 500
+    assert hardcore._ARITH_COUNTS["xxl"]["×"] == 99 * 99

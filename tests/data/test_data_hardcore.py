@@ -105,7 +105,7 @@ def test_arithmetic_answers_are_correct_and_in_range(sized_hardcore_doc: dict) -
         "÷": lambda a, b: a // b,
     }
     patterns = [(op, _template_regex(t, ("a", "b"))) for op, ts in hc._ARITH_TEMPLATES.items() for t in ts]
-    # xxl: every × and ÷ of operands up to 70 (products up to 4,900); every other size keeps all numbers within 100.
+    # xxl: every × and ÷ of operands up to 99 (products up to 9,801); every other size keeps all numbers within 100.
     wide = sized_hardcore_doc["metadata"]["params"]["size"] == "xxl"
     seen_ops, seen_wide = set(), set()
     for r in _rows(sized_hardcore_doc, "arithmetic"):
@@ -116,9 +116,9 @@ def test_arithmetic_answers_are_correct_and_in_range(sized_hardcore_doc: dict) -
         if op in "+-" or not wide:
             assert max(a, b) <= 100 and int(r["output"]) <= 100
         elif op == "×":
-            assert max(a, b) <= 70
+            assert max(a, b) <= 99
         else:
-            assert b <= 70 and a // b <= 70
+            assert b <= 99 and a // b <= 99
         if wide and ((op == "×" and int(r["output"]) > 100) or (op == "÷" and a > 100)):
             seen_wide.add(op)
         if op == "÷":
