@@ -220,6 +220,10 @@ class DataConfig(_Config):
     val_fraction: float = 0.1
     max_src_len: int = 64
     max_tgt_len: int = 64
+    # "MODULE=K,…": each training pair of MODULE appears K times an epoch (validation is untouched). Small fact
+    # modules (zodiac, physics' facts) are seen too rarely to hold their held-out phrasings when the computed
+    # problems dominate an epoch; repeating them costs little.
+    repeat: str = ""
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -228,6 +232,23 @@ class DataConfig(_Config):
         self._check(0.0 < self.val_fraction < 0.5, "val_fraction", "must be in (0, 0.5)")
         self._check(self.max_src_len > 0, "max_src_len", "must be positive")
         self._check(self.max_tgt_len > 1, "max_tgt_len", "must be > 1")
+        self.repeat_counts()
+
+    def repeat_counts(self) -> dict[str, int]:
+        """``repeat`` as {module: times}, or ConfigError naming what is wrong with it."""
+        counts: dict[str, int] = {}
+        for item in filter(None, (s.strip() for s in self.repeat.split(","))):
+            module, sep, times = item.partition("=")
+            module = module.strip()
+            self._check(
+                bool(sep and module) and times.strip().isdigit(),
+                "repeat",
+                "each item must be MODULE=K, K a whole number",
+            )
+            self._check(module not in counts, "repeat", f"{module!r} given twice")
+            self._check(1 <= int(times) <= 100, "repeat", f"{module}: K must be in 1..100")
+            counts[module] = int(times)
+        return counts
 
 
 @dataclass

@@ -52,8 +52,12 @@ def generate_wide(n: int, seed: int = 42, phrasings: int = 1, count: int | None 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--operand", type=int, required=True, help="largest × and ÷ operand (xxl's is 99), 2..200")
-    p.add_argument("--phrasings", type=int, default=1, help="phrasings of each × and ÷ problem, 1..5 (xxl's is 1)")
-    p.add_argument("--count", type=int, help="problems drawn from each of the × and ÷ pools (default: all n²)")
+    p.add_argument(
+        "--phrasings", type=int, default=1, help="phrasings of each × and ÷ problem, 1..5 (xxl's is 1)"
+    )
+    p.add_argument(
+        "--count", type=int, help="problems drawn from each of the × and ÷ pools (default: all n²)"
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -68,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     doc = generate_wide(args.operand, args.seed, args.phrasings, args.count)
     write_dataset(doc, args.out)
     counts = doc["metadata"]["split_counts"]
-    print(f"wrote {args.out}: operands up to {args.operand} ({args.count or args.operand**2} of each pool) in {args.phrasings} phrasing(s), train {counts['train']} / val {counts['val']}")
+    print(
+        f"wrote {args.out}: operands up to {args.operand} ({args.count or args.operand**2} of each pool) in {args.phrasings} phrasing(s), train {counts['train']} / val {counts['val']}"
+    )
     return 0
 
 

@@ -63,7 +63,7 @@ TRAIN_FLAGS = {
     "cuda_graphs": "cuda_graphs",
     "transform_kernel": "transform_kernel",
 }
-DATA_FLAGS = {"max_src_len": "max_src_len", "max_tgt_len": "max_tgt_len"}
+DATA_FLAGS = {"max_src_len": "max_src_len", "max_tgt_len": "max_tgt_len", "repeat": "repeat"}
 
 
 def register(subparsers: Any) -> None:
@@ -149,6 +149,12 @@ def register(subparsers: Any) -> None:
     d = p.add_argument_group("data")
     d.add_argument("--max-src-len", type=int, default=None)
     d.add_argument("--max-tgt-len", type=int, default=None)
+    d.add_argument(
+        "--repeat",
+        default=None,
+        metavar="MODULE=K[,…]",
+        help="show each training pair of MODULE K times an epoch (e.g. zodiac=2,physics=2); validation unchanged",
+    )
 
     k = p.add_argument_group("tracking and output")
     k.add_argument("--tracking-uri", default=None, help="MLflow URI; 'none' turns tracking off")

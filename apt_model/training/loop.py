@@ -287,13 +287,21 @@ def prepare(request: TrainRequest) -> Prepared:
         except ConfigError as exc:
             raise ConfigError(f"model config does not fit the tokenizer: {exc}") from None
 
+    repeat = request.data.repeat_counts()
+    unknown = sorted(set(repeat) - set(dataset.modules))
+    if unknown:
+        raise ConfigError(
+            f"DataConfig.repeat: {dataset_path} has no module {', '.join(map(repr, unknown))} "
+            f"(its modules: {', '.join(dataset.modules)})"
+        )
+    train_pairs = [p for p in dataset.train for _ in range(repeat.get(p.module, 1))]
     enc = dict(max_src_len=request.data.max_src_len, max_tgt_len=request.data.max_tgt_len)
     return Prepared(
         dataset=dataset,
         dataset_sha256=dataset_sha,
         tokenizer=tokenizer,
         model_config=model_config,
-        train_examples=encode_pairs(dataset.train, tokenizer, **enc),
+        train_examples=encode_pairs(train_pairs, tokenizer, **enc),
         val_examples=encode_pairs(dataset.val, tokenizer, **enc),
         device=device,
         precision=precision,

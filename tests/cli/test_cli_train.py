@@ -106,6 +106,11 @@ def test_bad_arguments_exit_2_with_one_line_and_touch_nothing(trained, tmp_path,
         ([*base, "--max-src-len", "4096"], "exceeds ModelConfig.max_len"),
         ([*base, "--embedding-init-std", "-1"], "ModelConfig.embedding_init_std: must be positive"),
         ([*base, "--transform-kernel", "fused"], "invalid choice"),
+        ([*base, "--repeat", "zodiac"], "DataConfig.repeat: each item must be MODULE=K"),
+        (
+            ["train", "--dataset", str(dataset), "--save-dir", str(tmp_path / "fresh"), "--repeat", "nosuch=2"],
+            "has no module 'nosuch' (its modules: ",
+        ),
         ([*base, "--cuda-graphs", "all"], "invalid choice"),
         (
             [*base, "--backend", "deepspeed", "--cuda-graphs", "off"],

@@ -254,11 +254,35 @@ def test_validation_errors_write_nothing(tmp_path: Path) -> None:
     long.data = DataConfig(max_src_len=512)
     with pytest.raises(ConfigError, match="max_len"):
         loop.prepare(long)
+    unknown = request(tmp_path, "unknown")
+    unknown.data = DataConfig(max_src_len=24, max_tgt_len=8, repeat="zodiac=2,physics=3")
+    with pytest.raises(ConfigError, match=r"repeat: .*hlbd.json has no module 'physics' \(its modules: "):
+        loop.prepare(unknown)
     fp16 = request(tmp_path, "fp16", precision="fp16")
     with pytest.raises(ConfigError, match="fp16 needs a CUDA"):
         loop.prepare(fp16)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     assert not (tmp_path / "other").exists() and not (tmp_path / "long").exists()
+    assert not (tmp_path / "unknown").exists()
+
+
+def test_repeat_shows_a_modules_training_pairs_k_times_and_leaves_validation_alone(tmp_path: Path) -> None:
+    plain = loop.prepare(request(tmp_path, "plain"))
+    req = request(tmp_path, "repeated")
+    req.data = DataConfig(max_src_len=24, max_tgt_len=8, repeat="zodiac=3")
+    repeated = loop.prepare(req)
+    zodiac = [p for p in plain.dataset.train if p.module == "zodiac"]
+    assert zodiac and len(zodiac) < len(plain.dataset.train)
+    assert len(repeated.train_examples) == len(plain.train_examples) + 2 * len(zodiac)
+    # Each zodiac example three times, every other example once, validation as it was.
+    counts: dict[tuple[int, ...], int] = {}
+    for ex in repeated.train_examples:
+        counts[ex.src] = counts.get(ex.src, 0) + 1
+    for src, n in counts.items():
+        assert n == (3 if repeated.tokenizer.decode(src).endswith("生肖？") else 1), (
+            repeated.tokenizer.decode(src)
+        )
+    assert repeated.val_examples == plain.val_examples
 
 
 @pytest.mark.slow
