@@ -613,21 +613,6 @@ if [[ $part == quality-w70 ]]; then
     run_quality_recipes quality_w70 0 xxl "W70 $b128 --t0 80 --epochs 80"
 fi
 
-if [[ $part == quality-repeat ]]; then
-  # After quality-w99 (--size xxl = operands up to 99 since): accuracy only, three side by side per GPU, 45 epochs.
-  # The misses besides physics' products are held-out phrasings of facts seen too rarely (zodiac 84-91%, physics'
-  # facts 67-75%): --repeat shows a module's training pairs K times an epoch; physics=K also repeats its products.
-  # Beside them, weight decay 2.0 and label smoothing 0.1 on the plain recipe.
-  g1=$(( $(python3 -c 'import torch; print(torch.cuda.device_count())') > 1 ? 1 : 0 ))
-  wide_runs quality_repeat "xxl --operand 99" -- \
-    "0 Z2P2 xxl val --t0 45 --epochs 45 --repeat zodiac=2,physics=2" \
-    "0 Z3P3 xxl val --t0 45 --epochs 45 --repeat zodiac=3,physics=3" \
-    "0 Z2P2s7 xxl val --t0 45 --epochs 45 --repeat zodiac=2,physics=2 --seed 7" \
-    "$g1 WD2 xxl val --t0 45 --epochs 45 --weight-decay 2.0" \
-    "$g1 LS01 xxl val --t0 45 --epochs 45 --label-smoothing 0.1" \
-    "$g1 Z2s7 xxl val --t0 45 --epochs 45 --repeat zodiac=2 --seed 7"
-fi
-
 if [[ $part == quality-xxl60 ]]; then
   # GPU 0 alone, cold compile: --size xxl over 60 epochs (80 took 183 s; its val loss is lowest near epoch 40), then
   # only xl's val (the comparable figure), so that it fits a short call; the run's report and log are copied to
@@ -715,6 +700,21 @@ if [[ $part == quality-w99 ]]; then
   wide_runs quality_w99 "w99k1 --operand 99" "w120c --operand 120 --count 9801" -- \
     "0 W99K1e45 w99k1 train,val --t0 45 --epochs 45" "$g1 W99K1e45s7 w99k1 val --t0 45 --epochs 45 --seed 7" \
     "$g1 W99K1e50 w99k1 val --t0 50 --epochs 50" "$g1 W120Ce45 w120c val --t0 45 --epochs 45"
+fi
+
+if [[ $part == quality-repeat ]]; then
+  # After quality-w99 (--size xxl = operands up to 99 since): accuracy only, three side by side per GPU, 45 epochs.
+  # The misses besides physics' products are held-out phrasings of facts seen too rarely (zodiac 84-91%, physics'
+  # facts 67-75%): --repeat shows a module's training pairs K times an epoch; physics=K also repeats its products.
+  # Beside them, weight decay 2.0 and label smoothing 0.1 on the plain recipe.
+  g1=$(( $(python3 -c 'import torch; print(torch.cuda.device_count())') > 1 ? 1 : 0 ))
+  wide_runs quality_repeat "xxl --operand 99" -- \
+    "0 Z2P2 xxl val --t0 45 --epochs 45 --repeat zodiac=2,physics=2" \
+    "0 Z3P3 xxl val --t0 45 --epochs 45 --repeat zodiac=3,physics=3" \
+    "0 Z2P2s7 xxl val --t0 45 --epochs 45 --repeat zodiac=2,physics=2 --seed 7" \
+    "$g1 WD2 xxl val --t0 45 --epochs 45 --weight-decay 2.0" \
+    "$g1 LS01 xxl val --t0 45 --epochs 45 --label-smoothing 0.1" \
+    "$g1 Z2s7 xxl val --t0 45 --epochs 45 --repeat zodiac=2 --seed 7"
 fi
 
 if [[ $part == quality ]]; then
