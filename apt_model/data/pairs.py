@@ -91,7 +91,8 @@ class HLBDDataset:
 # Bump when generated content changes for the same seed and parameters (it is part of each file's provenance).
 # 1.1.0: one hold-out draw per shown number pair across modules (1.0.0 drew per module, so e.g. a val rectangle's
 # product could be a training multiplication).
-GENERATOR_VERSION = "1.1.0"
+# 1.2.0: xxl's × and ÷ take every two-digit operand pair (1.1.0's xxl stopped at 70); the other sizes are unchanged.
+GENERATOR_VERSION = "1.2.0"
 
 SIZES: tuple[str, ...] = ("small", "default", "large", "xl", "xxl")
 
