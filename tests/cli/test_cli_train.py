@@ -88,6 +88,7 @@ def test_bad_arguments_exit_2_with_one_line_and_touch_nothing(trained, tmp_path,
     garbage.write_bytes(b"\x00not a checkpoint")
     before[str(garbage)] = (garbage.stat().st_mtime_ns, hashlib.sha256(garbage.read_bytes()).hexdigest())
     base = ["train", "--dataset", str(dataset), "--save-dir", str(save), "--preset", "tiny"]
+    fresh = ["train", "--dataset", str(dataset), "--save-dir", str(tmp_path / "fresh"), "--preset", "tiny"]
     cases = [
         (["train", "--backend", "nope", "--dataset", str(dataset)], "invalid choice"),
         ([*base, "--n-heads", "5"], "n_heads: must divide d_model=32"),
@@ -107,10 +108,7 @@ def test_bad_arguments_exit_2_with_one_line_and_touch_nothing(trained, tmp_path,
         ([*base, "--embedding-init-std", "-1"], "ModelConfig.embedding_init_std: must be positive"),
         ([*base, "--transform-kernel", "fused"], "invalid choice"),
         ([*base, "--repeat", "zodiac"], "DataConfig.repeat: each item must be MODULE=K"),
-        (
-            ["train", "--dataset", str(dataset), "--save-dir", str(tmp_path / "fresh"), "--repeat", "nosuch=2"],
-            "has no module 'nosuch' (its modules: ",
-        ),
+        ([*fresh, "--repeat", "nosuch=2"], "has no module 'nosuch' (its modules: "),
         ([*base, "--cuda-graphs", "all"], "invalid choice"),
         (
             [*base, "--backend", "deepspeed", "--cuda-graphs", "off"],
