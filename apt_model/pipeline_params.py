@@ -23,7 +23,7 @@ from apt_model.errors import AptError, ConfigError
 # "not available" rather than "unknown", so a deployment aimed at a pool for it says what is missing.
 GUIDE_BACKENDS = ("playground", "deepspeed", "azure", "huggingface")
 
-# TrainConfig fields that have their own flat parameter; everything else goes through `train_overrides`.
+# DataConfig fields that have their own flat parameter; the others go through `data_overrides`.
 _DATA_PARAM = {
     "kind": "dataset_kind",
     "seed": "dataset_seed",
@@ -46,6 +46,10 @@ class PipelineParams(BaseModel):
     dataset_seed: int = Field(42, description="generator seed")
     dataset_size: str = Field("small", description="small | default | large | xl | xxl")
     val_fraction: float = Field(0.1, description="validation share, in (0, 0.5)")
+    data_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="other DataConfig fields: max_src_len, max_tgt_len, repeat (e.g. 'zodiac=3,physics=3')",
+    )
     # model
     preset: str = Field("tiny", description="model preset: tiny | playground | reference")
     model_overrides: dict[str, Any] = Field(
@@ -156,7 +160,7 @@ class PipelineParams(BaseModel):
     def _build_configs(self) -> PipelineParams:
         # Build the real configs now: their own validation (e.g. n_heads must divide d_model) is the source of truth.
         for name, build in (
-            ("dataset", self.data_config),
+            ("data_overrides", self.data_config),
             ("model_overrides", self.model_cfg),
             ("train_overrides", self.train_cfg),
         ):
@@ -171,6 +175,12 @@ class PipelineParams(BaseModel):
         clash = sorted(set(self.train_overrides) & (set(_FLAT_TRAIN) | {"seed"}))
         if clash:
             raise ValueError(f"train_overrides: set {', '.join(clash)} with the flat parameter instead")
+        clash = sorted(set(self.data_overrides) & set(_DATA_PARAM))
+        if clash:
+            flat = ", ".join(_DATA_PARAM[k] for k in clash)
+            raise ValueError(
+                f"data_overrides: set {', '.join(clash)} with the flat parameter ({flat}) instead"
+            )
         if self.resume_from_champion and not self.promote:
             # Continuing from the champion only makes sense in the retrain loop that can replace it.
             raise ValueError("resume_from_champion: needs promote=true (the retrain deployment)")
@@ -178,11 +188,14 @@ class PipelineParams(BaseModel):
 
     # The configs the stages use (built fresh; the dataclasses are mutable).
     def data_config(self) -> DataConfig:
-        return DataConfig(
-            kind=self.dataset_kind,
-            seed=self.dataset_seed,
-            size=self.dataset_size,
-            val_fraction=self.val_fraction,
+        return DataConfig.from_dict(
+            {
+                **self.data_overrides,
+                "kind": self.dataset_kind,
+                "seed": self.dataset_seed,
+                "size": self.dataset_size,
+                "val_fraction": self.val_fraction,
+            }
         )
 
     def model_cfg(self, vocab_size: int | None = None) -> ModelConfig:

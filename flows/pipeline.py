@@ -54,6 +54,7 @@ def apt(
     dataset_seed: int = 42,
     dataset_size: str = "small",
     val_fraction: float = 0.1,
+    data_overrides: dict[str, Any] | None = None,
     preset: str = "tiny",
     model_overrides: dict[str, Any] | None = None,
     epochs: int = 3,

@@ -36,6 +36,13 @@ def test_defaults_are_valid_and_build_configs(tmp_path):
         ({"val_fraction": 0.9}, "val_fraction: DataConfig.val_fraction"),
         ({"train_overrides": {"precision": "fp8"}}, "train_overrides: TrainConfig.precision"),
         ({"train_overrides": {"epochs": 3}}, "train_overrides: set epochs with the flat parameter"),
+        ({"data_overrides": {"repeat": "zodiac"}}, "data_overrides: DataConfig.repeat: each item must be"),
+        ({"data_overrides": {"bogus": 1}}, "data_overrides: DataConfig: unknown field(s) bogus"),
+        (
+            {"data_overrides": {"size": "xl"}},
+            "data_overrides: set size with the flat parameter (dataset_size)",
+        ),
+        ({"dataset_size": "huge"}, "dataset_size: DataConfig.size"),
         ({"lr": "fast"}, "lr: Input should be a valid number"),
         ({"colour": "red"}, "colour: unknown parameter"),
         ({"resume_from_champion": True}, "resume_from_champion: needs promote=true"),

@@ -11,6 +11,7 @@ import pytest
 
 import tasks.train as train
 from apt_model.pipeline_params import parse_params
+from tasks.data import data_key
 
 
 class FakeRunner:
@@ -102,6 +103,14 @@ def test_key_depends_on_data_config_and_code(setup):
     assert train.train_key(params, {**data, "sha256": "e" * 64})[0] != k1
     assert train.train_key(params, data, {"name": "m", "version": "1", "sha256": "x"})[0] != k1
     assert train.train_key(params, data)[0] == k1
+    # data_overrides shape training (the key), not the data: the dataset's key stays.
+    repeated = parse_params(
+        output_root=params.output_root, epochs=params.epochs, save_interval=params.save_interval,
+        data_overrides={"repeat": "zodiac=2"},
+    )  # fmt: skip
+    assert repeated.data_config().repeat == "zodiac=2"
+    assert train.train_key(repeated, data)[0] != k1
+    assert data_key(repeated) == data_key(params)
 
 
 def test_latest_checkpoint(tmp_path):
