@@ -615,15 +615,17 @@ if [[ $part == quality-w70 ]]; then
 fi
 
 if [[ $part == quality-xxl60 ]]; then
-  # GPU 0 alone, cold compile: --size xxl over 60 epochs (80 took 183 s; its val loss is lowest near epoch 40), then
-  # only xl's val (the comparable figure), so that it fits a short call; the run's report and log are copied to
-  # OUT_DIR every few seconds, so a call cut short still brings back what was done.
+  # GPU 0 alone, cold compile: --size xxl as it was then (W70: operands up to 70) over 60 epochs (80 took 183 s; its
+  # val loss is lowest near epoch 40), then only xl's val (the comparable figure), so that it fits a short call; the
+  # run's report and log are copied to OUT_DIR every few seconds, so a call cut short still brings back what was done.
+  python3 bench/hlbd_wide.py --operand 70 --out "$work/hardcore_w70.json" | tee -a "$log"
   (while sleep 3; do
     cp "$work"/quality_xxl60/*/quality.json "$out/quality_xxl60_partial.json" 2>/dev/null
     cp "$work"/quality_xxl60/*/log.txt "$out/quality_xxl60_partial_log.txt" 2>/dev/null
   done) &
   copier=$!
-  QUALITY_ARGS="--splits --also-val-size xl" QUALITY_TIMEOUT=400 run_quality_recipes quality_xxl60 0 xxl \
+  QUALITY_ARGS="--dataset $work/hardcore_w70.json --splits --also-val-size xl" QUALITY_TIMEOUT=400 \
+    run_quality_recipes quality_xxl60 0 xxl \
     "XXL60 $b128 --t0 60 --epochs 60"
   kill "$copier"
 fi
@@ -631,7 +633,9 @@ fi
 if [[ $part == quality-xxl60-full ]]; then
   # GPU 0 alone, cold compile: quality-xxl60's run with every verification (train and its own val, then xl's), for
   # the train line that call had no time to measure (~260 s of device time with the machine's start).
-  QUALITY_ARGS="--also-val-size xl" QUALITY_TIMEOUT=400 run_quality_recipes quality_xxl60full 0 xxl \
+  python3 bench/hlbd_wide.py --operand 70 --out "$work/hardcore_w70.json" | tee -a "$log"
+  QUALITY_ARGS="--dataset $work/hardcore_w70.json --also-val-size xl" QUALITY_TIMEOUT=400 \
+    run_quality_recipes quality_xxl60full 0 xxl \
     "XXL60F $b128 --t0 60 --epochs 60"
 fi
 
