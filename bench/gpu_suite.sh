@@ -99,7 +99,9 @@
 #                  and xl's; GPU 1 meanwhile three runs side by side (seed 7, 50 epochs, operands up to 120).
 #                  PART=quality-repeat: six runs side by side (three per GPU): --repeat of zodiac and physics,
 #                  weight decay 2.0, label smoothing 0.1 (accuracy only). PART=quality-repeat-alone: zodiac=3,physics=3
-#                  alone on each card at seeds 42 and 7, every verification. PART=quality-xxl60: --size xxl over 60 epochs, alone, scored on xl's
+#                  alone on each card at seeds 42 and 7, every verification. PART=quality-next (not run yet): the
+#                  step at the quality shape, batch 64-512, beside the recipe at batch 256, lr 7e-4, a longer
+#                  warm-up. PART=quality-xxl60: --size xxl over 60 epochs, alone, scored on xl's
 #                  val only (what fits the last ~4 minutes of a session's device time). PART=quality-xxl60-full:
 #                  the same run with every verification (train, its own val, xl's).
 #   PART=quality-explore — accuracy only, three runs side by side per GPU on two GPUs: operands up to 85 and 99 over 50 and 45
@@ -730,6 +732,24 @@ if [[ $part == quality-repeat-alone ]]; then
   wide_runs quality_repeat_alone "xxl --operand 99" -- \
     "0 Z3P3 xxl train,val --t0 45 --epochs 45 --repeat zodiac=3,physics=3" \
     "$g1 Z3P3s7 xxl train,val --t0 45 --epochs 45 --repeat zodiac=3,physics=3 --seed 7"
+fi
+
+if [[ $part == quality-next ]]; then
+  # For the session after the fourteenth (physics 78-86% against 90%: more two-digit products per minute is the lever
+  # within the task's format). GPU 0 alone: the step at the quality runs' shape (40 + 24 tokens) at batch 64-512,
+  # what an item costs at each size. GPU 1 meanwhile, three side by side (accuracy only), the README recipe
+  # (xxl, --repeat zodiac=3,physics=3) at batch 256 over 70 epochs, at lr 7e-4 (the one divergence was at 1e-3), and
+  # with a 1,000-step warm-up.
+  g1=$(( $(python3 -c 'import torch; print(torch.cuda.device_count())') > 1 ? 1 : 0 ))
+  (CUDA_VISIBLE_DEVICES=0 timeout 400 python3 bench/train_step.py --batch 64 128 256 512 --src-len 40 --tgt-len 24 \
+    --variants apt-fast --warmup 8 --steps 20 --repeats 3 --out "$out/train_step_quality_shape.json" 2>&1 \
+    | grep -E '^B=' | tee -a "$log") &
+  step_pid=$!
+  wide_runs quality_next "xxl --operand 99" -- \
+    "$g1 Z3P3b256 xxl val --t0 70 --epochs 70 --repeat zodiac=3,physics=3 --batch-size 256" \
+    "$g1 Z3P3lr7 xxl val --t0 45 --epochs 45 --repeat zodiac=3,physics=3 --lr 7e-4" \
+    "$g1 Z3P3w1k xxl val --t0 45 --epochs 45 --repeat zodiac=3,physics=3 --warmup-steps 1000"
+  wait "$step_pid"
 fi
 
 if [[ $part == quality ]]; then
