@@ -144,6 +144,17 @@ step_table() {
     --out "$out/train_step_$name.json" 2>&1 | grep -E '^B=|/bart|dbc_dac_cost' | tee -a "$log"
 }
 
+# One JSON of every quality report under $work/NAME and one log of their epoch and verification lines (plus the
+# runs' exit codes) in OUT_DIR. Usage: collect_quality NAME
+collect_quality() {
+  local name=$1
+  python3 -c 'import json, sys, pathlib; print(json.dumps([json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*/quality.json"))], indent=1))' \
+    "$work/$name" > "$out/$name.json" 2>/dev/null
+  for f in "$work/$name"/*/log.txt; do grep -E '^epoch|verified|exact|collapse|Error' "$f" | sed "s|^|$(basename "$(dirname "$f")"): |"; done \
+    > "$out/${name}_log.txt" 2>/dev/null
+  cat "$work/${name}_summary.txt" >> "$out/${name}_log.txt" 2>/dev/null
+}
+
 # Quality recipes side by side, recipe i on GPU first_gpu + i (all on FIRST_GPU when QUALITY_ONE_GPU=1: their wall
 # times then share the card and are not the 3-minute figure); then one JSON and one log for all of them under OUT_DIR.
 # QUALITY_ARGS: extra bench/quality_run.py flags for every recipe (e.g. --also-val-size xl).
@@ -168,11 +179,7 @@ run_quality_recipes() {
   done
   # Its own runs only: a bare wait would also reap a caller's other background jobs.
   (( ${#pids[@]} )) && wait "${pids[@]}"
-  python3 -c 'import json, sys, pathlib; print(json.dumps([json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*/quality.json"))], indent=1))' \
-    "$work/$name" > "$out/$name.json"
-  for f in "$work/$name"/*/log.txt; do grep -E '^epoch|verified|exact|collapse|Error' "$f" | sed "s|^|$(basename "$(dirname "$f")"): |"; done \
-    > "$out/${name}_log.txt"
-  cat "$work/${name}_summary.txt" >> "$out/${name}_log.txt"
+  collect_quality "$name"
 }
 
 if [[ $part == single ]]; then
@@ -658,13 +665,7 @@ wide_runs() {
     python3 bench/hlbd_wide.py "${flags[@]}" --out "$work/hardcore_$stem.json" | tee -a "$log"
   done
   shift
-  (while sleep 5; do
-    python3 -c 'import json, sys, pathlib; print(json.dumps([json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*/quality.json"))], indent=1))' \
-      "$work/$name" > "$out/$name.json" 2>/dev/null
-    for f in "$work/$name"/*/log.txt; do grep -E '^epoch|verified|exact|Error' "$f" | sed "s|^|$(basename "$(dirname "$f")"): |"; done \
-      > "$out/${name}_log.txt" 2>/dev/null
-    cat "$work/${name}_summary.txt" >> "$out/${name}_log.txt" 2>/dev/null
-  done) &
+  (while sleep 5; do collect_quality "$name"; done) &
   copier=$!
   for run in "$@"; do
     (
@@ -681,8 +682,8 @@ wide_runs() {
     pids+=($!)
   done
   wait "${pids[@]}"
-  sleep 6
   kill "$copier"
+  collect_quality "$name"
 }
 
 if [[ $part == quality-explore ]]; then
