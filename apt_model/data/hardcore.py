@@ -646,9 +646,9 @@ def _sample(rng: random.Random, items: Sequence[_T], k: int) -> list[_T]:
 
 
 def _arithmetic(b: _Builder, rng: random.Random, size: str) -> None:
+    wide = size == "xxl"
     for op, count in _ARITH_COUNTS[size].items():
         templates = _ARITH_TEMPLATES[op]
-        wide = size == "xxl"
         for x, y, answer in _sample(rng, _arith_candidates(op, wide=wide), count):
             first = rng.randrange(len(templates))
             split = b.held_out(OPERANDS, (min(x, y), max(x, y)))
