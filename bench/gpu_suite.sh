@@ -99,9 +99,9 @@
 #                  and xl's; GPU 1 meanwhile three runs side by side (seed 7, 50 epochs, operands up to 120).
 #                  PART=quality-repeat: six runs side by side (three per GPU): --repeat of zodiac and physics,
 #                  weight decay 2.0, label smoothing 0.1 (accuracy only). PART=quality-repeat-alone: zodiac=3,physics=3
-#                  alone on each card at seeds 42 and 7, every verification. PART=quality-next (not run yet): the
-#                  step at the quality shape, batch 64-512, beside the recipe at batch 256, lr 7e-4, a longer
-#                  warm-up. PART=quality-xxl60: --size xxl over 60 epochs, alone, scored on xl's
+#                  alone on each card at seeds 42 and 7, every verification. PART=quality-next (not run;
+#                  quality-levers ran its three recipes): the step at the quality shape, batch 64-512, beside the
+#                  recipe at batch 256, lr 7e-4, a longer warm-up. PART=quality-xxl60: --size xxl over 60 epochs, alone, scored on xl's
 #                  val only (what fits the last ~4 minutes of a session's device time). PART=quality-xxl60-full:
 #                  the same run with every verification (train, its own val, xl's).
 #   PART=quality-explore — accuracy only, three runs side by side per GPU on two GPUs: operands up to 85 and 99 over 50 and 45
