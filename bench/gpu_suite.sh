@@ -656,6 +656,11 @@ if [[ $part == quality-xxl60-full ]]; then
     "XXL60F $b128 --t0 60 --epochs 60"
 fi
 
+# The GPU for a part's second group of runs: 1 on a two-GPU host, else 0 (the groups then share the one card).
+second_gpu() {
+  echo $(( $(python3 -c 'import torch; print(torch.cuda.device_count())') > 1 ? 1 : 0 ))
+}
+
 # Quality runs on bench/hlbd_wide.py's data, each with its own cold inductor/Triton cache, side by side as given
 # (wall times are the 3-minute figure only for a run alone on its card), each scored on its own splits and on xl's
 # val; the reports and logs are copied to OUT_DIR every few seconds, so a call cut short keeps what was done.
@@ -703,7 +708,7 @@ if [[ $part == quality-explore ]]; then
   # each of two GPUs (GPU 1 = GPU 0 with one), each scored on its own val and on xl's. WnKk: bench/hlbd_wide.py
   # --operand n --phrasings k. Question: at about the 3 minutes' work, what lifts physics' unseen products most —
   # wider operands, more phrasings of the same problems, or more epochs?
-  g1=$(( $(python3 -c 'import torch; print(torch.cuda.device_count())') > 1 ? 1 : 0 ))
+  g1=$(second_gpu)
   wide_runs quality_explore "w99k1 --operand 99" "w85k1 --operand 85" "w70k2 --operand 70 --phrasings 2" \
     "w99k2 --operand 99 --phrasings 2" "w99k3 --operand 99 --phrasings 3" -- \
     "0 W99K1e45 w99k1 val --t0 45 --epochs 45" "0 W70K2e40 w70k2 val --t0 40 --epochs 40" \
@@ -716,7 +721,7 @@ if [[ $part == quality-w99 ]]; then
   # compile, that run with every verification (train, its own val, xl's val): the 3-minute line's wall time. GPU 1
   # meanwhile, three side by side (accuracy only): the same at seed 7, over 50 epochs, and 9,801 problems of each of
   # × and ÷ drawn from operands up to 120 (W99's count over a wider range: the range or the count?).
-  g1=$(( $(python3 -c 'import torch; print(torch.cuda.device_count())') > 1 ? 1 : 0 ))
+  g1=$(second_gpu)
   wide_runs quality_w99 "w99k1 --operand 99" "w120c --operand 120 --count 9801" -- \
     "0 W99K1e45 w99k1 train,val --t0 45 --epochs 45" "$g1 W99K1e45s7 w99k1 val --t0 45 --epochs 45 --seed 7" \
     "$g1 W99K1e50 w99k1 val --t0 50 --epochs 50" "$g1 W120Ce45 w120c val --t0 45 --epochs 45"
@@ -727,7 +732,7 @@ if [[ $part == quality-repeat ]]; then
   # The misses besides physics' products are held-out phrasings of facts seen too rarely (zodiac 84-91%, physics'
   # facts 67-75%): --repeat shows a module's training pairs K times an epoch; physics=K also repeats its products.
   # Beside them, weight decay 2.0 and label smoothing 0.1 on the plain recipe.
-  g1=$(( $(python3 -c 'import torch; print(torch.cuda.device_count())') > 1 ? 1 : 0 ))
+  g1=$(second_gpu)
   wide_runs quality_repeat "xxl --operand 99" -- \
     "0 Z2P2 xxl val --t0 45 --epochs 45 --repeat zodiac=2,physics=2" \
     "0 Z3P3 xxl val --t0 45 --epochs 45 --repeat zodiac=3,physics=3" \
@@ -741,7 +746,7 @@ if [[ $part == quality-repeat-alone ]]; then
   # After quality-repeat (--repeat zodiac=3,physics=3 led: 96.1% on xl's val, physics 85.7%, zodiac 94.8%): that
   # recipe alone on each card, cold compile, seeds 42 and 7 at once (one per GPU; GPU 0 twice, in turn, with one),
   # every verification: the 3-minute line's wall time and how far the seed moves it.
-  g1=$(( $(python3 -c 'import torch; print(torch.cuda.device_count())') > 1 ? 1 : 0 ))
+  g1=$(second_gpu)
   wide_runs quality_repeat_alone "xxl --operand 99" -- \
     "0 Z3P3 xxl train,val --t0 45 --epochs 45 --repeat zodiac=3,physics=3" \
     "$g1 Z3P3s7 xxl train,val --t0 45 --epochs 45 --repeat zodiac=3,physics=3 --seed 7"
@@ -753,7 +758,7 @@ if [[ $part == quality-next ]]; then
   # what an item costs at each size. GPU 1 meanwhile, three side by side (accuracy only), the README recipe
   # (xxl, --repeat zodiac=3,physics=3) at batch 256 over 70 epochs, at lr 7e-4 (the one divergence was at 1e-3), and
   # with a 1,000-step warm-up.
-  g1=$(( $(python3 -c 'import torch; print(torch.cuda.device_count())') > 1 ? 1 : 0 ))
+  g1=$(second_gpu)
   (CUDA_VISIBLE_DEVICES=0 timeout 400 python3 bench/train_step.py --batch 64 128 256 512 --src-len 40 --tgt-len 24 \
     --variants apt-fast --warmup 8 --steps 20 --repeats 3 --out "$out/train_step_quality_shape.json" 2>&1 \
     | grep -E '^B=' | tee -a "$log") &
@@ -771,7 +776,7 @@ if [[ $part == quality-levers ]]; then
   # digit right, a neighbour's tens): which lever moves them — more distinct products (operands up to 120, all of
   # them), a larger batch over more epochs, a gentler lr or warm-up, dropout against the neighbour-copying, or the
   # token embedding's scale against the sinusoidal positions (digit alignment)?
-  g1=$(( $(python3 -c 'import torch; print(torch.cuda.device_count())') > 1 ? 1 : 0 ))
+  g1=$(second_gpu)
   z3p3="--repeat zodiac=3,physics=3"
   wide_runs quality_levers "xxl --operand 99" "w120 --operand 120" -- \
     "0 W120 w120 val --t0 45 --epochs 45 $z3p3" \
@@ -786,7 +791,7 @@ if [[ $part == quality-dropout ]]; then
   # After quality-levers (dropout 0.1: 96.9% on xl's val, physics 87.0%; embedding init 0.5: 96.6%, physics 87.3%;
   # the others 93.4-95.3%): the two together and around them, accuracy only, three per GPU; train verified where
   # the dropout might keep train exact match under 99%.
-  g1=$(( $(python3 -c 'import torch; print(torch.cuda.device_count())') > 1 ? 1 : 0 ))
+  g1=$(second_gpu)
   z3p3="--t0 45 --epochs 45 --repeat zodiac=3,physics=3"
   wide_runs quality_dropout "xxl --operand 99" -- \
     "0 DO01E05 xxl train,val $z3p3 --dropout 0.1 --embedding-init-std 0.5" \
@@ -802,7 +807,7 @@ if [[ $part == quality-emb ]]; then
   # embedding init 0.3 without dropout: 96.6%, physics 88.6%, train loss 0.0015): GPU 0 alone, cold compile, the
   # README recipe at embedding init 0.3 with every verification (the 3-minute line). GPU 1 meanwhile, three side by
   # side (accuracy only): init 0.2 (train verified too), 0.3 at seed 7, 0.1.
-  g1=$(( $(python3 -c 'import torch; print(torch.cuda.device_count())') > 1 ? 1 : 0 ))
+  g1=$(second_gpu)
   z3p3="--t0 45 --epochs 45 --repeat zodiac=3,physics=3"
   wide_runs quality_emb "xxl --operand 99" -- \
     "0 Emb03 xxl train,val $z3p3 --embedding-init-std 0.3" \
@@ -815,7 +820,7 @@ if [[ $part == quality-emb-dropout ]]; then
   # After quality-emb (init 0.3: 96.6-97.1% on xl's val, physics 87.5-88.6%, train 99.99%, `apt train` 175.9 s alone;
   # 0.1 and 0.2 fall to 76-77% physics) and quality-dropout (dropout lifts physics to 89-91% but keeps train exact at
   # 94-96.5%): init 0.3 with a little dropout, 0.02 and 0.04, one alone on each card, every verification.
-  g1=$(( $(python3 -c 'import torch; print(torch.cuda.device_count())') > 1 ? 1 : 0 ))
+  g1=$(second_gpu)
   z3p3="--t0 45 --epochs 45 --repeat zodiac=3,physics=3 --embedding-init-std 0.3"
   wide_runs quality_emb_dropout "xxl --operand 99" -- \
     "0 E03DO002 xxl train,val $z3p3 --dropout 0.02" \
@@ -831,7 +836,7 @@ if [[ $part == quality-warm ]]; then
   # on its card with every verification.
   # GPU 0: init 0.3 + dropout 0.05 over 60 epochs; GPU 1: the README recipe (init 0.3, no dropout, 45 epochs), the
   # warm figure of the recipe as documented.
-  g1=$(( $(python3 -c 'import torch; print(torch.cuda.device_count())') > 1 ? 1 : 0 ))
+  g1=$(second_gpu)
   z3p3="--repeat zodiac=3,physics=3 --embedding-init-std 0.3"
   python3 bench/hlbd_wide.py --operand 99 --out "$work/hardcore_xxl.json" | tee -a "$log"
   QUALITY_WARM=1 wide_runs quality_warmup -- \
