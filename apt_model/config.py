@@ -266,6 +266,10 @@ class TrainConfig(_Config):
     clip_grad_norm: float = 1.0
     label_smoothing: float = 0.0
     warmup_steps: int = 0
+    # Dropout (ModelConfig.dropout) only in the first N epochs, then off; 0: in every epoch. Dropout keeps the model
+    # from recalling neighbouring problems instead of computing them, but slows fitting the training set; turning it
+    # off for the last epochs lets the run fit it (BENCHMARKS.md, quality runs).
+    dropout_epochs: int = 0
     seed: int = 42
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     save_interval: int = 25
@@ -279,6 +283,10 @@ class TrainConfig(_Config):
     nan_policy: str = "stop"  # stop | skip
     log_every: int = 10
     dbc_dac: DBCDACConfig = field(default_factory=DBCDACConfig)
+
+    def dropout_on(self, epoch: int) -> bool:
+        """Whether dropout applies in the epoch with 0-based index ``epoch``."""
+        return self.dropout_epochs == 0 or epoch < self.dropout_epochs
 
     def __post_init__(self) -> None:
         if isinstance(self.dbc_dac, Mapping):
@@ -299,6 +307,7 @@ class TrainConfig(_Config):
         self._check(self.clip_grad_norm > 0, "clip_grad_norm", "must be positive")
         self._check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         self._check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        self._check(self.dropout_epochs >= 0, "dropout_epochs", "must be >= 0 (0: dropout in every epoch)")
         self._check(
             self.precision in ("auto", "fp32", "bf16", "fp16"),
             "precision",

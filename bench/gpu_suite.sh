@@ -114,6 +114,9 @@
 #   PART=quality-emb-dropout — init 0.3 with dropout 0.02 and 0.04, one alone per card, every verification.
 #   PART=quality-warm (not run yet) — per GPU: a 2-epoch run that fills the caches, then alone and warm: init 0.3 +
 #                  dropout 0.05 over 60 epochs (GPU 0), the README recipe (GPU 1); every verification.
+#   PART=quality-schedule — the CUDA tests of the step (the dropout switch inside the captured step among them) in
+#                  the background, and six runs three per GPU (accuracy only): dropout 0.05-0.15 for the first 30-38
+#                  of 45 epochs (`--dropout-epochs`), init 0.3 or 0.5, every verification.
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -825,6 +828,24 @@ if [[ $part == quality-emb-dropout ]]; then
   wide_runs quality_emb_dropout "xxl --operand 99" -- \
     "0 E03DO002 xxl train,val $z3p3 --dropout 0.02" \
     "$g1 E03DO004 xxl train,val $z3p3 --dropout 0.04"
+fi
+
+if [[ $part == quality-schedule ]]; then
+  # Sixteenth session. Dropout lifted physics (to 91.2% with 0.1 at init 0.5) but kept train exact at 94-98% in 45
+  # epochs; --dropout-epochs N turns it off after epoch N without recompiling (a tensor switch), so the last epochs
+  # can fit the training set. Accuracy only here (three per card); verifications on every split.
+  g1=$(second_gpu)
+  tests_pass 400 tests/training/test_fastpath.py tests/model/test_dropout.py &
+  tests_pid=$!
+  z3p3="--t0 45 --epochs 45 --repeat zodiac=3,physics=3"
+  wide_runs quality_schedule "xxl --operand 99" -- \
+    "0 S03D10e30 xxl train,val $z3p3 --embedding-init-std 0.3 --dropout 0.1 --dropout-epochs 30" \
+    "0 S03D10e35 xxl train,val $z3p3 --embedding-init-std 0.3 --dropout 0.1 --dropout-epochs 35" \
+    "0 S05D10e35 xxl train,val $z3p3 --embedding-init-std 0.5 --dropout 0.1 --dropout-epochs 35" \
+    "$g1 S03D15e30 xxl train,val $z3p3 --embedding-init-std 0.3 --dropout 0.15 --dropout-epochs 30" \
+    "$g1 S03D10e38 xxl train,val $z3p3 --embedding-init-std 0.3 --dropout 0.1 --dropout-epochs 38" \
+    "$g1 S05D15e30 xxl train,val $z3p3 --embedding-init-std 0.5 --dropout 0.15 --dropout-epochs 30"
+  wait "$tests_pid"
 fi
 
 if [[ $part == quality-warm ]]; then

@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         "final_val_loss": epochs[-1].get("val_loss") if epochs else None,
         "final_val_token_acc": epochs[-1].get("val_token_acc") if epochs else None,
         "status": exp.get("status"),
+        # prepare / setup / finish: the part of `apt train`'s wall time that is neither epochs nor process start-up.
+        "phase_seconds": (exp.get("runtime") or {}).get("phase_seconds"),
     }
     # The curves, so a recipe's val loss can be read against its train loss epoch by epoch.
     report["history"] = [

@@ -129,6 +129,33 @@ def test_decoding_is_autoregressive_greedy(run_and_data: tuple[Path, Path]) -> N
         assert answer == tok.decode(out)
 
 
+def test_fixed_rows_decode_every_batch_at_one_row_count_with_the_same_answers(
+    run_and_data: tuple[Path, Path],
+) -> None:
+    """With ``fixed_rows`` every ``generate`` call sees ``batch_size`` rows whatever its prompts' grouping, so no
+    answer can depend on its companions through the kernels' row count; the filler rows change no answer."""
+    from apt_model.checkpoint import load_model
+
+    loaded = load_model(run_and_data[0])
+    tok, model = loaded.tokenizer, loaded.model
+    prompts = [f"{a} + {b} = ?" for a, b in ((3, 4), (12, 5), (7, 31), (40, 2), (9, 9), (15, 27), (2, 8))]
+    assert len({len(tok.encode(p)) for p in prompts}) > 1  # several length groups, so several short batches
+    rows_seen: list[int] = []
+    generate = model.generate
+
+    def spy(src: torch.Tensor, **kw: object) -> torch.Tensor:
+        rows_seen.append(src.shape[0])
+        return generate(src, **kw)
+
+    model.generate = spy  # type: ignore[method-assign]
+    fixed, _ = decode_greedy(model, tok, prompts, max_new_tokens=6, batch_size=5, fixed_rows=True)
+    assert len(rows_seen) > 1 and set(rows_seen) == {5}
+    rows_seen.clear()
+    natural, _ = decode_greedy(model, tok, prompts, max_new_tokens=6, batch_size=5)  # CPU: natural sizes
+    assert sum(rows_seen) == len(prompts) and min(rows_seen) < 5
+    assert fixed == natural
+
+
 def test_verify_end_to_end_cli(
     run_and_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

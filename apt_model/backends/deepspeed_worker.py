@@ -292,6 +292,7 @@ class Worker:
         import deepspeed
 
         from apt_model.model import DBCDAC, APTModel
+        from apt_model.model.dropout import enable_dropout_schedule
         from apt_model.training.batching import Batcher
         from apt_model.training.loop import prepare, seed_everything
         from apt_model.training.report import REPORT_FILE, ExperimentReport
@@ -314,6 +315,8 @@ class Worker:
         seed_everything(cfg.seed)
         model = APTModel(prep.model_config)
         model.train()
+        if cfg.dropout_epochs:
+            enable_dropout_schedule(model)  # before the forward is compiled
         self._eager_forward = model.forward
         if self.compiled:
             # The forward (and through AOTAutograd its backward) is compiled; DeepSpeed's engine still wraps the
@@ -488,9 +491,12 @@ class Worker:
         log.warning("non-finite loss %s at step %d: update skipped", loss, self.global_step + 1)
 
     def _train_epoch(self) -> dict[str, Any]:
+        from apt_model.model.dropout import set_dropout_on
         from apt_model.training.loop import compute_loss
 
         t0 = time.perf_counter()
+        if self.cfg.dropout_epochs:
+            set_dropout_on(self.engine.module, self.cfg.dropout_on(self.epoch))
         plan = self.batcher.epoch_indices(self.epoch, group=self.world)
         examples = self.batcher.examples
         tokens = [sum(len(examples[i].out) + 1 for i in rows) for rows in plan]

@@ -499,11 +499,14 @@ class _Run:
 
         from apt_model.hf import APTConfig, APTForConditionalGeneration
         from apt_model.model import DBCDAC
+        from apt_model.model.dropout import enable_dropout_schedule
         from apt_model.training.loop import _deterministic, seed_everything
 
         cfg, prep = self.cfg, self.prep
         seed_everything(cfg.seed)  # before the model is built: the same initial weights as the Playground
         model = APTForConditionalGeneration(APTConfig.from_model_config(prep.model_config))
+        if cfg.dropout_epochs:
+            enable_dropout_schedule(model)
         use_cpu = prep.device.type == "cpu"
         has_val = bool(prep.val_examples)
         report_to = ["tensorboard"] + (["wandb"] if self.s.wandb else [])
@@ -1067,6 +1070,11 @@ class _Reporter:
     # -- the optimizer step ----------------------------------------------------------------------------------
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self._reset_epoch()
+        if self.cfg.dropout_epochs:
+            from apt_model.model.dropout import set_dropout_on
+
+            # state.epoch counts the epochs done (fractional after a mid-epoch resume): its floor is this one's index.
+            set_dropout_on(self.trainer.model, self.cfg.dropout_on(int(state.epoch or 0)))
         return control
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:

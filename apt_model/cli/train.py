@@ -50,6 +50,7 @@ TRAIN_FLAGS = {
     "min_lr": "min_lr",
     "weight_decay": "weight_decay",
     "warmup_steps": "warmup_steps",
+    "dropout_epochs": "dropout_epochs",
     "t0": "t0",
     "t_mult": "t_mult",
     "seed": "seed",
@@ -114,6 +115,12 @@ def register(subparsers: Any) -> None:
     t.add_argument("--min-lr", type=float, default=None)
     t.add_argument("--weight-decay", type=float, default=None)
     t.add_argument("--warmup-steps", type=int, default=None)
+    t.add_argument(
+        "--dropout-epochs",
+        type=int,
+        default=None,
+        help="dropout only in the first N epochs, then off (default 0: in every epoch)",
+    )
     t.add_argument("--t0", type=int, default=None, help="cosine restart period T_0 in epochs")
     t.add_argument("--t-mult", type=int, default=None)
     t.add_argument("--seed", type=int, default=None)

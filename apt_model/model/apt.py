@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from apt_model.config import ModelConfig
 from apt_model.errors import ConfigError, DataError
 from apt_model.model.attention import AutopoieticAttention
+from apt_model.model.dropout import ScheduledDropout
 
 __all__ = ["APTModel", "DecoderLayer", "EncoderLayer", "sinusoidal_positions"]
 
@@ -64,7 +65,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = ScheduledDropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(F.gelu(self.linear1(x))))
@@ -77,7 +78,7 @@ class EncoderLayer(nn.Module):
         self.ff = FeedForward(config.d_model, config.d_ff, config.dropout)
         self.norm1 = nn.LayerNorm(config.d_model, eps=config.eps)
         self.norm2 = nn.LayerNorm(config.d_model, eps=config.eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = ScheduledDropout(config.dropout)
 
     def forward(self, x: Tensor, pad: Tensor) -> Tensor:
         a = self.self_attn(x, key_padding_mask=pad, query_padding_mask=pad)
@@ -94,7 +95,7 @@ class DecoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(config.d_model, eps=config.eps)
         self.norm2 = nn.LayerNorm(config.d_model, eps=config.eps)
         self.norm3 = nn.LayerNorm(config.d_model, eps=config.eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = ScheduledDropout(config.dropout)
 
     def forward(
         self,
@@ -123,7 +124,7 @@ class APTModel(nn.Module):
         self.register_buffer(
             "pos_encoding", sinusoidal_positions(config.max_len, config.d_model), persistent=False
         )
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = ScheduledDropout(config.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_decoder_layers))
         self.encoder_norm = nn.LayerNorm(config.d_model, eps=config.eps)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apt_model.model.autopoietic import AutopoieticTransform
+from apt_model.model.dropout import ScheduledDropout
 
 __all__ = ["AutopoieticAttention", "build_mask", "causal_mask"]
 
@@ -78,6 +79,7 @@ class AutopoieticAttention(nn.Module):
         self.n_heads = n_heads
         self.d_head = d_model // n_heads
         self.dropout = float(dropout)
+        self.probs_dropout = ScheduledDropout(dropout)
         self.use_autopoietic = use_autopoietic
         # One [3d, d] input projection (q, k, v stacked, nn.MultiheadAttention's layout): a single matmul
         # for self-attention.
@@ -151,8 +153,7 @@ class AutopoieticAttention(nn.Module):
             # the spec's -inf at masked entries is applied by the transform itself (autopoietic_probs).
             scores = torch.matmul(q * (1.0 / math.sqrt(self.d_head)), k.transpose(-2, -1))
             probs = self.transform(scores, masked)
-            attn = F.dropout(probs, drop, self.training) if drop > 0 else probs
-            out = torch.matmul(attn, v)
+            out = torch.matmul(self.probs_dropout(probs), v)
         else:
             masked = build_mask(lq, lk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
             dead: Tensor | None = None
@@ -161,15 +162,15 @@ class AutopoieticAttention(nn.Module):
                 dead = masked.all(dim=-1, keepdim=True)
                 masked = masked & ~dead
             allowed = None if masked is None else ~masked.unsqueeze(1)
-            if return_probs or self.capture_probs:
+            # A dropout schedule's switch applies to the probabilities, which SDPA never shows.
+            if return_probs or self.capture_probs or (drop > 0 and self.probs_dropout.gated):
                 scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(self.d_head))
                 if allowed is not None:
                     scores = scores.masked_fill(~allowed, float("-inf"))
                 probs = torch.softmax(scores, dim=-1)
                 if dead is not None:
                     probs = probs.masked_fill(dead.unsqueeze(1), 0.0)
-                attn = F.dropout(probs, drop, self.training) if drop > 0 else probs
-                out = torch.matmul(attn, v)
+                out = torch.matmul(self.probs_dropout(probs), v)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=drop)
                 if dead is not None:

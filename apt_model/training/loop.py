@@ -59,6 +59,7 @@ from apt_model.checkpoint import (
 from apt_model.config import ModelConfig
 from apt_model.errors import AptError, CheckpointError, ConfigError, DataError
 from apt_model.io import atomic_write_json, remove_stale_temps, sha256_file
+from apt_model.model.dropout import enable_dropout_schedule, set_dropout_on
 from apt_model.training.batching import PAD_MODES, Batch, Batcher, build_tokenizer, encode_pairs
 from apt_model.training.fastpath import PendingStep, TrainStep
 from apt_model.training.report import REPORT_FILE, ExperimentReport, json_float
@@ -98,6 +99,7 @@ class Prepared:
     transform_kernel: str  # what runs the autopoietic transform: triton | torch
     resume_state: dict[str, Any] | None = None
     start_epoch: int = 0
+    seconds: float = 0.0  # what prepare() took (reading, tokenizing and encoding the data)
 
 
 def resolve_transform_kernel(option: str, device: torch.device) -> str:
@@ -204,6 +206,7 @@ def prepare(request: TrainRequest) -> Prepared:
     """Validate the request and load data/tokenizer/checkpoint. Raises ``AptError`` (one line); writes nothing."""
     from apt_model.data import load_dataset
 
+    started = time.perf_counter()
     opts = request.options
     out_dir = Path(request.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -311,6 +314,7 @@ def prepare(request: TrainRequest) -> Prepared:
         transform_kernel=transform_kernel,
         resume_state=resume_state,
         start_epoch=start_epoch,
+        seconds=time.perf_counter() - started,
     )
 
 
@@ -530,6 +534,8 @@ class _Trainer:
         seed_everything(cfg.seed)
         self.model = APTModel(prep.model_config).to(self.device)
         self.model.train()
+        if cfg.dropout_epochs:
+            enable_dropout_schedule(self.model)  # before TrainStep compiles it
         common = dict(
             pad_id=self.pad_id,
             bos_id=self.tok.bos_id,
@@ -699,6 +705,8 @@ class _Trainer:
         t0 = time.perf_counter()
         batches = self.train_batcher.epoch(self.epoch)
         windows = [batches[i : i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
+        if cfg.dropout_epochs:
+            set_dropout_on(self.model, cfg.dropout_on(self.epoch))
         stats = _EpochStats()
         # Each step's outcome is read after the next step is launched (TrainStep.launch): with the whole-step graphs
         # the GPU then never idles through this loop's bookkeeping; other steps come back already resolved.
@@ -764,6 +772,7 @@ class _Trainer:
 
     # -- the run -----------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        started = time.perf_counter()
         self._setup()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # A run killed mid-write (SIGKILL, power loss) leaves its atomic writes' temporaries; this run rewrites
@@ -783,6 +792,11 @@ class _Trainer:
         }
         self.tracker.start(params, tags, resume_run_id=self._resume_run_id)
         progress = Progress(bool(self.request.options.get("progress", True)))
+        # Where a run's wall time goes besides its epochs (BENCHMARKS.md's timed quality runs read these).
+        self.report.runtime["phase_seconds"] = {
+            "prepare": round(self.prep.seconds, 3),
+            "setup": round(time.perf_counter() - started, 3),
+        }
         try:
             while self.epoch < self.cfg.epochs:
                 row = self._train_epoch(progress)
@@ -803,6 +817,7 @@ class _Trainer:
             raise
 
     def _finish(self) -> TrainResult:
+        started = time.perf_counter()
         out = self.out_dir
         final_ckpt = out / FINAL_CHECKPOINT
         export_dir = out / FINAL_EXPORT
@@ -821,6 +836,9 @@ class _Trainer:
             self.prep.model_config,
             self.tok,
             extra_configs={"train_config": self.cfg.to_dict(), "data_config": self.request.data.to_dict()},
+        )
+        self.report.runtime.setdefault("phase_seconds", {})["finish"] = round(
+            time.perf_counter() - started, 3
         )
         self.report.write(self.report_path)
         self.tracker.log_artifact(self.report_path)

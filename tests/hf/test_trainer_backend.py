@@ -122,6 +122,21 @@ def test_trainer_outputs(runs: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
+def test_dropout_epochs_turn_dropout_off_in_the_trainer(tmp_path: Path) -> None:
+    """Dropout 0.3 in epoch 1 only: epoch 1's steps are the always-dropout run's, epoch 2's are not."""
+    ds = _write_dataset(tmp_path / "d.json")
+    losses = {}
+    for name, dropout_epochs in (("always", 0), ("scheduled", 1)):
+        req = _request(ds, tmp_path / name, train={"epochs": 2, "dropout_epochs": dropout_epochs})
+        req = dataclasses.replace(req, model=model_preset("tiny", dropout=0.3))
+        losses[name] = _report(get_backend("huggingface").train(req))["batch_losses"]
+    a, s = losses["always"], losses["scheduled"]
+    assert len(a) == len(s) == 8  # 4 steps an epoch
+    assert s[:4] == a[:4]
+    assert all(x != y for (_, x), (_, y) in zip(s[4:], a[4:], strict=True))
+
+
+@pytest.mark.slow
 def test_both_backends_load_through_auto_classes(runs: dict[str, Any], tmp_path: Path) -> None:
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 

@@ -3,6 +3,7 @@ the CPU, captured on a GPU), and the compiled step on a GPU."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from apt_model.config import DBCDACConfig, TrainConfig, model_preset
 from apt_model.model import DBCDAC, APTModel
+from apt_model.model.dropout import enable_dropout_schedule, set_dropout_on
 from apt_model.training.batching import Batch
 from apt_model.training.fastpath import STEP_GRAPH_WARMUP, TrainStep
 
@@ -312,3 +314,46 @@ def test_replayed_steps_draw_new_dropout_masks_on_cuda() -> None:
     assert fast.whole is not None and fast.whole.captured
     replayed = losses[STEP_GRAPH_WARMUP + 1 :]  # after the capture step
     assert len(set(replayed)) == len(replayed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the GPU machine)")
+def test_dropout_schedule_switches_inside_the_captured_step_on_cuda() -> None:
+    """``--dropout-epochs``: the switch is read by the captured whole step. Learning rate 0, one batch: with dropout
+    on the replays' losses differ (new masks), switched off they repeat the eager no-dropout loss, and switched on
+    again they differ again, all without a new capture."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cuda = torch.device("cuda")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = APTModel(model_preset("tiny", dropout=0.5)).to(cuda)
+    enable_dropout_schedule(model)
+    reference = copy.deepcopy(model)
+    set_dropout_on(reference, False)
+    cfg = TrainConfig(weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, fused=True)
+    fast = TrainStep(model, cfg, optimizer=opt, device=cuda, precision="fp32", pad_id=0, compiled=True)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.0, weight_decay=0.0)
+    eager = TrainStep(reference, cfg, optimizer=ref_opt, device=cuda, precision="fp32", pad_id=0)
+    window = random_window(1, 8, cuda, seed=5)
+    step = 0
+
+    def losses(k: int) -> list[float]:
+        nonlocal step
+        out = []
+        for _ in range(k):
+            step += 1
+            out.append(fast(window, step).loss)
+        return out
+
+    on = losses(STEP_GRAPH_WARMUP + 3)
+    assert fast.whole is not None and fast.whole.captured
+    graph = fast.whole.graphs["first"]
+    set_dropout_on(model, False)
+    off = losses(3)
+    set_dropout_on(model, True)
+    on_again = losses(3)
+    expected = eager(window, 1).loss
+    assert len(set(on[-3:])) == 3 and len(set(on_again)) == 3
+    assert off == pytest.approx([expected] * 3, rel=1e-4)
+    assert all(abs(x - expected) > 1e-3 for x in on_again)
+    assert fast.whole.graphs["first"] is graph  # the same capture throughout

@@ -81,6 +81,23 @@ def test_resumed_run_matches_uninterrupted_run_exactly(tmp_path: Path) -> None:
         assert torch.equal(x, y), name
 
 
+def test_dropout_epochs_turns_dropout_off_after_n_epochs_and_on_resume(tmp_path: Path) -> None:
+    """``dropout_epochs=1``: epoch 1 is the always-dropout run's step for step, epoch 2 is not; a run resumed from
+    the always-dropout run's epoch-1 checkpoint with the schedule continues exactly as the scheduled run."""
+    always = loop.run_training(request(tmp_path, "always", deterministic=True))
+    scheduled = loop.run_training(request(tmp_path, "scheduled", deterministic=True, dropout_epochs=1))
+    per_epoch = read_report(always.report)["runtime"]["steps_per_epoch"]
+    a, s = read_report(always.report)["batch_losses"], read_report(scheduled.report)["batch_losses"]
+    assert len(a) == len(s) == 2 * per_epoch
+    assert s[:per_epoch] == a[:per_epoch]
+    assert all(x != y for (_, x), (_, y) in zip(s[per_epoch:], a[per_epoch:], strict=True))
+
+    resumed_req = request(tmp_path, "resumed", deterministic=True, dropout_epochs=1)
+    resumed_req.resume = Path(always.out_dir) / "checkpoint_epoch_1.pt"
+    resumed = loop.run_training(resumed_req)
+    assert read_report(resumed.report)["batch_losses"][per_epoch:] == s[per_epoch:]
+
+
 def test_run_outputs_and_report(tmp_path: Path) -> None:
     rows: list[dict] = []
     req = request(tmp_path, epochs=2, save_interval=1, eval_every=2)
@@ -101,6 +118,8 @@ def test_run_outputs_and_report(tmp_path: Path) -> None:
     assert [c["epoch"] for c in rep["checkpoints"]] == [1, 2]
     assert rep["dataset"]["n_train"] + rep["dataset"]["n_val"] == 72 and rep["dataset"]["n_val"] > 0
     assert rep["schedule"]["kind"] == "cosine_warm_restarts" and rep["schedule"]["stepping"] == "per_step"
+    phases = rep["runtime"]["phase_seconds"]
+    assert set(phases) == {"prepare", "setup", "finish"} and all(v > 0 for v in phases.values())
     ck = load_checkpoint(out / "checkpoint_epoch_1.pt")
     for key in ("model_config", "train_config", "data_config", "tokenizer_json", "model_state", "optimizer_state",
                 "scheduler_state", "scaler_state", "epoch", "global_step", "rng", "history", "dataset_sha256"):  # fmt: skip
