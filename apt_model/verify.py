@@ -19,10 +19,10 @@ Batching (speed without changing answers): rows of one batch share their encoded
 prompt is ever padded and each answer is what unbatched decoding gives (the autopoietic statistics would otherwise
 see the padding); within a length, rows are sorted by their decode limit so a batch stops early once every row emitted
 EOS. On a GPU every batch is decoded at the same row count (``fixed_rows``: a short batch is filled with copies of
-its first row, whose answers are dropped): matrix kernels picked for another row count can round differently, and
-a near-tie answer would then depend on which prompts shared its batch (the same 377 physics prompts once scored
-86.2% and 87.5% in two verifications that only grouped them differently). On the CPU, where the filler rows would
-cost real time, batches keep their natural size. The default limit per prompt is its expected answer's length + EOS + ``MAX_NEW_TOKENS_MARGIN`` (an answer needing
+its first row, whose answers are dropped): matrix kernels picked for another row count can round differently (on
+the CPU the Playground model's logits for the same rows differ by ~1e-7 between batches of 5 and 37 rows), and a
+near-tie answer would then depend on which prompts shared its batch. On the CPU, where the filler rows would cost
+real time, batches keep their natural size. The default limit per prompt is its expected answer's length + EOS + ``MAX_NEW_TOKENS_MARGIN`` (an answer needing
 more tokens cannot be an exact match, so the limit never changes the exact score). Decoding runs under
 ``torch.inference_mode``.
 """
