@@ -121,6 +121,8 @@
 #                  at seed 7; three per GPU, accuracy only, every verification.
 #   PART=quality-warm-schedule — quality-warm's method (a 2-epoch cache fill per GPU, then the timed run alone on a
 #                  warm cache) for init 0.3 + dropout 0.1 over 60 epochs, off after epoch 40 (GPU 0) or 30 (GPU 1).
+#   PART=quality-warm-schedule2 — right after quality-warm-schedule on the same machine (its warm caches): dropout 0.1
+#                  for 40 of 60 epochs at seed 7 (GPU 0), dropout 0.15 (GPU 1: a rate the cache has not seen).
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -881,6 +883,16 @@ if [[ $part == quality-warm-schedule ]]; then
   QUALITY_WARM=1 wide_runs quality_warm_schedule -- \
     "0 W03D10e40of60 xxl train,val --t0 60 --epochs 60 $z3p3 --dropout-epochs 40" \
     "$g1 W03D10e30of60 xxl train,val --t0 60 --epochs 60 $z3p3 --dropout-epochs 30"
+fi
+
+if [[ $part == quality-warm-schedule2 ]]; then
+  # The sixteenth session's last call ran these flags as an inline command (bench/quality_run.py with each GPU's warm
+  # cache); this part is that command.
+  g1=$(second_gpu)
+  z3p3="--t0 60 --epochs 60 --repeat zodiac=3,physics=3 --embedding-init-std 0.3 --dropout-epochs 40"
+  QUALITY_WARM=1 wide_runs quality_warm_schedule2 -- \
+    "0 W03D10e40of60s7 xxl train,val $z3p3 --dropout 0.1 --seed 7" \
+    "$g1 W03D15e40of60 xxl train,val $z3p3 --dropout 0.15"
 fi
 
 if [[ $part == quality-warm ]]; then
