@@ -266,9 +266,8 @@ class TrainConfig(_Config):
     clip_grad_norm: float = 1.0
     label_smoothing: float = 0.0
     warmup_steps: int = 0
-    # Dropout (ModelConfig.dropout) only in the first N epochs, then off; 0: in every epoch. Dropout keeps the model
-    # from recalling neighbouring problems instead of computing them, but slows fitting the training set; turning it
-    # off for the last epochs lets the run fit it (BENCHMARKS.md, quality runs).
+    # Dropout (ModelConfig.dropout) only in the first N epochs, then off; 0: in every epoch. Dropout slows fitting the
+    # training set; switched off for the last epochs, the run fits it (BENCHMARKS.md, sixteenth session's quality runs).
     dropout_epochs: int = 0
     seed: int = 42
     precision: str = "auto"  # auto | fp32 | bf16 | fp16

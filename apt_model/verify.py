@@ -22,9 +22,9 @@ EOS. On a GPU every batch is decoded at the same row count (``fixed_rows``: a sh
 its first row, whose answers are dropped): matrix kernels picked for another row count can round differently (on
 the CPU the Playground model's logits for the same rows differ by ~1e-7 between batches of 5 and 37 rows), and a
 near-tie answer would then depend on which prompts shared its batch. On the CPU, where the filler rows would cost
-real time, batches keep their natural size. The default limit per prompt is its expected answer's length + EOS + ``MAX_NEW_TOKENS_MARGIN`` (an answer needing
-more tokens cannot be an exact match, so the limit never changes the exact score). Decoding runs under
-``torch.inference_mode``.
+real time, batches keep their natural size. The default limit per prompt is its expected answer's length + EOS +
+``MAX_NEW_TOKENS_MARGIN`` (an answer needing more tokens cannot be an exact match, so the limit never changes the exact
+score). Decoding runs under ``torch.inference_mode``.
 """
 
 from __future__ import annotations
