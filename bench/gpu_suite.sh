@@ -112,7 +112,7 @@
 #   PART=quality-emb — GPU 0 alone: the README recipe at embedding init 0.3, every verification; GPU 1, three per
 #                  card: init 0.2, 0.3 at seed 7, 0.1.
 #   PART=quality-emb-dropout — init 0.3 with dropout 0.02 and 0.04, one alone per card, every verification.
-#   PART=quality-warm (not run yet) — per GPU: a 2-epoch run that fills the caches, then alone and warm: init 0.3 +
+#   PART=quality-warm (never run; quality-warm-schedule ran its method in the sixteenth session) — per GPU: a 2-epoch run that fills the caches, then alone and warm: init 0.3 +
 #                  dropout 0.05 over 60 epochs (GPU 0), the README recipe (GPU 1); every verification.
 #   PART=quality-schedule — the CUDA tests of the step (the dropout switch inside the captured step among them) in
 #                  the background, and six runs three per GPU (accuracy only): dropout 0.05-0.15 for the first 30-38
