@@ -248,6 +248,11 @@ def plan_batches(src_lengths: Sequence[int], limits: Sequence[int], batch_size: 
     return batches
 
 
+def resolve_fixed_rows(fixed_rows: bool | None, device: str) -> bool:
+    """``fixed_rows`` as given, or by default on CUDA devices (see the module docstring)."""
+    return str(device).startswith("cuda") if fixed_rows is None else fixed_rows
+
+
 def decode_greedy(
     model: Any,
     tokenizer: Any,
@@ -268,8 +273,7 @@ def decode_greedy(
     """
     import torch
 
-    if fixed_rows is None:
-        fixed_rows = str(device).startswith("cuda")
+    fixed_rows = resolve_fixed_rows(fixed_rows, device)
 
     bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
     encoded = [list(tokenizer.encode(text)) for text in inputs]
@@ -401,6 +405,7 @@ def verify_model(
         # The decoder sees [BOS] + generated tokens, so it can emit at most max_len tokens.
         limits = [min(n, int(max_len)) for n in limits]
 
+    fixed_rows = resolve_fixed_rows(fixed_rows, device)
     started = time.perf_counter()
     answers, truncated = decode_greedy(
         net,
@@ -448,7 +453,7 @@ def verify_model(
         gate=gate,
         settings={
             "batch_size": batch_size,
-            "fixed_rows": device.startswith("cuda") if fixed_rows is None else fixed_rows,
+            "fixed_rows": fixed_rows,
             "max_new_tokens": max_new_tokens
             if max_new_tokens is not None
             else f"expected answer length + {MAX_NEW_TOKENS_MARGIN} (per prompt, <= {max(limits)})",
