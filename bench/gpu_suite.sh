@@ -112,15 +112,13 @@
 #   PART=quality-emb — GPU 0 alone: the README recipe at embedding init 0.3, every verification; GPU 1, three per
 #                  card: init 0.2, 0.3 at seed 7, 0.1.
 #   PART=quality-emb-dropout — init 0.3 with dropout 0.02 and 0.04, one alone per card, every verification.
-#   PART=quality-warm (never run; quality-warm-schedule ran its method in the sixteenth session) — per GPU: a 2-epoch run that fills the caches, then alone and warm: init 0.3 +
-#                  dropout 0.05 over 60 epochs (GPU 0), the README recipe (GPU 1); every verification.
 #   PART=quality-schedule — the CUDA tests of the step (the dropout switch inside the captured step among them) in
 #                  the background, and six runs three per GPU (accuracy only): dropout 0.05-0.15 for the first 30-38
 #                  of 45 epochs (`--dropout-epochs`), init 0.3 or 0.5, every verification.
 #   PART=quality-schedule2 — after quality-schedule (off at 30 led): dropout 0.1-0.2 off at 20-25, and 0.1 off at 30
 #                  at seed 7; three per GPU, accuracy only, every verification.
-#   PART=quality-warm-schedule — quality-warm's method (a 2-epoch cache fill per GPU, then the timed run alone on a
-#                  warm cache) for init 0.3 + dropout 0.1 over 60 epochs, off after epoch 40 (GPU 0) or 30 (GPU 1).
+#   PART=quality-warm-schedule — a 2-epoch cache fill per GPU, then the timed run alone on that warm cache: init 0.3
+#                  + dropout 0.1 over 60 epochs, off after epoch 40 (GPU 0) or 30 (GPU 1).
 #   PART=quality-warm-schedule2 — right after quality-warm-schedule on the same machine (its warm caches): dropout 0.1
 #                  for 40 of 60 epochs at seed 7 (GPU 0), dropout 0.15 (GPU 1: a rate the cache has not seen).
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
@@ -893,26 +891,6 @@ if [[ $part == quality-warm-schedule2 ]]; then
   QUALITY_WARM=1 wide_runs quality_warm_schedule2 -- \
     "0 W03D10e40of60s7 xxl train,val $z3p3 --dropout 0.1 --seed 7" \
     "$g1 W03D15e40of60 xxl train,val $z3p3 --dropout 0.15"
-fi
-
-if [[ $part == quality-warm ]]; then
-  # For the session after the fifteenth. Physics reached 89-91% only with dropout, which kept train exact match at
-  # 94-98% in 45 epochs, and the recipe already takes ~176 s from a cold compile (first epoch ~63 s). On a machine
-  # that has trained before (weekly retraining: the inductor and Triton caches persist), the first epoch is mostly
-  # not compilation, which leaves time for more epochs. Per GPU, in turn: a 2-epoch run that fills its GPU's caches
-  # with the timed run's graphs (the same flags, validation every epoch so its graphs too), then the timed run alone
-  # on its card with every verification.
-  # GPU 0: init 0.3 + dropout 0.05 over 60 epochs; GPU 1: the README recipe (init 0.3, no dropout, 45 epochs), the
-  # warm figure of the recipe as documented.
-  g1=$(second_gpu)
-  z3p3="--repeat zodiac=3,physics=3 --embedding-init-std 0.3"
-  python3 bench/hlbd_wide.py --operand 99 --out "$work/hardcore_xxl.json" | tee -a "$log"
-  QUALITY_WARM=1 wide_runs quality_warmup -- \
-    "0 fillDO005 xxl none --t0 60 --epochs 2 --eval-every 1 $z3p3 --dropout 0.05" \
-    "$g1 fillRecipe xxl none --t0 45 --epochs 2 --eval-every 1 $z3p3"
-  QUALITY_WARM=1 wide_runs quality_warm -- \
-    "0 E03DO005e60 xxl train,val --t0 60 --epochs 60 $z3p3 --dropout 0.05" \
-    "$g1 Recipe xxl train,val --t0 45 --epochs 45 $z3p3"
 fi
 
 if [[ $part == quality ]]; then
