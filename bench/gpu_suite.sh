@@ -121,6 +121,8 @@
 #                  + dropout 0.1 over 60 epochs, off after epoch 40 (GPU 0) or 30 (GPU 1).
 #   PART=quality-warm-schedule2 — right after quality-warm-schedule on the same machine (its warm caches): dropout 0.1
 #                  for 40 of 60 epochs at seed 7 (GPU 0), dropout 0.15 (GPU 1: a rate the cache has not seen).
+#   PART=quality-b64 — batch 64 (more updates per minute): GPU 0 alone, cold, lr 7e-4 over 30 epochs, every
+#                  verification; GPU 1, three per card (accuracy only): lr 1e-3, seed 7, batch 96.
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -891,6 +893,21 @@ if [[ $part == quality-warm-schedule2 ]]; then
   QUALITY_WARM=1 wide_runs quality_warm_schedule2 -- \
     "0 W03D10e40of60s7 xxl train,val $z3p3 --dropout 0.1 --seed 7" \
     "$g1 W03D15e40of60 xxl train,val $z3p3 --dropout 0.15"
+fi
+
+if [[ $part == quality-b64 ]]; then
+  # Seventeenth session. More updates per epoch helped the computed kinds before (batch 128 over batch 256 at equal
+  # epochs and at equal minutes); at the quality shape the step is bound by latency more than by rows, so batch 64
+  # may buy ~1.3-1.5x the updates in the same minutes. GPU 0 alone, cold compile, every verification: batch 64 at
+  # lr 7e-4 over 30 epochs (what should fit the 3 minutes; its epoch time is the measurement). GPU 1 meanwhile, three
+  # side by side (accuracy only): batch 64 at lr 1e-3, at seed 7, and batch 96.
+  g1=$(second_gpu)
+  z3p3="--repeat zodiac=3,physics=3 --embedding-init-std 0.3"
+  wide_runs quality_b64 "xxl --operand 99" -- \
+    "0 B64L7 xxl train,val --t0 30 --epochs 30 $z3p3 --batch-size 64 --lr 7e-4" \
+    "$g1 B64L10 xxl val --t0 30 --epochs 30 $z3p3 --batch-size 64 --lr 1e-3" \
+    "$g1 B64L7s7 xxl val --t0 30 --epochs 30 $z3p3 --batch-size 64 --lr 7e-4 --seed 7" \
+    "$g1 B96L85 xxl val --t0 37 --epochs 37 $z3p3 --batch-size 96 --lr 8.5e-4"
 fi
 
 if [[ $part == quality ]]; then

@@ -66,6 +66,18 @@ from apt_model.training.batching import Batch
 # against 16.15 ms (BENCHMARKS.md).
 INDUCTOR_OPTIONS: dict[str, object] = {"fallback_random": True, "combo_kernels": True}
 
+def compile_seconds() -> dict[str, float]:
+    """Seconds this process has spent in torch.compile's timed phases, summed per phase (``{}`` if it never compiled).
+
+    The cold first epoch of a GPU run is mostly compilation (about a minute on an H200 against ~2 s for a later
+    epoch), so the training report keeps this breakdown to show which phase that minute goes to. The phases nest
+    (Dynamo's total contains the backend's), so they are not to be added up.
+    """
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {name: round(sum(times), 3) for name, times in compilation_time_metrics.items() if times}
+
+
 # Ordinary compiled steps before the capture: compilation, autotuning, cuBLAS and optimizer state all happen here,
 # never inside a capture (a lazily created optimizer state would be re-zeroed by every replay).
 STEP_GRAPH_WARMUP = 3

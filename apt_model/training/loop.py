@@ -61,7 +61,7 @@ from apt_model.errors import AptError, CheckpointError, ConfigError, DataError
 from apt_model.io import atomic_write_json, remove_stale_temps, sha256_file
 from apt_model.model.dropout import enable_dropout_schedule, set_dropout_on
 from apt_model.training.batching import PAD_MODES, Batch, Batcher, build_tokenizer, encode_pairs
-from apt_model.training.fastpath import PendingStep, TrainStep
+from apt_model.training.fastpath import PendingStep, TrainStep, compile_seconds
 from apt_model.training.report import REPORT_FILE, ExperimentReport, json_float
 from apt_model.training.schedule import WarmRestartSchedule, build_optimizer
 from apt_model.training.tracking import METRIC_KEYS, Tracker, flatten_params, resolve_tracking_uri
@@ -840,6 +840,8 @@ class _Trainer:
         self.report.runtime.setdefault("phase_seconds", {})["finish"] = round(
             time.perf_counter() - started, 3
         )
+        if self.prep.compiled:
+            self.report.runtime["compile_seconds"] = compile_seconds()
         self.report.write(self.report_path)
         self.tracker.log_artifact(self.report_path)
         self.tracker.log_artifact(export_dir, artifact_path=FINAL_EXPORT)

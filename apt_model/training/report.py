@@ -14,7 +14,8 @@ Schema (``schema_version`` 1; keys are always present, values may be ``null`` wh
       "runtime": {"device": "cpu"|"cuda:0"|..., "precision": "fp32"|"bf16"|"fp16", "compiled": bool, "transform_kernel": "triton"|"torch",
                   "pad_mode": "bucket"|"fixed", "steps_per_epoch": int, "n_parameters": int,
                   "resumed_from": [{"path": str, "epoch": int}, ...],
-                  "phase_seconds": {"prepare": float, "setup": float, "finish": float}},  # Playground: time outside epochs
+                  "phase_seconds": {"prepare": float, "setup": float, "finish": float},  # Playground: time outside epochs
+                  "compile_seconds": {phase: float}},  # Playground, compiled runs: torch.compile's timed phases (nested)
       "epochs": [                                   # one row per finished epoch, in order
         {"epoch": int,             # 1-based
          "train_loss": float,      # token-weighted mean CE over the epoch's applied steps (null if all skipped)

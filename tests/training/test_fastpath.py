@@ -13,7 +13,7 @@ from apt_model.config import DBCDACConfig, TrainConfig, model_preset
 from apt_model.model import DBCDAC, APTModel
 from apt_model.model.dropout import enable_dropout_schedule, set_dropout_on
 from apt_model.training.batching import Batch
-from apt_model.training.fastpath import STEP_GRAPH_WARMUP, TrainStep
+from apt_model.training.fastpath import STEP_GRAPH_WARMUP, TrainStep, compile_seconds
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +39,21 @@ def make_step(device: torch.device, **kw: object) -> tuple[APTModel, TrainStep]:
     cfg = TrainConfig(weight_decay=0.1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=cfg.weight_decay)
     return model, TrainStep(model, cfg, optimizer=opt, device=device, precision="fp32", pad_id=0, **kw)  # type: ignore[arg-type]
+
+
+def test_compile_seconds_reports_the_phases_a_compilation_spent_time_in() -> None:
+    """The training report's ``compile_seconds``: torch.compile's timed phases, each a positive sum of seconds, and
+    more of them after another compilation (Dynamo's eager backend: the tracing is timed, no code is generated)."""
+    before = compile_seconds()
+
+    def twice(x: torch.Tensor) -> torch.Tensor:
+        return x * 2 + 1
+
+    torch.compile(twice, backend="eager", dynamic=False)(torch.ones(3))
+    after = compile_seconds()
+    assert after and all(isinstance(v, float) and v >= 0 for v in after.values())
+    grown = [name for name, seconds in after.items() if seconds > before.get(name, 0.0)]
+    assert grown, (before, after)
 
 
 def test_graph_mode_keeps_its_own_grad_buffers_and_trains_identically() -> None:
