@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         # prepare / setup / finish: the part of `apt train`'s wall time that is neither epochs nor process start-up.
         "phase_seconds": (exp.get("runtime") or {}).get("phase_seconds"),
         "compile_seconds": (exp.get("runtime") or {}).get("compile_seconds"),
+        "first_launch_seconds": (exp.get("runtime") or {}).get("first_launch_seconds"),
     }
     # The curves, so a recipe's val loss can be read against its train loss epoch by epoch.
     report["history"] = [

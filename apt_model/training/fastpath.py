@@ -66,6 +66,7 @@ from apt_model.training.batching import Batch
 # against 16.15 ms (BENCHMARKS.md).
 INDUCTOR_OPTIONS: dict[str, object] = {"fallback_random": True, "combo_kernels": True}
 
+
 def compile_seconds() -> dict[str, float]:
     """Seconds this process has spent in torch.compile's timed phases, summed per phase (``{}`` if it never compiled).
 

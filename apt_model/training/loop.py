@@ -81,6 +81,10 @@ class TrainingDivergedError(AptError):
 # --------------------------------------------------------------------------------------------------- preparation
 
 
+# Launches of a run's first epoch whose durations the report keeps (compile, the graphs' warm-up and capture).
+FIRST_LAUNCHES_TIMED = 8
+
+
 @dataclass
 class Prepared:
     """Everything validated and loaded before any file is written."""
@@ -711,6 +715,10 @@ class _Trainer:
         # Each step's outcome is read after the next step is launched (TrainStep.launch): with the whole-step graphs
         # the GPU then never idles through this loop's bookkeeping; other steps come back already resolved.
         in_flight: _Launched | None = None
+        # A cold compiled run's first epoch is mostly its first steps (compilation, warm-up, capture): the report
+        # keeps how long each of the run's first launches took to return, beside torch.compile's own phases.
+        first_launches = self.report.runtime.setdefault("first_launch_seconds", [])
+        mark = t0
         for i, window in enumerate(windows):
             self.schedule.set_step(self.global_step)
             self.global_step += 1
@@ -721,6 +729,10 @@ class _Trainer:
                 n_tokens=sum(b.n_tokens for b in window),
                 lr=self.schedule.lr,
             )
+            if len(first_launches) < FIRST_LAUNCHES_TIMED and self.epoch == self.prep.start_epoch:
+                now = time.perf_counter()
+                first_launches.append(round(now - mark, 3))
+                mark = now
             if in_flight is not None:
                 self._settle(in_flight, stats, progress, len(windows))
             in_flight = launched
