@@ -125,6 +125,8 @@
 #                  verification; GPU 1, three per card (accuracy only): lr 1e-3, seed 7, batch 96.
 #   PART=quality-seeds — three more seeds of quality-b64's batch-64 run (GPU 0) and of the README recipe (GPU 1),
 #                  three per card, accuracy only, every verification.
+#   PART=quality-prewarm — the kernel pre-warm child's CUDA test, then the README recipe alone per card from cold
+#                  caches, at once: GPU 0 with the child, GPU 1 without (APT_PREWARM_KERNELS=0).
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -925,6 +927,23 @@ if [[ $part == quality-seeds ]]; then
     "$g1 Emb03s1 xxl train,val --t0 45 --epochs 45 $z3p3 --seed 1" \
     "$g1 Emb03s2 xxl train,val --t0 45 --epochs 45 $z3p3 --seed 2" \
     "$g1 Emb03s3 xxl train,val --t0 45 --epochs 45 $z3p3 --seed 3"
+fi
+
+if [[ $part == quality-prewarm ]]; then
+  # Seventeenth session. A cold run's first step took ~52 s, of which torch.compile's timed phases were ~35 s; the
+  # fused transform's Triton kernels compile after that, in the parent, when the compiled code first runs. The
+  # pre-warm child (apt_model/training/prewarm.py) compiles them into the Triton cache meanwhile. The README recipe
+  # alone on each card, cold caches, at once: GPU 0 with the child (the default), GPU 1 without. The child's CUDA
+  # test runs first.
+  g1=$(second_gpu)
+  tests_pass 300 tests/training/test_prewarm.py
+  z3p3="--t0 45 --epochs 45 --repeat zodiac=3,physics=3 --embedding-init-std 0.3"
+  python3 bench/hlbd_wide.py --operand 99 --out "$work/hardcore_xxl.json" | tee -a "$log"
+  wide_runs quality_prewarm_on -- "0 PrewarmOn xxl train,val $z3p3" &
+  on_pid=$!
+  APT_PREWARM_KERNELS=0 wide_runs quality_prewarm_off -- "$g1 PrewarmOff xxl train,val $z3p3" &
+  off_pid=$!
+  wait "$on_pid" "$off_pid"
 fi
 
 if [[ $part == quality ]]; then

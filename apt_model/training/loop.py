@@ -60,6 +60,7 @@ from apt_model.config import ModelConfig
 from apt_model.errors import AptError, CheckpointError, ConfigError, DataError
 from apt_model.io import atomic_write_json, remove_stale_temps, sha256_file
 from apt_model.model.dropout import enable_dropout_schedule, set_dropout_on
+from apt_model.training import prewarm
 from apt_model.training.batching import PAD_MODES, Batch, Batcher, build_tokenizer, encode_pairs
 from apt_model.training.fastpath import PendingStep, TrainStep, compile_seconds
 from apt_model.training.report import REPORT_FILE, ExperimentReport, json_float
@@ -571,6 +572,18 @@ class _Trainer:
         self.global_step = 0
         self.epoch = prep.start_epoch
         self.train_seconds = 0.0
+        # The fused transform's Triton kernels compile in a child while the first step compiles (training/prewarm.py).
+        self.prewarm = (
+            prewarm.start(
+                prep.model_config,
+                device=self.device,
+                precision=prep.precision,
+                src_len=self.request.data.max_src_len,
+                tgt_len=self.request.data.max_tgt_len,
+            )
+            if prep.pad_mode == "fixed" and prewarm.wanted(self.device, prep.compiled, prep.transform_kernel)
+            else None
+        )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
         self.report_path = self.out_dir / REPORT_FILE
@@ -812,6 +825,7 @@ class _Trainer:
         try:
             while self.epoch < self.cfg.epochs:
                 row = self._train_epoch(progress)
+                self._reap_prewarm()
                 self.report.add_epoch({**row, "train_loss": json_float(row["train_loss"])})
                 if self.epoch % self.cfg.save_interval == 0:
                     self._save_epoch_checkpoint()
@@ -821,6 +835,8 @@ class _Trainer:
         except TrainingDivergedError:
             raise
         except BaseException as exc:
+            if self.prewarm is not None:
+                self.prewarm.kill()
             self.report.status = "failed"
             self.report.final = {"error": f"{exc.__class__.__name__}: {exc}".splitlines()[0][:500]}
             with contextlib.suppress(Exception):
@@ -828,7 +844,13 @@ class _Trainer:
             self.tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
 
+    def _reap_prewarm(self) -> None:
+        if self.prewarm is not None:
+            self.report.runtime["kernel_prewarm"] = self.prewarm.reap()
+            self.prewarm = None
+
     def _finish(self) -> TrainResult:
+        self._reap_prewarm()
         started = time.perf_counter()
         out = self.out_dir
         final_ckpt = out / FINAL_CHECKPOINT

@@ -1,0 +1,94 @@
+"""The kernel pre-warm child (``training/prewarm.py``): when it runs, that it runs the model in a real child
+process, that a failing child costs the run nothing, and that the loop reaps it and reports it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from apt_model.config import model_preset
+from apt_model.training import loop, prewarm
+from apt_model.training.report import read_report
+from tests.training.test_loop import request
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread: None) -> None:
+    """Tiny models: one intra-op thread (see the root conftest's ``one_thread``)."""
+
+
+def test_wanted_only_for_a_compiled_cuda_run_with_the_fused_transform(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.delenv(prewarm.ENV_SWITCH, raising=False)
+    assert prewarm.wanted(cuda, True, "triton")
+    assert not prewarm.wanted(cpu, True, "triton")
+    assert not prewarm.wanted(cuda, False, "triton")
+    assert not prewarm.wanted(cuda, True, "torch")
+    monkeypatch.setenv(prewarm.ENV_SWITCH, "0")
+    assert not prewarm.wanted(cuda, True, "triton")
+
+
+def test_child_runs_a_training_shaped_step_and_an_eval_forward() -> None:
+    child = prewarm.start(
+        model_preset("tiny"), device=torch.device("cpu"), precision="fp32", src_len=12, tgt_len=6
+    )
+    result = child.reap(timeout=120)
+    assert result["rc"] == 0, result
+    timings = result["child"]
+    assert isinstance(timings, dict) and set(timings) == {"train_step", "eval_forward", "total"}
+    assert all(v >= 0 for v in timings.values())
+
+
+def test_a_failing_child_is_reported_and_nothing_else() -> None:
+    child = prewarm.start(
+        model_preset("tiny"), device=torch.device("cuda", 99), precision="bf16", src_len=12, tgt_len=6
+    )
+    result = child.reap(timeout=120)
+    assert result["rc"] != 0 and "child" not in result
+
+
+def test_loop_starts_the_child_and_reaps_it_after_the_first_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU the child is not wanted; forced here (the child then runs the model on the CPU) the run starts it
+    once, reaps it after epoch 1 and keeps its outcome in the report."""
+    started: list[prewarm.Prewarm] = []
+    real_start = prewarm.start
+    monkeypatch.setattr(prewarm, "wanted", lambda *a: True)
+    monkeypatch.setattr(
+        prewarm, "start", lambda *a, **kw: started.append(real_start(*a, **kw)) or started[-1]
+    )
+    req = request(tmp_path, epochs=2)
+    req.options = {**req.options, "pad": "fixed"}
+    result = loop.run_training(req)
+    report = read_report(result.report)
+    assert len(started) == 1 and started[0].process.returncode == 0
+    outcome = report["runtime"]["kernel_prewarm"]
+    assert outcome["rc"] == 0 and outcome["seconds"] > 0 and "train_step" in outcome["child"]
+
+
+def test_no_child_on_the_cpu_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prewarm, "start", lambda *a, **kw: pytest.fail("started a child on the CPU"))
+    req = request(tmp_path, epochs=1)
+    req.options = {**req.options, "pad": "fixed"}
+    report = read_report(loop.run_training(req).report)
+    assert "kernel_prewarm" not in report["runtime"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device and Triton")
+def test_child_fills_the_triton_cache_on_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child compiles the fused transform's kernels into the cache directory it inherits."""
+    cache = tmp_path / "triton"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    child = prewarm.start(
+        model_preset("tiny"), device=torch.device("cuda", 0), precision="bf16", src_len=12, tgt_len=6
+    )
+    result = child.reap(timeout=300)
+    assert result["rc"] == 0, result
+    # three forward and five backward kernels, at least, each in its own cache entry
+    assert len([p for p in cache.iterdir() if p.is_dir()]) >= 8, sorted(os.listdir(cache))
