@@ -127,6 +127,8 @@
 #                  three per card, accuracy only, every verification.
 #   PART=quality-prewarm — the kernel pre-warm child's CUDA test, then the README recipe alone per card from cold
 #                  caches, at once: GPU 0 with the child, GPU 1 without (APT_PREWARM_KERNELS=0).
+#   PART=quality-epochs — the README recipe over 45 (GPU 0) and 52 epochs (GPU 1) at seeds 4-6, three per card,
+#                  accuracy only.
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -944,6 +946,21 @@ if [[ $part == quality-prewarm ]]; then
   APT_PREWARM_KERNELS=0 wide_runs quality_prewarm_off -- "$g1 PrewarmOff xxl train,val $z3p3" &
   off_pid=$!
   wait "$on_pid" "$off_pid"
+fi
+
+if [[ $part == quality-epochs ]]; then
+  # After quality-prewarm (the child took 10.5 s off the cold first step: `apt train` 139.9 s against 151.4 s for
+  # the recipe on that host): what ~7 more epochs buy, on paired seeds. Three per card, accuracy only: the README
+  # recipe over 45 epochs (GPU 0) and over 52 (GPU 1) at seeds 4, 5 and 6.
+  g1=$(second_gpu)
+  z3p3="--repeat zodiac=3,physics=3 --embedding-init-std 0.3"
+  wide_runs quality_epochs "xxl --operand 99" -- \
+    "0 E45s4 xxl val --t0 45 --epochs 45 $z3p3 --seed 4" \
+    "0 E45s5 xxl val --t0 45 --epochs 45 $z3p3 --seed 5" \
+    "0 E45s6 xxl val --t0 45 --epochs 45 $z3p3 --seed 6" \
+    "$g1 E52s4 xxl val --t0 52 --epochs 52 $z3p3 --seed 4" \
+    "$g1 E52s5 xxl val --t0 52 --epochs 52 $z3p3 --seed 5" \
+    "$g1 E52s6 xxl val --t0 52 --epochs 52 $z3p3 --seed 6"
 fi
 
 if [[ $part == quality ]]; then

@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "phase_seconds": (exp.get("runtime") or {}).get("phase_seconds"),
         "compile_seconds": (exp.get("runtime") or {}).get("compile_seconds"),
         "first_launch_seconds": (exp.get("runtime") or {}).get("first_launch_seconds"),
+        "kernel_prewarm": (exp.get("runtime") or {}).get("kernel_prewarm"),
     }
     # The curves, so a recipe's val loss can be read against its train loss epoch by epoch.
     report["history"] = [

@@ -64,7 +64,7 @@ def test_loop_starts_the_child_and_reaps_it_after_the_first_epoch(
         prewarm, "start", lambda *a, **kw: started.append(real_start(*a, **kw)) or started[-1]
     )
     req = request(tmp_path, epochs=2)
-    req.options = {**req.options, "pad": "fixed"}
+    req.options = {**req.options, "pad": "fixed", "device": "cpu"}
     result = loop.run_training(req)
     report = read_report(result.report)
     assert len(started) == 1 and started[0].process.returncode == 0
@@ -75,7 +75,7 @@ def test_loop_starts_the_child_and_reaps_it_after_the_first_epoch(
 def test_no_child_on_the_cpu_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prewarm, "start", lambda *a, **kw: pytest.fail("started a child on the CPU"))
     req = request(tmp_path, epochs=1)
-    req.options = {**req.options, "pad": "fixed"}
+    req.options = {**req.options, "pad": "fixed", "device": "cpu"}
     report = read_report(loop.run_training(req).report)
     assert "kernel_prewarm" not in report["runtime"]
 
