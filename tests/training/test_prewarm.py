@@ -38,7 +38,7 @@ def test_child_runs_a_training_shaped_step_and_an_eval_forward() -> None:
         model_preset("tiny"), device=torch.device("cpu"), precision="fp32", src_len=12, tgt_len=6
     )
     result = child.reap(timeout=120)
-    assert result["rc"] == 0, result
+    assert result["rc"] == 0 and not result["killed"], result
     timings = result["child"]
     assert isinstance(timings, dict) and set(timings) == {"train_step", "eval_forward", "total"}
     assert all(v >= 0 for v in timings.values())
@@ -52,6 +52,14 @@ def test_a_failing_child_is_reported_and_nothing_else() -> None:
     assert result["rc"] != 0 and "child" not in result
 
 
+def test_a_child_still_running_at_reaping_time_is_killed() -> None:
+    child = prewarm.start(
+        model_preset("tiny"), device=torch.device("cpu"), precision="fp32", src_len=12, tgt_len=6
+    )
+    result = child.reap(timeout=0.01)  # the child needs seconds just to import torch
+    assert result["killed"] and result["rc"] != 0 and child.process.poll() is not None
+
+
 def test_loop_starts_the_child_and_reaps_it_after_the_first_epoch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -59,10 +67,16 @@ def test_loop_starts_the_child_and_reaps_it_after_the_first_epoch(
     once, reaps it after epoch 1 and keeps its outcome in the report."""
     started: list[prewarm.Prewarm] = []
     real_start = prewarm.start
+
+    def start_and_let_finish(*args: object, **kwargs: object) -> prewarm.Prewarm:
+        # a tiny CPU epoch ends before a child has imported torch; a GPU run's first epoch outlasts its child
+        child = real_start(*args, **kwargs)  # type: ignore[arg-type]
+        child.process.wait(timeout=120)
+        started.append(child)
+        return child
+
     monkeypatch.setattr(prewarm, "wanted", lambda *a: True)
-    monkeypatch.setattr(
-        prewarm, "start", lambda *a, **kw: started.append(real_start(*a, **kw)) or started[-1]
-    )
+    monkeypatch.setattr(prewarm, "start", start_and_let_finish)
     req = request(tmp_path, epochs=2)
     req.options = {**req.options, "pad": "fixed", "device": "cpu"}
     result = loop.run_training(req)
@@ -92,3 +106,24 @@ def test_child_fills_the_triton_cache_on_cuda(tmp_path: Path, monkeypatch: pytes
     assert result["rc"] == 0, result
     # three forward and five backward kernels, at least, each in its own cache entry
     assert len([p for p in cache.iterdir() if p.is_dir()]) >= 8, sorted(os.listdir(cache))
+
+
+def test_a_run_that_fails_in_its_first_epoch_kills_the_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[prewarm.Prewarm] = []
+    real_start = prewarm.start
+    monkeypatch.setattr(prewarm, "wanted", lambda *a: True)
+    monkeypatch.setattr(
+        prewarm, "start", lambda *a, **kw: started.append(real_start(*a, **kw)) or started[-1]
+    )
+
+    def broken_epoch(self: object, progress: object) -> dict:
+        raise RuntimeError("the first epoch broke")
+
+    monkeypatch.setattr(loop._Trainer, "_train_epoch", broken_epoch)
+    req = request(tmp_path, epochs=1)
+    req.options = {**req.options, "pad": "fixed", "device": "cpu"}
+    with pytest.raises(RuntimeError, match="the first epoch broke"):
+        loop.run_training(req)
+    assert len(started) == 1 and started[0].process.poll() is not None  # gone, not left running
