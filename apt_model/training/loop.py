@@ -833,10 +833,10 @@ class _Trainer:
                 self._emit(row)
             return self._finish()
         except TrainingDivergedError:
+            self._stop_prewarm()
             raise
         except BaseException as exc:
-            if self.prewarm is not None:
-                self.prewarm.kill()
+            self._stop_prewarm()
             self.report.status = "failed"
             self.report.final = {"error": f"{exc.__class__.__name__}: {exc}".splitlines()[0][:500]}
             with contextlib.suppress(Exception):
@@ -847,6 +847,11 @@ class _Trainer:
     def _reap_prewarm(self) -> None:
         if self.prewarm is not None:
             self.report.runtime["kernel_prewarm"] = self.prewarm.reap()
+            self.prewarm = None
+
+    def _stop_prewarm(self) -> None:
+        if self.prewarm is not None:
+            self.prewarm.kill()
             self.prewarm = None
 
     def _finish(self) -> TrainResult:

@@ -108,8 +108,9 @@ def test_child_fills_the_triton_cache_on_cuda(tmp_path: Path, monkeypatch: pytes
     assert len([p for p in cache.iterdir() if p.is_dir()]) >= 8, sorted(os.listdir(cache))
 
 
+@pytest.mark.parametrize("error", [RuntimeError, loop.TrainingDivergedError])
 def test_a_run_that_fails_in_its_first_epoch_kills_the_child(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[Exception]
 ) -> None:
     started: list[prewarm.Prewarm] = []
     real_start = prewarm.start
@@ -119,11 +120,11 @@ def test_a_run_that_fails_in_its_first_epoch_kills_the_child(
     )
 
     def broken_epoch(self: object, progress: object) -> dict:
-        raise RuntimeError("the first epoch broke")
+        raise error("the first epoch broke")
 
     monkeypatch.setattr(loop._Trainer, "_train_epoch", broken_epoch)
     req = request(tmp_path, epochs=1)
     req.options = {**req.options, "pad": "fixed", "device": "cpu"}
-    with pytest.raises(RuntimeError, match="the first epoch broke"):
+    with pytest.raises(error, match="the first epoch broke"):
         loop.run_training(req)
     assert len(started) == 1 and started[0].process.poll() is not None  # gone, not left running
