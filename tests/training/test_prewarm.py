@@ -1,5 +1,6 @@
 """The kernel pre-warm child (``training/prewarm.py``): when it runs, that it runs the model in a real child
-process, that a failing child costs the run nothing, and that the loop reaps it and reports it."""
+process, that a failing or late child costs the run nothing, and that the loop reaps it, reports it, and kills it
+when the run fails."""
 
 from __future__ import annotations
 
@@ -31,17 +32,6 @@ def test_wanted_only_for_a_compiled_cuda_run_with_the_fused_transform(
     assert not prewarm.wanted(cuda, True, "torch")
     monkeypatch.setenv(prewarm.ENV_SWITCH, "0")
     assert not prewarm.wanted(cuda, True, "triton")
-
-
-def test_child_runs_a_training_shaped_step_and_an_eval_forward() -> None:
-    child = prewarm.start(
-        model_preset("tiny"), device=torch.device("cpu"), precision="fp32", src_len=12, tgt_len=6
-    )
-    result = child.reap(timeout=120)
-    assert result["rc"] == 0 and not result["killed"], result
-    timings = result["child"]
-    assert isinstance(timings, dict) and set(timings) == {"train_step", "eval_forward", "total"}
-    assert all(v >= 0 for v in timings.values())
 
 
 def test_a_failing_child_is_reported_and_nothing_else() -> None:
@@ -83,7 +73,10 @@ def test_loop_starts_the_child_and_reaps_it_after_the_first_epoch(
     report = read_report(result.report)
     assert len(started) == 1 and started[0].process.returncode == 0
     outcome = report["runtime"]["kernel_prewarm"]
-    assert outcome["rc"] == 0 and outcome["seconds"] > 0 and "train_step" in outcome["child"]
+    assert outcome["rc"] == 0 and outcome["seconds"] > 0 and not outcome["killed"]
+    # the child ran a training-shaped step and an evaluation forward, and said how long they took
+    assert set(outcome["child"]) == {"train_step", "eval_forward", "total"}
+    assert all(v >= 0 for v in outcome["child"].values())
 
 
 def test_no_child_on_the_cpu_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
