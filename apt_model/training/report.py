@@ -15,8 +15,9 @@ Schema (``schema_version`` 1; keys are always present, values may be ``null`` wh
                   "pad_mode": "bucket"|"fixed", "steps_per_epoch": int, "n_parameters": int,
                   "resumed_from": [{"path": str, "epoch": int}, ...],
                   "phase_seconds": {"prepare": float, "setup": float, "finish": float},  # Playground: time outside epochs
-                  "compile_seconds": {phase: float},
-                  "first_launch_seconds": [float, ...]},  # Playground: seconds each of the first 8 step launches took  # Playground, compiled runs: torch.compile's timed phases (nested)
+                  "compile_seconds": {phase: float},         # Playground, compiled: torch.compile's phases (nested)
+                  "first_launch_seconds": [float, ...],      # Playground: the first epoch's first 8 launches, each
+                  "kernel_prewarm": {"rc": int, "seconds": float, "killed": bool, "child": {...}}},  # CUDA + Triton
       "epochs": [                                   # one row per finished epoch, in order
         {"epoch": int,             # 1-based
          "train_loss": float,      # token-weighted mean CE over the epoch's applied steps (null if all skipped)
