@@ -32,6 +32,8 @@ from apt_model.data.pairs import SIZES, normalize_text  # noqa: E402
 from bench.hlbd_kinds import breakdown  # noqa: E402
 
 KIND_MODULES = ("geometry", "physics", "arithmetic")
+# The training report's runtime entries that time the run (apt_model/training/report.py), kept in each result.
+RUNTIME_TIMINGS = ("phase_seconds", "compile_seconds", "first_launch_seconds", "kernel_prewarm")
 
 
 def apt(*args: str) -> list[str]:
@@ -191,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     run_step("train", train, report, out, log)
     exp = json.loads((run_dir / "experiment_report.json").read_text())
+    runtime = exp.get("runtime") or {}
     epochs = exp.get("epochs") or exp.get("history") or []
     report["train_report"] = {
         "epochs": len(epochs),
@@ -199,11 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         "final_val_loss": epochs[-1].get("val_loss") if epochs else None,
         "final_val_token_acc": epochs[-1].get("val_token_acc") if epochs else None,
         "status": exp.get("status"),
-        # prepare / setup / finish: the part of `apt train`'s wall time that is neither epochs nor process start-up.
-        "phase_seconds": (exp.get("runtime") or {}).get("phase_seconds"),
-        "compile_seconds": (exp.get("runtime") or {}).get("compile_seconds"),
-        "first_launch_seconds": (exp.get("runtime") or {}).get("first_launch_seconds"),
-        "kernel_prewarm": (exp.get("runtime") or {}).get("kernel_prewarm"),
+        # Where `apt train`'s wall time went besides the epochs: prepare / setup / finish, torch.compile's phases,
+        # the first epoch's first launches, and the kernel pre-warm child.
+        **{key: runtime.get(key) for key in RUNTIME_TIMINGS},
     }
     # The curves, so a recipe's val loss can be read against its train loss epoch by epoch.
     report["history"] = [

@@ -56,6 +56,11 @@ def test_runs_the_user_path_and_scores_the_other_sizes_val(tiny_run: tuple[Path,
     assert [s["name"] for s in report["steps"]] == steps
     assert all(s["rc"] == 0 for s in report["steps"])
     assert report["dataset"]["params"]["size"] == "small" and report["data_size"] is None
+    # the training report's timings come along (a CPU run: not compiled, no pre-warm child)
+    timings = {key: report["train_report"][key] for key in ("phase_seconds", "compile_seconds",
+                                                              "first_launch_seconds", "kernel_prewarm")}  # fmt: skip
+    assert set(timings["phase_seconds"]) == {"prepare", "setup", "finish"} and timings["first_launch_seconds"]
+    assert timings["compile_seconds"] is None and timings["kernel_prewarm"] is None
     # The given file is the small size itself, so its val split scored again gives the same figures.
     assert report["exact_val_small"]["overall"] == report["exact_val"]["overall"]
     assert report["exact_val_small"]["n"] == report["exact_val"]["n"]
