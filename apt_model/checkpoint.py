@@ -94,8 +94,11 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return target
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint written by ``save_checkpoint``; never unpickles arbitrary objects.
+
+    ``mmap``: map the file instead of reading it, so only the tensors used are read from disk (the model weights
+    are a third of a checkpoint that also holds Adam's two moments).
 
     Raises ``CheckpointError`` (one line naming the file) for a missing, unreadable, foreign or unsafe file.
     """
@@ -105,7 +108,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise CheckpointError(f"{p}: checkpoint file not found")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # any unpickling failure, including a refused global
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise CheckpointError(

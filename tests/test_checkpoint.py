@@ -78,6 +78,15 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*tmp")), "atomic write left a temp file"
 
 
+def test_mapped_load_reads_the_same_state(tmp_path: Path) -> None:
+    model, tok = _model_and_tokenizer()
+    path = save_checkpoint(tmp_path / "ck.pt", _state(model, tok))
+    read, mapped = load_checkpoint(path), load_checkpoint(path, mmap=True)
+    assert read.keys() == mapped.keys() and read["epoch"] == mapped["epoch"]
+    for name, value in read["model_state"].items():
+        assert torch.equal(value, mapped["model_state"][name]), name
+
+
 def test_save_refuses_objects_the_safe_loader_could_not_read(tmp_path: Path) -> None:
     model, tok = _model_and_tokenizer()
     state = _state(model, tok)
