@@ -8,8 +8,9 @@ the end of training (Polyak / stochastic weight averaging), or it may not: this 
 Input: a Playground run directory saved with ``--save-interval 1`` (``checkpoint_epoch_N.pt`` for every epoch).
 For each variant — the final weights (``last1``), the uniform mean of the last K epochs' weights (``lastK``), and
 exponentially weighted means of every epoch's weights (``expG``: weight G^age, age 0 = the final epoch) — the
-model is verified (greedy, exact match, ``apt_model.verify.verify_model``) on the val split of each given dataset;
-the report keeps overall, per module and per physics/arithmetic/geometry kind. Nothing in the run is changed.
+model is verified (greedy, exact match, ``apt_model.verify.verify_model``) on a split (``--split``, val by default)
+of each given dataset; the report keeps overall and per module exact match, and on val per physics / arithmetic /
+geometry kind too. Nothing in the run is changed.
 
 Usage:
   python bench/weight_average.py --run RUN_DIR --dataset own=hardcore.json --dataset xl=hardcore_xl.json \
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--last", type=int, nargs="*", default=[1, 3, 5, 10, 15])
     p.add_argument("--exp", type=float, nargs="*", default=[])
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", choices=("train", "val"))
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--out", type=Path, required=True)
