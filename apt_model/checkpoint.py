@@ -213,22 +213,28 @@ def resolve_model_path(path: str | Path) -> Path:
     raise CheckpointError(f"{p}: model path not found")
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint of ``run_dir`` with the highest epoch N (what a retried run resumes from).
+def epoch_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """``{N: path}`` of the run's epoch checkpoints, by epoch.
 
     ``checkpoint_epoch_{N}.pt`` files (Playground) and ``checkpoint_epoch_{N}/`` folders (DeepSpeed, published
     by a rename once every rank has written) both count; temporary files of interrupted writes never match.
     """
-    best: tuple[int, Path] | None = None
+    found: dict[int, Path] = {}
     for p in Path(run_dir).glob("checkpoint_epoch_*"):
         suffix = p.name.removeprefix("checkpoint_epoch_")
         if p.is_file() and suffix.endswith(".pt"):
             suffix = suffix[: -len(".pt")]
         elif not p.is_dir():
             continue
-        if suffix.isdigit() and (best is None or int(suffix) > best[0]):
-            best = (int(suffix), p)
-    return best[1] if best else None
+        if suffix.isdigit():
+            found[int(suffix)] = p
+    return dict(sorted(found.items()))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint of ``run_dir`` with the highest epoch N (what a retried run resumes from)."""
+    found = epoch_checkpoints(run_dir)
+    return found[max(found)] if found else None
 
 
 def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -30,20 +29,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from apt_model.checkpoint import epoch_checkpoints as all_epoch_checkpoints  # noqa: E402
+from apt_model.checkpoint import load_checkpoint  # noqa: E402
 from apt_model.io import atomic_path  # noqa: E402
 from bench.quality_run import kinds_of  # noqa: E402
 
-_EPOCH_FILE = re.compile(r"checkpoint_epoch_(\d+)\.pt")
-
 
 def epoch_checkpoints(run_dir: Path) -> dict[int, Path]:
-    """``{epoch: path}`` of the run's per-epoch checkpoint files."""
-    found = {}
-    for p in run_dir.glob("checkpoint_epoch_*.pt"):
-        m = _EPOCH_FILE.fullmatch(p.name)
-        if m:
-            found[int(m.group(1))] = p
-    return dict(sorted(found.items()))
+    """``{epoch: path}`` of the run's per-epoch checkpoint files (a Playground run's; DeepSpeed's are folders)."""
+    return {epoch: p for epoch, p in all_epoch_checkpoints(run_dir).items() if p.is_file()}
 
 
 def variant_weights(epochs: list[int], last: list[int], exp: list[float]) -> dict[str, dict[int, float]]:
@@ -64,8 +58,6 @@ def averaged_state(
     paths: dict[int, Path], weights: dict[int, float], cache: dict[int, dict]
 ) -> dict[str, Any]:
     """The weighted mean of the model weights of the given epochs (float tensors; others from the last epoch)."""
-    from apt_model.checkpoint import load_checkpoint
-
     acc: dict[str, Any] = {}
     for epoch, w in weights.items():
         if epoch not in cache:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from apt_model.checkpoint import (
+    epoch_checkpoints,
     export_pretrained,
     latest_checkpoint,
     load_checkpoint,
@@ -216,3 +217,16 @@ def test_latest_checkpoint(tmp_path: Path) -> None:
         (tmp_path / f"checkpoint_epoch_{n}.pt").write_bytes(b"")
     (tmp_path / "checkpoint_epoch_x.pt").write_bytes(b"")
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_epoch_10.pt"
+
+
+def test_epoch_checkpoints_lists_files_and_folders_by_epoch(tmp_path: Path) -> None:
+    assert epoch_checkpoints(tmp_path) == {}
+    (tmp_path / "checkpoint_epoch_3.pt").write_bytes(b"")
+    (tmp_path / "checkpoint_epoch_12").mkdir()  # a DeepSpeed checkpoint
+    (tmp_path / ".checkpoint_epoch_4.pt.abc.tmp").write_bytes(b"")  # an interrupted write
+    (tmp_path / "checkpoint_epoch_5.pt.tmp").write_bytes(b"")
+    (tmp_path / "checkpoint_epoch_7").write_bytes(b"")  # neither a .pt file nor a folder
+    found = epoch_checkpoints(tmp_path)
+    assert found == {3: tmp_path / "checkpoint_epoch_3.pt", 12: tmp_path / "checkpoint_epoch_12"}
+    assert list(found) == [3, 12]
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_epoch_12"
