@@ -574,6 +574,9 @@ fi
 # weight decay and length, which each part sets; B128 is the best of them (batch 128, lr 1e-3, weight decay 1.0).
 xl_base="--gradient-accumulation 1 --warmup-steps 300 --embedding-init-std 1.0 --dropout 0"
 b128="$xl_base --batch-size 128 --lr 1e-3 --weight-decay 1.0"
+# The README recipe's flags beyond b128 (fifteenth session on): zodiac and physics shown three times an epoch, token
+# embeddings initialised at 0.3. Its parts add epochs (45 in the README) and the flag under study.
+readme_recipe="--repeat zodiac=3,physics=3 --embedding-init-std 0.3"
 
 if [[ $part == quality-wd ]]; then
   QUALITY_ONE_GPU=1 QUALITY_TIMEOUT=560 run_quality_recipes quality_wd 0 xl \
@@ -839,7 +842,7 @@ if [[ $part == quality-emb-dropout ]]; then
   # 0.1 and 0.2 fall to 76-77% physics) and quality-dropout (dropout lifts physics to 89-91% but keeps train exact at
   # 94-96.5%): init 0.3 with a little dropout, 0.02 and 0.04, one alone on each card, every verification.
   g1=$(second_gpu)
-  z3p3="--t0 45 --epochs 45 --repeat zodiac=3,physics=3 --embedding-init-std 0.3"
+  z3p3="--t0 45 --epochs 45 $readme_recipe"
   wide_runs quality_emb_dropout "xxl --operand 99" -- \
     "0 E03DO002 xxl train,val $z3p3 --dropout 0.02" \
     "$g1 E03DO004 xxl train,val $z3p3 --dropout 0.04"
@@ -868,7 +871,7 @@ if [[ $part == quality-schedule2 ]]; then
   # 99.65%), after 35 88.3%, after 38 86.7%: the earlier, the better so far. Earlier still, a higher rate, and the
   # leader at another seed.
   g1=$(second_gpu)
-  z3p3="--t0 45 --epochs 45 --repeat zodiac=3,physics=3 --embedding-init-std 0.3"
+  z3p3="--t0 45 --epochs 45 $readme_recipe"
   wide_runs quality_schedule2 "xxl --operand 99" -- \
     "0 S03D10e25 xxl train,val $z3p3 --dropout 0.1 --dropout-epochs 25" \
     "0 S03D10e20 xxl train,val $z3p3 --dropout 0.1 --dropout-epochs 20" \
@@ -884,7 +887,7 @@ if [[ $part == quality-warm-schedule ]]; then
   # with train short of 99% in 45 epochs. With a warm compile cache (weekly retraining on the same machine) the
   # minute of compilation is free for ~15 more epochs: dropout 0.1 for 40 or 30 of 60 epochs.
   g1=$(second_gpu)
-  z3p3="--repeat zodiac=3,physics=3 --embedding-init-std 0.3 --dropout 0.1"
+  z3p3="$readme_recipe --dropout 0.1"
   python3 bench/hlbd_wide.py --operand 99 --out "$work/hardcore_xxl.json" | tee -a "$log"
   QUALITY_WARM=1 wide_runs quality_warmfill -- \
     "0 fill0 xxl none --t0 60 --epochs 2 --eval-every 1 $z3p3 --dropout-epochs 1" \
@@ -898,7 +901,7 @@ if [[ $part == quality-warm-schedule2 ]]; then
   # The sixteenth session's last call ran these flags as an inline command (bench/quality_run.py with each GPU's warm
   # cache); this part is that command.
   g1=$(second_gpu)
-  z3p3="--t0 60 --epochs 60 --repeat zodiac=3,physics=3 --embedding-init-std 0.3 --dropout-epochs 40"
+  z3p3="--t0 60 --epochs 60 $readme_recipe --dropout-epochs 40"
   QUALITY_WARM=1 wide_runs quality_warm_schedule2 -- \
     "0 W03D10e40of60s7 xxl train,val $z3p3 --dropout 0.1 --seed 7" \
     "$g1 W03D15e40of60 xxl train,val $z3p3 --dropout 0.15"
@@ -911,12 +914,11 @@ if [[ $part == quality-b64 ]]; then
   # lr 7e-4 over 30 epochs (what should fit the 3 minutes; its epoch time is the measurement). GPU 1 meanwhile, three
   # side by side (accuracy only): batch 64 at lr 1e-3, at seed 7, and batch 96.
   g1=$(second_gpu)
-  z3p3="--repeat zodiac=3,physics=3 --embedding-init-std 0.3"
   wide_runs quality_b64 "xxl --operand 99" -- \
-    "0 B64L7 xxl train,val --t0 30 --epochs 30 $z3p3 --batch-size 64 --lr 7e-4" \
-    "$g1 B64L10 xxl val --t0 30 --epochs 30 $z3p3 --batch-size 64 --lr 1e-3" \
-    "$g1 B64L7s7 xxl val --t0 30 --epochs 30 $z3p3 --batch-size 64 --lr 7e-4 --seed 7" \
-    "$g1 B96L85 xxl val --t0 37 --epochs 37 $z3p3 --batch-size 96 --lr 8.5e-4"
+    "0 B64L7 xxl train,val --t0 30 --epochs 30 $readme_recipe --batch-size 64 --lr 7e-4" \
+    "$g1 B64L10 xxl val --t0 30 --epochs 30 $readme_recipe --batch-size 64 --lr 1e-3" \
+    "$g1 B64L7s7 xxl val --t0 30 --epochs 30 $readme_recipe --batch-size 64 --lr 7e-4 --seed 7" \
+    "$g1 B96L85 xxl val --t0 37 --epochs 37 $readme_recipe --batch-size 96 --lr 8.5e-4"
 fi
 
 if [[ $part == quality-seeds ]]; then
@@ -924,14 +926,13 @@ if [[ $part == quality-seeds ]]; then
   # seed 7): one run is not a comparison when seeds move physics by 9 points. Three more seeds of it (GPU 0) and of the
   # README recipe (GPU 1), three per card, accuracy only, every verification.
   g1=$(second_gpu)
-  z3p3="--repeat zodiac=3,physics=3 --embedding-init-std 0.3"
   wide_runs quality_seeds "xxl --operand 99" -- \
-    "0 B64L7s1 xxl train,val --t0 30 --epochs 30 $z3p3 --batch-size 64 --lr 7e-4 --seed 1" \
-    "0 B64L7s2 xxl train,val --t0 30 --epochs 30 $z3p3 --batch-size 64 --lr 7e-4 --seed 2" \
-    "0 B64L7s3 xxl train,val --t0 30 --epochs 30 $z3p3 --batch-size 64 --lr 7e-4 --seed 3" \
-    "$g1 Emb03s1 xxl train,val --t0 45 --epochs 45 $z3p3 --seed 1" \
-    "$g1 Emb03s2 xxl train,val --t0 45 --epochs 45 $z3p3 --seed 2" \
-    "$g1 Emb03s3 xxl train,val --t0 45 --epochs 45 $z3p3 --seed 3"
+    "0 B64L7s1 xxl train,val --t0 30 --epochs 30 $readme_recipe --batch-size 64 --lr 7e-4 --seed 1" \
+    "0 B64L7s2 xxl train,val --t0 30 --epochs 30 $readme_recipe --batch-size 64 --lr 7e-4 --seed 2" \
+    "0 B64L7s3 xxl train,val --t0 30 --epochs 30 $readme_recipe --batch-size 64 --lr 7e-4 --seed 3" \
+    "$g1 Emb03s1 xxl train,val --t0 45 --epochs 45 $readme_recipe --seed 1" \
+    "$g1 Emb03s2 xxl train,val --t0 45 --epochs 45 $readme_recipe --seed 2" \
+    "$g1 Emb03s3 xxl train,val --t0 45 --epochs 45 $readme_recipe --seed 3"
 fi
 
 if [[ $part == quality-prewarm ]]; then
@@ -942,7 +943,7 @@ if [[ $part == quality-prewarm ]]; then
   # test runs first.
   g1=$(second_gpu)
   tests_pass 300 tests/training/test_prewarm.py
-  z3p3="--t0 45 --epochs 45 --repeat zodiac=3,physics=3 --embedding-init-std 0.3"
+  z3p3="--t0 45 --epochs 45 $readme_recipe"
   python3 bench/hlbd_wide.py --operand 99 --out "$work/hardcore_xxl.json" | tee -a "$log"
   wide_runs quality_prewarm_on -- "0 PrewarmOn xxl train,val $z3p3" &
   on_pid=$!
@@ -956,14 +957,13 @@ if [[ $part == quality-epochs ]]; then
   # the recipe on that host): what ~7 more epochs buy, on paired seeds. Three per card, accuracy only: the README
   # recipe over 45 epochs (GPU 0) and over 52 (GPU 1) at seeds 4, 5 and 6.
   g1=$(second_gpu)
-  z3p3="--repeat zodiac=3,physics=3 --embedding-init-std 0.3"
   wide_runs quality_epochs "xxl --operand 99" -- \
-    "0 E45s4 xxl val --t0 45 --epochs 45 $z3p3 --seed 4" \
-    "0 E45s5 xxl val --t0 45 --epochs 45 $z3p3 --seed 5" \
-    "0 E45s6 xxl val --t0 45 --epochs 45 $z3p3 --seed 6" \
-    "$g1 E52s4 xxl val --t0 52 --epochs 52 $z3p3 --seed 4" \
-    "$g1 E52s5 xxl val --t0 52 --epochs 52 $z3p3 --seed 5" \
-    "$g1 E52s6 xxl val --t0 52 --epochs 52 $z3p3 --seed 6"
+    "0 E45s4 xxl val --t0 45 --epochs 45 $readme_recipe --seed 4" \
+    "0 E45s5 xxl val --t0 45 --epochs 45 $readme_recipe --seed 5" \
+    "0 E45s6 xxl val --t0 45 --epochs 45 $readme_recipe --seed 6" \
+    "$g1 E52s4 xxl val --t0 52 --epochs 52 $readme_recipe --seed 4" \
+    "$g1 E52s5 xxl val --t0 52 --epochs 52 $readme_recipe --seed 5" \
+    "$g1 E52s6 xxl val --t0 52 --epochs 52 $readme_recipe --seed 6"
 fi
 
 if [[ $part == quality-avg || $part == quality-swa ]]; then
@@ -975,7 +975,7 @@ if [[ $part == quality-avg || $part == quality-swa ]]; then
   # quality-avg: the mean of the last 10-15 epochs gave +0.5 points overall, +0.6 physics): the same with the
   # cosine's floor at 2e-4 instead of 1e-5, so the last epochs move more and their mean has more to average (SWA).
   g1=$(second_gpu)
-  z3p3="--t0 45 --epochs 45 --repeat zodiac=3,physics=3 --embedding-init-std 0.3 --save-interval 1"
+  z3p3="--t0 45 --epochs 45 $readme_recipe --save-interval 1"
   if [[ $part == quality-swa ]]; then name=quality_swa prefix=S z3p3="$z3p3 --min-lr 2e-4"; else name=quality_avg prefix=A; fi
   tags=(${prefix}45s11 ${prefix}45s12 ${prefix}45s13 ${prefix}45s14)
   QUALITY_TIMEOUT=${QUALITY_TIMEOUT:-400} wide_runs $name "xxl --operand 99" -- \
@@ -984,7 +984,7 @@ if [[ $part == quality-avg || $part == quality-swa ]]; then
   mkdir -p "$work/avg_$name"
   pids=()
   for i in "${!tags[@]}"; do
-    tag=${tags[$i]} dir="$work/$name/${tags[$i]}"
+    tag=${tags[$i]} dir="$work/$name/$tag"
     CUDA_VISIBLE_DEVICES=$(( i < 2 ? 0 : g1 )) timeout "${AVG_TIMEOUT:-150}" python3 bench/weight_average.py \
       --run "$dir/run" --dataset "xl=$dir/hardcore_xl.json" --dataset "own=$dir/hardcore.json" \
       ${AVG_VARIANTS:---last 1 3 5 10 15 20 --exp 0.8 0.9} --out "$work/avg_$name/$tag.json" \
