@@ -85,6 +85,36 @@ def test_final_weights_score_as_verify_does(
     assert report["variants"]["exp0.5"]["weights"] == {"1": pytest.approx(1 / 3), "2": pytest.approx(2 / 3)}
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--dataset": "own=/nonexistent/data.json"}, "expected NAME=FILE of an existing file"),
+        ({"--dataset": "no-equals-sign"}, "expected NAME=FILE of an existing file"),
+        ({"--run": "EMPTY"}, "no checkpoint_epoch_N.pt files"),
+        ({"--exp": "1.5"}, "--exp factors in (0, 1)"),
+        ({"--last": "0"}, "--last takes positive counts"),
+        ({"--split": "test"}, "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_message_and_write_nothing(
+    two_epochs: tuple[Path, Path, dict, dict],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: dict[str, str],
+    message: str,
+) -> None:
+    run, data, _, _ = two_epochs
+    (tmp_path / "empty").mkdir()
+    args = {"--run": str(run), "--dataset": f"own={data}", "--last": "1", "--device": "cpu"}
+    args.update({k: (str(tmp_path / "empty") if v == "EMPTY" else v) for k, v in change.items()})
+    out = tmp_path / "a.json"
+    with pytest.raises(SystemExit) as exc:
+        main([*(x for kv in args.items() for x in kv), "--out", str(out)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_refuses_a_run_without_the_epochs_asked_for(
     two_epochs: tuple[Path, Path, dict, dict], tmp_path: Path
 ) -> None:
