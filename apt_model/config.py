@@ -263,6 +263,12 @@ class TrainConfig(_Config):
     t0: int = 10
     t_mult: int = 2
     weight_decay: float = 0.01
+    # AdamW's moment decays. A lower beta2 forgets stale gradient scales sooner, which steadies higher learning rates
+    # (BENCHMARKS.md, nineteenth session's quality runs).
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    # Weight decay on the token embedding too (tied to the output projection; off: the usual exemption).
+    decay_embeddings: bool = False
     clip_grad_norm: float = 1.0
     label_smoothing: float = 0.0
     warmup_steps: int = 0
@@ -303,6 +309,8 @@ class TrainConfig(_Config):
         self._check(self.t0 >= 1, "t0", "must be >= 1")
         self._check(self.t_mult >= 1, "t_mult", "must be >= 1")
         self._check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        self._check(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
+        self._check(0 <= self.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
         self._check(self.clip_grad_norm > 0, "clip_grad_norm", "must be positive")
         self._check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         self._check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")

@@ -518,6 +518,8 @@ class _Run:
             gradient_accumulation_steps=cfg.grad_accum,
             learning_rate=cfg.lr,
             weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1,  # the optimizer is build_optimizer's; these keep the Trainer's record true
+            adam_beta2=cfg.adam_beta2,
             warmup_steps=cfg.warmup_steps,
             # Clipping happens after DBC-DAC in _StepCallback (the shared order); under DeepSpeed the engine clips.
             max_grad_norm=cfg.clip_grad_norm if ds else 0.0,

@@ -49,6 +49,10 @@ TRAIN_FLAGS = {
     "lr": "lr",
     "min_lr": "min_lr",
     "weight_decay": "weight_decay",
+    "adam_beta1": "adam_beta1",
+    "adam_beta2": "adam_beta2",
+    "clip_grad_norm": "clip_grad_norm",
+    "decay_embeddings": "decay_embeddings",
     "warmup_steps": "warmup_steps",
     "dropout_epochs": "dropout_epochs",
     "t0": "t0",
@@ -114,6 +118,19 @@ def register(subparsers: Any) -> None:
     t.add_argument("--lr", type=float, default=None, help="base learning rate of the cosine schedule")
     t.add_argument("--min-lr", type=float, default=None)
     t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--adam-beta1", type=float, default=None, help="AdamW's first-moment decay (default 0.9)")
+    t.add_argument(
+        "--adam-beta2", type=float, default=None, help="AdamW's second-moment decay (default 0.999)"
+    )
+    t.add_argument(
+        "--decay-embeddings",
+        action="store_true",
+        default=None,
+        help="apply --weight-decay to the token embedding too (default: embeddings are not decayed)",
+    )
+    t.add_argument(
+        "--clip-grad-norm", type=float, default=None, help="global gradient-norm clip (default 1.0)"
+    )
     t.add_argument("--warmup-steps", type=int, default=None)
     t.add_argument(
         "--dropout-epochs",

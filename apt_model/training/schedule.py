@@ -1,8 +1,9 @@
 """Optimizer and learning-rate schedule shared by every backend ("Playground theory").
 
-* **AdamW**, ``weight_decay`` from ``TrainConfig`` (0.01) applied to matrices only: biases, LayerNorm weights,
+* **AdamW** (``betas`` = ``adam_beta1``, ``adam_beta2`` from ``TrainConfig``: 0.9, 0.999), ``weight_decay`` (0.01) applied to matrices only: biases, LayerNorm weights,
   the embedding (tied to the output projection) and the autopoietic scalars (``tau``) are not decayed — decaying
-  a norm gain or a temperature pulls it to zero, which is not regularisation.
+  a norm gain or a temperature pulls it to zero, which is not regularisation. ``decay_embeddings`` puts the token
+  embedding under the decay too (its scale is a lever on HLBD: BENCHMARKS.md).
 * **CosineAnnealingWarmRestarts** (``torch.optim.lr_scheduler``; base ``lr``, ``eta_min = min_lr``, ``T_0 = t0``,
   ``T_mult = t_mult``), **stepped per optimizer step** with a fractional epoch:
   ``scheduler.step(global_step / steps_per_epoch)`` before each update. The curve is therefore the per-epoch curve
@@ -24,11 +25,15 @@ SCHEDULE_KIND = "cosine_warm_restarts"
 STEPPING = "per_step"
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decayed matrices, and everything else (biases, norms, embeddings, scalars)."""
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, *, decay_embeddings: bool = False
+) -> list[dict[str, Any]]:
+    """Two AdamW groups: decayed matrices, and everything else (biases, norms, scalars, and the embeddings unless
+    ``decay_embeddings``)."""
+    kept = (torch.nn.LayerNorm,) if decay_embeddings else (torch.nn.LayerNorm, torch.nn.Embedding)
     no_decay_ids: set[int] = set()
     for module in model.modules():
-        if isinstance(module, torch.nn.LayerNorm | torch.nn.Embedding):
+        if isinstance(module, kept):
             no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
     decay, no_decay, seen = [], [], set()
     for _, param in model.named_parameters():
@@ -44,10 +49,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, *, fused: bool = False) -> torch.optim.AdamW:
-    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (0.9, 0.999), "eps": 1e-8}
+    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": 1e-8}
     if fused:
         kwargs["fused"] = True
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
+    groups = param_groups(model, cfg.weight_decay, decay_embeddings=cfg.decay_embeddings)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def restart_epochs(t0: int, t_mult: int, epochs: int) -> list[int]:

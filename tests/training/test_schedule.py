@@ -54,3 +54,37 @@ def test_no_weight_decay_on_biases_norms_and_embeddings() -> None:
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert len(no_decay["params"]) == 4  # embedding, linear bias, LN weight + bias
+    decay, no_decay = param_groups(model, 0.01, decay_embeddings=True)
+    assert [p.shape for p in decay["params"]] == [torch.Size([10, 4]), torch.Size([4, 4])]
+    assert len(no_decay["params"]) == 3
+
+
+def test_adamw_takes_its_betas_from_the_config_and_the_cli() -> None:
+    from apt_model.cli import build_parser
+    from apt_model.cli.train import build_request
+
+    model = torch.nn.Linear(4, 4)
+    assert build_optimizer(model, TrainConfig()).defaults["betas"] == (0.9, 0.999)
+    cfg = TrainConfig(adam_beta1=0.8, adam_beta2=0.95)
+    assert build_optimizer(model, cfg).defaults["betas"] == (0.8, 0.95)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # saved beside checkpoints, so it must round-trip
+    argv = [
+        "train",
+        "--dataset",
+        "d.json",
+        "--adam-beta1",
+        "0.8",
+        "--adam-beta2",
+        "0.95",
+        "--clip-grad-norm",
+        "0.5",
+    ]
+    request, _ = build_request(build_parser().parse_args(argv))
+    assert (request.train.adam_beta1, request.train.adam_beta2, request.train.clip_grad_norm) == (
+        0.8,
+        0.95,
+        0.5,
+    )
+    assert request.train.decay_embeddings is False
+    request, _ = build_request(build_parser().parse_args([*argv, "--decay-embeddings"]))
+    assert request.train.decay_embeddings is True
