@@ -134,6 +134,8 @@
 #   PART=quality-swa — quality-avg with the cosine's floor at 2e-4 (--min-lr), for stochastic weight averaging.
 #   PART=quality-adam — AdamW's beta2 at 0.95 with lr 1e-3, 1.5e-3 and 2e-3 (lr 2e-3 diverged at beta2 0.999), and
 #                  weight decay on the token embedding; three per card, accuracy only (ADAM_RUNS replaces the runs).
+#   PART=quality-arch — outside the issue's fixed model size, to test what would close physics: the README recipe with
+#                  10 decoder layers (6 + 10) and at width 384 (d_ff 1536), seeds 11 and 12, two per card.
 #   PART=quality — HLBD quality-run recipes side by side, one per GPU (as many as there are GPUs, up to 4).
 #   PART=ds-profile-quality-large — on a 4-GPU host: GPUs 0-1 profile the compiled ZeRO-2 step at 1 and 2 GPUs
 #                  (diagnosis: the timings share the host with the other runs), GPUs 2-3 two quality recipes on the
@@ -1027,6 +1029,21 @@ if [[ $part == quality-adam ]]; then
     )
   fi
   wide_runs "${ADAM_NAME:-quality_adam}" "xxl --operand 99" -- "${runs[@]}"
+fi
+
+if [[ $part == quality-arch ]]; then
+  # Nineteenth session. Not a candidate recipe: the issue keeps the guide's model size (6 + 6 layers, width 256). After
+  # every training lever left physics' mean at 85-88%, this asks whether the model's size is what limits products of
+  # unseen pairs, which the answer's most-significant-first digits need computed whole: a deeper decoder (6 + 10) and
+  # a wider model (384, d_ff 1536, 8 heads), the recipe's flags otherwise, seeds 11 and 12 (the recipe gave 84.4 and
+  # 88.6% there). Two per card, accuracy only.
+  g1=$(second_gpu)
+  z3p3="--t0 45 --epochs 45 $readme_recipe"
+  wide_runs quality_arch "xxl --operand 99" -- \
+    "0 D10s11 xxl val $z3p3 --n-decoder-layers 10 --seed 11" \
+    "0 D10s12 xxl val $z3p3 --n-decoder-layers 10 --seed 12" \
+    "$g1 W384s11 xxl val $z3p3 --d-model 384 --d-ff 1536 --seed 11" \
+    "$g1 W384s12 xxl val $z3p3 --d-model 384 --d-ff 1536 --seed 12"
 fi
 
 if [[ $part == quality ]]; then
