@@ -263,11 +263,11 @@ class TrainConfig(_Config):
     t0: int = 10
     t_mult: int = 2
     weight_decay: float = 0.01
-    # AdamW's moment decays. A lower beta2 forgets stale gradient scales sooner, which steadies higher learning rates
-    # (BENCHMARKS.md, nineteenth session's quality runs).
+    # AdamW's moment decays (torch's defaults). On the HLBD recipe beta2 0.95 let no learning rate above 1e-3 train
+    # and did not lift accuracy (BENCHMARKS.md, nineteenth session), so the defaults stay.
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    # Weight decay on the token embedding too (tied to the output projection; off: the usual exemption).
+    # Weight decay on the token embedding too, so on the tied output projection as well. Off: the usual exemption.
     decay_embeddings: bool = False
     clip_grad_norm: float = 1.0
     label_smoothing: float = 0.0

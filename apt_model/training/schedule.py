@@ -1,9 +1,9 @@
 """Optimizer and learning-rate schedule shared by every backend ("Playground theory").
 
-* **AdamW** (``betas`` = ``adam_beta1``, ``adam_beta2`` from ``TrainConfig``: 0.9, 0.999), ``weight_decay`` (0.01) applied to matrices only: biases, LayerNorm weights,
-  the embedding (tied to the output projection) and the autopoietic scalars (``tau``) are not decayed — decaying
-  a norm gain or a temperature pulls it to zero, which is not regularisation. ``decay_embeddings`` puts the token
-  embedding under the decay too (its scale is a lever on HLBD: BENCHMARKS.md).
+* **AdamW** with ``betas`` = (``adam_beta1``, ``adam_beta2``) from ``TrainConfig`` (0.9, 0.999) and its
+  ``weight_decay`` (0.01) applied to matrices only: biases, LayerNorm weights, the embedding (tied to the output
+  projection) and the autopoietic scalars (``tau``) are not decayed — decaying a norm gain or a temperature pulls it
+  to zero, which is not regularisation. ``decay_embeddings`` puts the token embedding under the decay too.
 * **CosineAnnealingWarmRestarts** (``torch.optim.lr_scheduler``; base ``lr``, ``eta_min = min_lr``, ``T_0 = t0``,
   ``T_mult = t_mult``), **stepped per optimizer step** with a fractional epoch:
   ``scheduler.step(global_step / steps_per_epoch)`` before each update. The curve is therefore the per-epoch curve
