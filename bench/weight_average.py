@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from apt_model.checkpoint import epoch_checkpoints as all_epoch_checkpoints  # noqa: E402
 from apt_model.checkpoint import load_checkpoint  # noqa: E402
-from apt_model.io import atomic_path  # noqa: E402
+from apt_model.io import atomic_write_text  # noqa: E402
 from bench.quality_run import kinds_of  # noqa: E402
 
 
@@ -147,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         report["variants"][variant] = row
         print(variant, {n: (row[n]["overall"], row[n]["modules"].get("physics")) for n in data}, flush=True)
-        with atomic_path(args.out) as tmp:
-            Path(tmp).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(args.out, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     return 0
 
 
