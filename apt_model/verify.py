@@ -25,6 +25,14 @@ near-tie answer would then depend on which prompts shared its batch. On the CPU,
 real time, batches keep their natural size. The default limit per prompt is its expected answer's length + EOS +
 ``MAX_NEW_TOKENS_MARGIN`` (an answer needing more tokens cannot be an exact match, so the limit never changes the exact
 score). Decoding runs under ``torch.inference_mode``.
+
+Shape (``pad_to``, ``apt verify --pad-to SRC,TGT``; off by default): compiled GPU training pads every batch to one
+shape (``--max-src-len``, ``--max-tgt-len``), so the autopoietic statistics the model learned from always spanned
+that padded matrix, and an unpadded prompt is a slightly different input. With ``pad_to`` every prompt is
+right-padded to SRC tokens and every decoder prefix to TGT positions, the logits read at the prefix's last real
+position: the answer still depends on its own prompt alone. On the H200 this lifted physics' exact match on the
+same six models by 0.5–2.7 points (``BENCHMARKS.md``). Models trained with per-batch padding (CPU runs) saw
+varying shapes; leave it off for them.
 """
 
 from __future__ import annotations
@@ -253,6 +261,29 @@ def resolve_fixed_rows(fixed_rows: bool | None, device: str) -> bool:
     return str(device).startswith("cuda") if fixed_rows is None else fixed_rows
 
 
+def check_pad_to(pad_to: tuple[int, int] | None) -> None:
+    """``pad_to`` is ``None`` or two positive integers (source length, target length)."""
+    if pad_to is None:
+        return
+    ok = isinstance(pad_to, tuple | list) and len(pad_to) == 2
+    ok = ok and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in pad_to)
+    if not ok:
+        raise ConfigError(f"--pad-to {pad_to!r}: must be two positive integers, SRC,TGT")
+
+
+def parse_pad_to(text: str | None) -> tuple[int, int] | None:
+    """``"40,24"`` → ``(40, 24)``; ``None`` or ``"none"`` → ``None``."""
+    if text is None or text.strip().lower() == "none":
+        return None
+    parts = text.split(",")
+    try:
+        pad_to = tuple(int(x) for x in parts)
+    except ValueError:
+        raise ConfigError(f"--pad-to {text!r}: must be two positive integers, SRC,TGT") from None
+    check_pad_to(pad_to)  # type: ignore[arg-type]
+    return pad_to  # type: ignore[return-value]
+
+
 def decode_greedy(
     model: Any,
     tokenizer: Any,
@@ -264,18 +295,21 @@ def decode_greedy(
     max_src_len: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     fixed_rows: bool | None = None,
+    pad_to: tuple[int, int] | None = None,
 ) -> tuple[list[str], int]:
     """Greedy autoregressive answers for ``inputs`` (in input order) and how many prompts had to be truncated.
 
     ``max_new_tokens`` is one limit or one per row; a batch decodes up to the largest limit of its rows (see
     ``plan_batches`` for how rows are grouped). Every answer is cut at its first EOS. ``fixed_rows``: decode every
-    batch at ``batch_size`` rows (default: on CUDA devices; see the module docstring).
+    batch at ``batch_size`` rows (default: on CUDA devices; see the module docstring). ``pad_to``: (source, target)
+    lengths to pad every prompt and decoder prefix to, as in training with fixed-shape batches (see the module
+    docstring); ``None`` decodes unpadded.
     """
     import torch
 
     fixed_rows = resolve_fixed_rows(fixed_rows, device)
 
-    bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
+    bos_id, eos_id, pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
     encoded = [list(tokenizer.encode(text)) for text in inputs]
     truncated = 0
     if max_src_len is not None:
@@ -297,8 +331,16 @@ def decode_greedy(
             for idx in plan_batches([len(e) for e in encoded], limits, batch_size):
                 filled = idx + [idx[0]] * (batch_size - len(idx)) if fixed_rows else idx
                 src = torch.tensor([encoded[i] for i in filled], dtype=torch.long, device=device)
+                if pad_to is not None and src.shape[1] < pad_to[0]:
+                    src = torch.nn.functional.pad(src, (0, pad_to[0] - src.shape[1]), value=pad_id)
                 limit = max(limits[i] for i in idx)
-                out = model.generate(src, max_new_tokens=limit, bos_id=bos_id, eos_id=eos_id)
+                out = model.generate(
+                    src,
+                    max_new_tokens=limit,
+                    bos_id=bos_id,
+                    eos_id=eos_id,
+                    **({} if pad_to is None else {"tgt_len": pad_to[1]}),
+                )
                 for row, ids in zip(idx, out[: len(idx)].cpu().tolist(), strict=True):
                     if eos_id in ids:  # generate pads after EOS; cut there so nothing past the answer counts
                         ids = ids[: ids.index(eos_id)]
@@ -370,6 +412,7 @@ def verify_model(
     n_failures: int = N_FAILURES,
     progress: Callable[[int, int], None] | None = None,
     fixed_rows: bool | None = None,
+    pad_to: tuple[int, int] | None = None,
 ) -> VerifyReport:
     """Decode every selected pair greedily and score it; see the module docstring for the rules."""
     if split not in SPLITS:
@@ -379,6 +422,7 @@ def verify_model(
     if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
         raise ConfigError(f"--max-new-tokens {max_new_tokens!r}: must be a positive integer")
     thresholds = check_thresholds(thresholds)
+    check_pad_to(pad_to)
     device = resolve_device(device)
     data, dataset_name, dataset_sha = _load_dataset(dataset)
     pairs = _select_pairs(data, split, sample, seed)
@@ -393,6 +437,8 @@ def verify_model(
     net, tok = loaded.model, loaded.tokenizer
     cfg = getattr(loaded, "config", None) or getattr(net, "config", None)
     max_len = getattr(cfg, "max_len", None)
+    if pad_to is not None and max_len is not None and max(pad_to) > int(max_len):
+        raise ConfigError(f"--pad-to {pad_to[0]},{pad_to[1]}: longer than the model's max_len {max_len}")
 
     if max_new_tokens is not None:
         limits = [max_new_tokens] * len(pairs)
@@ -417,6 +463,7 @@ def verify_model(
         max_src_len=max_len,
         progress=progress,
         fixed_rows=fixed_rows,
+        pad_to=pad_to,
     )
     seconds = time.perf_counter() - started
 
@@ -463,6 +510,7 @@ def verify_model(
             "decoding": "greedy autoregressive (model.generate), EOS stop",
             "truncated_inputs": truncated,
             "model_max_len": max_len,
+            "pad_to": None if pad_to is None else list(pad_to),
         },
         timing={
             "seconds": round(seconds, 3),

@@ -156,6 +156,63 @@ def test_fixed_rows_decode_every_batch_at_one_row_count_with_the_same_answers(
     assert fixed == natural
 
 
+def test_pad_to_decodes_every_prompt_and_prefix_in_the_given_shape(run_and_data: tuple[Path, Path]) -> None:
+    """``pad_to`` right-pads each prompt and each decoder prefix to one shape (the fixed-shape training's), and the
+    answer is the greedy loop over ``forward`` on those padded inputs."""
+    from apt_model.checkpoint import load_model
+
+    loaded = load_model(run_and_data[0])
+    tok, model = loaded.tokenizer, loaded.model
+    prompts = [f"{a} + {b} = ?" for a, b in ((3, 4), (12, 5), (7, 31), (40, 2))]
+    seen: list[tuple[int, object]] = []
+    generate = model.generate
+
+    def spy(src: torch.Tensor, **kw: object) -> torch.Tensor:
+        seen.append((src.shape[1], kw.get("tgt_len")))
+        return generate(src, **kw)
+
+    model.generate = spy  # type: ignore[method-assign]
+    got, _ = decode_greedy(model, tok, prompts, max_new_tokens=6, batch_size=4, pad_to=(16, 9))
+    assert seen and set(seen) == {(16, 9)}
+    seen.clear()
+    decode_greedy(model, tok, prompts, max_new_tokens=6, batch_size=4)
+    assert {kw for _, kw in seen} == {None} and {n for n, _ in seen} == {len(tok.encode(p)) for p in prompts}
+    pad = tok.pad_id
+    for prompt, answer in zip(prompts, got, strict=True):
+        ids = tok.encode(prompt)
+        src = torch.tensor([ids + [pad] * (16 - len(ids))])
+        prefix, out = [tok.bos_id], []
+        with torch.no_grad():
+            for _ in range(6):
+                tgt = torch.tensor([prefix + [pad] * (9 - len(prefix))])
+                nxt = int(model(src, tgt)[0, len(prefix) - 1].argmax())
+                if nxt == tok.eos_id:
+                    break
+                out.append(nxt)
+                prefix.append(nxt)
+        assert answer == tok.decode(out)
+
+
+def test_pad_to_is_checked_before_work_and_recorded(
+    run_and_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, data = run_and_data
+    assert main(["verify", "--model", str(run), "--dataset", str(data), "--pad-to", "24,8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["pad_to"] == [24, 8]
+    assert verify_model(run, data).settings["pad_to"] is None
+    missing = str(tmp_path / "nope.pt")
+    base = ["verify", "--model", missing, "--dataset", str(data), "--out", str(tmp_path / "o")]
+    for value in ("40", "a,b", "0,8", "40,8,2", "-4,8"):
+        code = main([*base, f"--pad-to={value}"])
+        err = capsys.readouterr().err
+        assert code == 2, (value, err)
+        assert err.count("\n") == 1 and err.startswith("error:") and "--pad-to" in err, err
+    assert not (tmp_path / "o").exists()
+    max_len = verify_model(run, data, sample=1).settings["model_max_len"]
+    with pytest.raises(ConfigError, match="longer than the model's max_len"):
+        verify_model(run, data, pad_to=(max_len + 1, 8))
+
+
 def test_verify_end_to_end_cli(
     run_and_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -64,13 +64,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="N",
         help="how many of the worst wrong answers the report lists (default 25)",
     )
+    p.add_argument(
+        "--pad-to",
+        default=None,
+        metavar="SRC,TGT",
+        help="pad every prompt to SRC tokens and every decoder prefix to TGT positions (default: unpadded)",
+    )
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from apt_model.io import dumps_json
-    from apt_model.verify import N_FAILURES, parse_thresholds, verify_model, write_report
+    from apt_model.verify import N_FAILURES, parse_pad_to, parse_thresholds, verify_model, write_report
 
     if args.failures is None:
         args.failures = N_FAILURES
@@ -78,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         # verify_model would silently list none; say so before loading anything.
         raise ConfigError(f"--failures {args.failures}: must be a non-negative integer")
     thresholds = parse_thresholds(args.threshold, min_overall=args.min_overall)
+    pad_to = parse_pad_to(args.pad_to)
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out}: exists and is not a directory")
     report = verify_model(
@@ -91,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         thresholds=thresholds,
         device=args.device,
         n_failures=args.failures,
+        pad_to=pad_to,
     )
     if args.json:
         sys.stdout.write(dumps_json(report.to_dict()))

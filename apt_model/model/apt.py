@@ -211,7 +211,15 @@ class APTModel(nn.Module):
         return self.decode(tgt_in_ids, memory, src_pad)
 
     @torch.no_grad()
-    def generate(self, src_ids: Tensor, *, max_new_tokens: int, bos_id: int, eos_id: int) -> Tensor:
+    def generate(
+        self,
+        src_ids: Tensor,
+        *,
+        max_new_tokens: int,
+        bos_id: int,
+        eos_id: int,
+        tgt_len: int | None = None,
+    ) -> Tensor:
         """Greedy batched decoding → ``LongTensor [B, T]`` with ``T <= max_new_tokens``.
 
         The output starts after BOS (not included) and includes each row's EOS token; positions after a
@@ -222,6 +230,10 @@ class APTModel(nn.Module):
         cross-attention K/V projections are cached; the decoder self-attention is recomputed over the
         whole prefix each step, because the autopoietic statistics span all query rows — the result is
         exactly what greedy decoding with ``forward`` on the growing prefix gives.
+
+        ``tgt_len``: run the decoder on the prefix right-padded to this many positions (while the prefix is
+        shorter) and read the logits at its last real position. A model trained on batches padded to one shape
+        saw every autopoietic statistic over that shape, padding included; this decodes in it.
         """
         cfg = self.config
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -231,6 +243,10 @@ class APTModel(nn.Module):
         for name, tok in (("bos_id", bos_id), ("eos_id", eos_id)):
             if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < cfg.vocab_size:
                 raise ConfigError(f"{name} must be a token id in [0, {cfg.vocab_size}) (got {tok!r})")
+        if tgt_len is not None and (isinstance(tgt_len, bool) or not isinstance(tgt_len, int) or tgt_len < 1):
+            raise ConfigError(f"tgt_len must be a positive integer (got {tgt_len!r})")
+        if tgt_len is not None and tgt_len > cfg.max_len:
+            raise ConfigError(f"tgt_len={tgt_len} > ModelConfig.max_len={cfg.max_len}")
         was_training = self.training
         self.eval()
         try:
@@ -242,7 +258,12 @@ class APTModel(nn.Module):
             steps: list[Tensor] = []
             for step in range(max_new_tokens):
                 # Full logits then the last row: the same ops as forward(), so the argmax is identical.
-                nxt = self.decode(prefix, memory, src_pad, cross_kv=cross_kv)[:, -1].argmax(dim=-1)
+                t = prefix.shape[1]
+                if tgt_len is not None and t < tgt_len:
+                    padded = F.pad(prefix, (0, tgt_len - t), value=cfg.pad_id)
+                    nxt = self.decode(padded, memory, src_pad, cross_kv=cross_kv)[:, t - 1].argmax(dim=-1)
+                else:
+                    nxt = self.decode(prefix, memory, src_pad, cross_kv=cross_kv)[:, -1].argmax(dim=-1)
                 nxt = torch.where(finished, torch.full_like(nxt, cfg.pad_id), nxt)
                 steps.append(nxt)
                 finished = finished | (nxt == eos_id)

@@ -202,6 +202,53 @@ def test_generate_equals_naive_greedy_loop(use_autopoietic: bool) -> None:
     assert saw_padding_after_eos
 
 
+def _naive_padded_greedy(
+    model: APTModel, src: torch.Tensor, max_new: int, eos: int, tgt_len: int
+) -> torch.Tensor:
+    prefix = torch.full((src.shape[0], 1), BOS)
+    finished = torch.zeros(src.shape[0], dtype=torch.bool)
+    out = []
+    for _ in range(max_new):
+        t = prefix.shape[1]
+        padded = torch.cat([prefix, torch.zeros(src.shape[0], tgt_len - t, dtype=torch.long)], 1)
+        nxt = model(src, padded)[:, t - 1].argmax(-1)
+        nxt = torch.where(finished, torch.zeros_like(nxt), nxt)
+        out.append(nxt)
+        finished |= nxt == eos
+        if finished.all():
+            break
+        prefix = torch.cat([prefix, nxt[:, None]], 1)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("use_autopoietic", [True, False])
+def test_generate_in_a_fixed_target_shape_reads_the_last_real_position(use_autopoietic: bool) -> None:
+    model = _model(use_autopoietic)
+    with torch.no_grad():
+        model.embedding.weight.mul_(30)
+    src, _ = _batch()
+    eos = _pick_eos(model.generate(src, max_new_tokens=7, bos_id=BOS, eos_id=1, tgt_len=10))
+    got = model.generate(src, max_new_tokens=7, bos_id=BOS, eos_id=eos, tgt_len=10)
+    assert torch.equal(got, _naive_padded_greedy(model, src, 7, eos, 10))
+    # The plain path masks padding out entirely, so the shape changes nothing there; the autopoietic statistics
+    # span the whole padded matrix, so there it is a different input (the one fixed-shape training showed).
+    first_padded = model(src, torch.tensor([[BOS] + [0] * 9] * 3))[:, 0]
+    first_unpadded = model(src, torch.full((3, 1), BOS))[:, 0]
+    if use_autopoietic:
+        assert not torch.allclose(first_padded, first_unpadded)
+    else:
+        torch.testing.assert_close(first_padded, first_unpadded)
+        assert torch.equal(got, model.generate(src, max_new_tokens=7, bos_id=BOS, eos_id=eos))
+
+
+def test_generate_rejects_a_bad_target_shape() -> None:
+    model = _model()
+    src, _ = _batch()
+    for bad in (0, -3, True, 2.5, model.config.max_len + 1):
+        with pytest.raises(ConfigError, match="tgt_len"):
+            model.generate(src, max_new_tokens=4, bos_id=BOS, eos_id=EOS, tgt_len=bad)
+
+
 def test_generate_stops_when_all_rows_finished_and_keeps_mode() -> None:
     model = _model(dropout=0.1)
     model.train()
