@@ -717,7 +717,8 @@ wide_runs() {
       if [[ ${QUALITY_WARM:-0} == 1 ]]; then cache="$work/cache/warm/gpu$gpu"; else rm -rf "$cache"; fi
       TORCHINDUCTOR_CACHE_DIR="$cache/inductor" TRITON_CACHE_DIR="$cache/triton" \
       CUDA_VISIBLE_DEVICES=$gpu timeout "${QUALITY_TIMEOUT:-540}" python3 bench/quality_run.py --out "$work/$name" \
-        --tag "$tag" --data-size xxl --dataset "$data" --splits $splits --also-val-size xl -- --max-src-len 40 \
+        --tag "$tag" --data-size xxl --dataset "$data" --splits $splits --also-val-size xl \
+        ${QUALITY_PAD_TO:+--pad-to $QUALITY_PAD_TO} -- --max-src-len 40 \
         --max-tgt-len 24 --eval-every 10 --save-interval 1000 $b128 "$@" > "$work/${name}_$tag.log" 2>&1
       echo "$name $tag rc=$?" >> "$work/${name}_summary.txt"
     ) &
@@ -1007,7 +1008,9 @@ if [[ $part == quality-adam ]]; then
   # not at the best rate. beta2 0.95 (AdamW forgets stale gradient scales in ~20 steps instead of ~1,000) is the usual
   # cure; does it let a higher rate run, and does that lift physics' unseen products? Beside them, the token
   # embedding under weight decay 1.0 (its initial scale was the one lever that moved physics). Three per card,
-  # accuracy only, the README recipe's 45 epochs; ADAM_RUNS ("GPU TAG flags…" per run, GPU 1 = g1) replaces the six.
+  # accuracy only, the README recipe's 45 epochs; ADAM_RUNS ("GPU TAG flags…" per run, GPU 1 = g1) replaces the six,
+  # ADAM_SPLITS (default val; "train,val" for both) the splits they verify. Twentieth session: QUALITY_PAD_TO=40,24
+  # verifies every split again in the training's fixed shape (quality_run.py --pad-to).
   g1=$(second_gpu)
   z3p3="--t0 45 --epochs 45 $readme_recipe"
   runs=()
@@ -1016,7 +1019,7 @@ if [[ $part == quality-adam ]]; then
       [[ -z $line ]] && continue
       set -- $line
       gpu=$1; [[ $gpu == 1 ]] && gpu=$g1
-      runs+=("$gpu $2 xxl val $z3p3 ${*:3}")
+      runs+=("$gpu $2 xxl ${ADAM_SPLITS:-val} $z3p3 ${*:3}")
     done <<< "$ADAM_RUNS"
   else
     runs=(

@@ -88,14 +88,16 @@ def verify_step(
     report: dict[str, Any],
     out: Path,
     log: Path,
+    pad_to: str | None = None,
 ) -> dict[str, Any]:
     """`apt verify` of the model on ``dataset``'s ``split`` (val: every wrong answer listed), as step ``name``;
-    returns the verification report."""
+    returns the verification report. ``pad_to``: `apt verify --pad-to`."""
     vdir = out / name
     verify = apt(
         "verify", "--model", str(run_dir), "--dataset", str(dataset), "--split", split,
         "--device", device, "--batch-size", "512", "--out", str(vdir),
         *(["--failures", "100000"] if split == "val" else []),
+        *(["--pad-to", pad_to] if pad_to else []),
     )  # fmt: skip
     run_step(name, verify, report, out, log)
     return json.loads((vdir / "verification_report.json").read_text())
@@ -117,20 +119,29 @@ def kinds_of(doc: dict[str, Any], vr: dict[str, Any]) -> dict[str, dict[str, dic
 
 
 def cross_val(
-    size: str, data: Path, run_dir: Path, out: Path, report: dict[str, Any], log: Path, device: str
+    size: str,
+    data: Path,
+    run_dir: Path,
+    out: Path,
+    report: dict[str, Any],
+    log: Path,
+    device: str,
+    pad_to: str | None = None,
 ) -> None:
-    """Verify the model on ``size``'s val split; record it as ``exact_val_<size>`` with its per-kind breakdown and
-    how many of those val inputs the training split held (0 under the shared hold-out rule, or the score means
-    nothing)."""
+    """Verify the model on ``size``'s val split; record it as ``exact_val_<size>`` (``…_padded`` with ``pad_to``)
+    with its per-kind breakdown and how many of those val inputs the training split held (0 under the shared
+    hold-out rule, or the score means nothing)."""
     other = out / f"hardcore_{size}.json"
-    generate_step(f"generate_{size}", size, other, report, out, log)
+    suffix = "_padded" if pad_to else ""
+    if not other.is_file():
+        generate_step(f"generate_{size}", size, other, report, out, log)
     ours = json.loads(data.read_text())
     ours_val = {normalize_text(t) for t in ours["metadata"]["splits"]["val"]}
     ours_train = {normalize_text(r["input"]) for rows in ours["data"].values() for r in rows} - ours_val
     doc = json.loads(other.read_text())
     leaked = sum(1 for t in doc["metadata"]["splits"]["val"] if normalize_text(t) in ours_train)
-    vr = verify_step(f"verify_val_{size}", run_dir, other, "val", device, report, out, log)
-    report[f"exact_val_{size}"] = {
+    vr = verify_step(f"verify_val_{size}{suffix}", run_dir, other, "val", device, report, out, log, pad_to)
+    report[f"exact_val_{size}{suffix}"] = {
         **exact_summary(vr),
         "val_inputs_in_our_training_split": leaked,
         "by_kind": kinds_of(doc, vr),
@@ -163,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="also verify on the val split of these sizes' data (same seed): a model trained on a larger size, "
         "scored on the problems a smaller size holds out (none of which is in the larger size's training split)",
+    )
+    p.add_argument(
+        "--pad-to",
+        default=None,
+        metavar="SRC,TGT",
+        help="verify every split again with `apt verify --pad-to SRC,TGT` (reported as exact_*_padded): decoding "
+        "in the fixed shape the GPU training padded every batch to",
     )
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="extra `apt train` flags, after --")
     args = p.parse_args(argv)
@@ -221,6 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.also_val_size:
         cross_val(size, data, run_dir, out, report, log, args.device)
         (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.pad_to:
+        for split in args.splits:
+            name = f"verify_{split}_padded"
+            vr = verify_step(name, run_dir, data, split, args.device, report, out, log, args.pad_to)
+            report[f"exact_{split}_padded"] = exact_summary(vr)
+            if split == "val":
+                report["val_by_kind_padded"] = kinds_of(json.loads(data.read_text()), vr)
+            (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+        for size in args.also_val_size:
+            cross_val(size, data, run_dir, out, report, log, args.device, args.pad_to)
+            (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
         json.dumps(
             {k: report.get(k) for k in ("tag", "steps", "train_report", "exact_train", "exact_val")}, indent=1

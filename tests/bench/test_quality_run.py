@@ -36,6 +36,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
         "--also-val-size",
         "default",
         "small",
+        "--pad-to",
+        "40,24",
         "--",
         "--preset",
         "tiny",
@@ -53,6 +55,13 @@ def test_runs_the_user_path_and_scores_the_other_sizes_val(tiny_run: tuple[Path,
     _, report = tiny_run
     steps = ["train", "verify_val", "verify_train"]  # --splits' order
     steps += ["generate_default", "verify_val_default", "generate_small", "verify_val_small"]
+    # --pad-to: every verification again in the fixed shape, the other sizes' data not generated twice
+    steps += [
+        "verify_val_padded",
+        "verify_train_padded",
+        "verify_val_default_padded",
+        "verify_val_small_padded",
+    ]
     assert [s["name"] for s in report["steps"]] == steps
     assert all(s["rc"] == 0 for s in report["steps"])
     assert report["dataset"]["params"]["size"] == "small" and report["data_size"] is None
@@ -64,6 +73,10 @@ def test_runs_the_user_path_and_scores_the_other_sizes_val(tiny_run: tuple[Path,
     # The given file is the small size itself, so its val split scored again gives the same figures.
     assert report["exact_val_small"]["overall"] == report["exact_val"]["overall"]
     assert report["exact_val_small"]["n"] == report["exact_val"]["n"]
+    assert report["exact_val_small_padded"]["overall"] == report["exact_val_padded"]["overall"]
+    assert report["exact_train_padded"]["n"] == report["exact_train"]["n"]
+    assert report["exact_val_default_padded"]["n"] == report["exact_val_default"]["n"]
+    assert set(report["val_by_kind_padded"]) == set(report["val_by_kind"])
     default_val = generate("hardcore", size="default")["metadata"]["split_counts"]["val"]
     cross = report["exact_val_default"]
     assert cross["n"] == default_val != report["exact_val"]["n"]
