@@ -30,8 +30,8 @@ Shape (``pad_to``, ``apt verify --pad-to SRC,TGT``; off by default): compiled GP
 shape (``--max-src-len``, ``--max-tgt-len``), so the autopoietic statistics the model learned from always spanned
 that padded matrix, and an unpadded prompt is a slightly different input. With ``pad_to`` every prompt is
 right-padded to SRC tokens and every decoder prefix to TGT positions, the logits read at the prefix's last real
-position: the answer still depends on its own prompt alone. On the H200, over twelve models of the README recipe
-scored both ways, it moved physics' exact match by −0.5 to +2.7 points, +0.7 on average (``BENCHMARKS.md``).
+position: the answer still depends on its own prompt alone. On the H200, over fourteen models of the README recipe
+scored both ways, it moved physics' exact match by −0.5 to +2.7 points, +0.6 on average (``BENCHMARKS.md``).
 Models trained with per-batch padding (CPU runs) saw varying shapes; leave it off for them.
 """
 
