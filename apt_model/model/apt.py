@@ -257,13 +257,12 @@ class APTModel(nn.Module):
             finished = torch.zeros(b, dtype=torch.bool, device=src_ids.device)
             steps: list[Tensor] = []
             for step in range(max_new_tokens):
-                # Full logits then the last row: the same ops as forward(), so the argmax is identical.
+                # Full logits then the last real row: the same ops as forward(), so the argmax is identical.
                 t = prefix.shape[1]
+                tgt = prefix
                 if tgt_len is not None and t < tgt_len:
-                    padded = F.pad(prefix, (0, tgt_len - t), value=cfg.pad_id)
-                    nxt = self.decode(padded, memory, src_pad, cross_kv=cross_kv)[:, t - 1].argmax(dim=-1)
-                else:
-                    nxt = self.decode(prefix, memory, src_pad, cross_kv=cross_kv)[:, -1].argmax(dim=-1)
+                    tgt = F.pad(prefix, (0, tgt_len - t), value=cfg.pad_id)
+                nxt = self.decode(tgt, memory, src_pad, cross_kv=cross_kv)[:, t - 1].argmax(dim=-1)
                 nxt = torch.where(finished, torch.full_like(nxt, cfg.pad_id), nxt)
                 steps.append(nxt)
                 finished = finished | (nxt == eos_id)
