@@ -229,26 +229,21 @@ def main(argv: list[str] | None = None) -> int:
         {k: e.get(k) for k in ("epoch", "train_loss", "val_loss", "val_token_acc", "epoch_seconds")}
         for e in epochs
     ]
-    for split in args.splits:
-        vr = verify_step(f"verify_{split}", run_dir, data, split, args.device, report, out, log)
-        report[f"exact_{split}"] = exact_summary(vr)
-        if split == "val":
-            report["val_by_kind"] = kinds_of(json.loads(data.read_text()), vr)
-            report["val_failures"] = vr["failures"]
-        (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    for size in args.also_val_size:
-        cross_val(size, data, run_dir, out, report, log, args.device)
-        (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    if args.pad_to:
+    # Unpadded first; with --pad-to every verification again in that shape, under names ending in _padded.
+    for pad_to in (None, args.pad_to) if args.pad_to else (None,):
+        suffix = "_padded" if pad_to else ""
         for split in args.splits:
-            name = f"verify_{split}_padded"
-            vr = verify_step(name, run_dir, data, split, args.device, report, out, log, args.pad_to)
-            report[f"exact_{split}_padded"] = exact_summary(vr)
+            vr = verify_step(
+                f"verify_{split}{suffix}", run_dir, data, split, args.device, report, out, log, pad_to
+            )
+            report[f"exact_{split}{suffix}"] = exact_summary(vr)
             if split == "val":
-                report["val_by_kind_padded"] = kinds_of(json.loads(data.read_text()), vr)
+                report[f"val_by_kind{suffix}"] = kinds_of(json.loads(data.read_text()), vr)
+                if pad_to is None:
+                    report["val_failures"] = vr["failures"]
             (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
         for size in args.also_val_size:
-            cross_val(size, data, run_dir, out, report, log, args.device, args.pad_to)
+            cross_val(size, data, run_dir, out, report, log, args.device, pad_to)
             (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
         json.dumps(
