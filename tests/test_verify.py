@@ -40,6 +40,26 @@ class ConstantModel(torch.nn.Module):
         return torch.tensor([row] * src_ids.shape[0], dtype=torch.long)
 
 
+def _greedy_by_forward(
+    model: torch.nn.Module, tok: object, prompt: str, max_new: int, pad_to: tuple[int, int] | None = None
+) -> str:
+    """One prompt's greedy answer by ``model.forward`` on the growing prefix, prompt and prefix right-padded to
+    ``pad_to`` when given: the reference ``decode_greedy`` must match."""
+    src_len, tgt_len = pad_to or (0, 0)
+    ids = tok.encode(prompt)
+    src = torch.tensor([ids + [tok.pad_id] * (src_len - len(ids))])
+    prefix, out = [tok.bos_id], []
+    with torch.no_grad():
+        for _ in range(max_new):
+            tgt = torch.tensor([prefix + [tok.pad_id] * (tgt_len - len(prefix))])
+            nxt = int(model(src, tgt)[0, len(prefix) - 1].argmax())
+            if nxt == tok.eos_id:
+                break
+            out.append(nxt)
+            prefix.append(nxt)
+    return tok.decode(out)
+
+
 # ------------------------------------------------------------------------------------------------ pure functions
 def test_score_normalises_whitespace_and_keeps_substring_beside() -> None:
     assert score("I love you", "  I   love you ") == (True, True)
@@ -117,16 +137,7 @@ def test_decoding_is_autoregressive_greedy(run_and_data: tuple[Path, Path]) -> N
     got, truncated = decode_greedy(model, tok, prompts, max_new_tokens=6, batch_size=4)
     assert truncated == 0
     for prompt, answer in zip(prompts, got, strict=True):
-        src = torch.tensor([tok.encode(prompt)])
-        prefix, out = [tok.bos_id], []
-        with torch.no_grad():
-            for _ in range(6):
-                nxt = int(model(src, torch.tensor([prefix]))[0, -1].argmax())
-                if nxt == tok.eos_id:
-                    break
-                out.append(nxt)
-                prefix.append(nxt)
-        assert answer == tok.decode(out)
+        assert answer == _greedy_by_forward(model, tok, prompt, 6)
 
 
 def test_fixed_rows_decode_every_batch_at_one_row_count_with_the_same_answers(
@@ -177,20 +188,8 @@ def test_pad_to_decodes_every_prompt_and_prefix_in_the_given_shape(run_and_data:
     seen.clear()
     decode_greedy(model, tok, prompts, max_new_tokens=6, batch_size=4)
     assert {kw for _, kw in seen} == {None} and {n for n, _ in seen} == {len(tok.encode(p)) for p in prompts}
-    pad = tok.pad_id
     for prompt, answer in zip(prompts, got, strict=True):
-        ids = tok.encode(prompt)
-        src = torch.tensor([ids + [pad] * (16 - len(ids))])
-        prefix, out = [tok.bos_id], []
-        with torch.no_grad():
-            for _ in range(6):
-                tgt = torch.tensor([prefix + [pad] * (9 - len(prefix))])
-                nxt = int(model(src, tgt)[0, len(prefix) - 1].argmax())
-                if nxt == tok.eos_id:
-                    break
-                out.append(nxt)
-                prefix.append(nxt)
-        assert answer == tok.decode(out)
+        assert answer == _greedy_by_forward(model, tok, prompt, 6, pad_to=(16, 9))
 
 
 def test_pad_to_is_checked_before_work_and_recorded(

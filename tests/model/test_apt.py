@@ -150,12 +150,17 @@ def test_autopoietic_decoder_statistics_see_later_tokens() -> None:
     assert float((changed[:, :-1] - base[:, :-1]).abs().max()) < 0.5 * float(base.abs().max())
 
 
-def _naive_greedy(model: APTModel, src: torch.Tensor, max_new: int, eos: int) -> torch.Tensor:
+def _naive_greedy(
+    model: APTModel, src: torch.Tensor, max_new: int, eos: int, tgt_len: int | None = None
+) -> torch.Tensor:
+    """Greedy decoding by ``forward`` on the growing prefix (right-padded to ``tgt_len`` when given)."""
     prefix = torch.full((src.shape[0], 1), BOS)
     finished = torch.zeros(src.shape[0], dtype=torch.bool)
     out = []
     for _ in range(max_new):
-        nxt = model(src, prefix)[:, -1].argmax(-1)
+        t = prefix.shape[1]
+        pad = torch.zeros(src.shape[0], (tgt_len or t) - t, dtype=torch.long)
+        nxt = model(src, torch.cat([prefix, pad], 1))[:, t - 1].argmax(-1)
         nxt = torch.where(finished, torch.zeros_like(nxt), nxt)
         out.append(nxt)
         finished |= nxt == eos
@@ -202,25 +207,6 @@ def test_generate_equals_naive_greedy_loop(use_autopoietic: bool) -> None:
     assert saw_padding_after_eos
 
 
-def _naive_padded_greedy(
-    model: APTModel, src: torch.Tensor, max_new: int, eos: int, tgt_len: int
-) -> torch.Tensor:
-    prefix = torch.full((src.shape[0], 1), BOS)
-    finished = torch.zeros(src.shape[0], dtype=torch.bool)
-    out = []
-    for _ in range(max_new):
-        t = prefix.shape[1]
-        padded = torch.cat([prefix, torch.zeros(src.shape[0], tgt_len - t, dtype=torch.long)], 1)
-        nxt = model(src, padded)[:, t - 1].argmax(-1)
-        nxt = torch.where(finished, torch.zeros_like(nxt), nxt)
-        out.append(nxt)
-        finished |= nxt == eos
-        if finished.all():
-            break
-        prefix = torch.cat([prefix, nxt[:, None]], 1)
-    return torch.stack(out, 1)
-
-
 @pytest.mark.parametrize("use_autopoietic", [True, False])
 def test_generate_in_a_fixed_target_shape_reads_the_last_real_position(use_autopoietic: bool) -> None:
     model = _model(use_autopoietic)
@@ -229,7 +215,7 @@ def test_generate_in_a_fixed_target_shape_reads_the_last_real_position(use_autop
     src, _ = _batch()
     eos = _pick_eos(model.generate(src, max_new_tokens=7, bos_id=BOS, eos_id=1, tgt_len=10))
     got = model.generate(src, max_new_tokens=7, bos_id=BOS, eos_id=eos, tgt_len=10)
-    assert torch.equal(got, _naive_padded_greedy(model, src, 7, eos, 10))
+    assert torch.equal(got, _naive_greedy(model, src, 7, eos, tgt_len=10))
     # The plain path masks padding out entirely, so the shape changes nothing there; the autopoietic statistics
     # span the whole padded matrix, so there it is a different input (the one fixed-shape training showed).
     first_padded = model(src, torch.tensor([[BOS] + [0] * 9] * 3))[:, 0]
