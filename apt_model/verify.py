@@ -275,12 +275,12 @@ def parse_pad_to(text: str | None) -> tuple[int, int] | None:
     """``"40,24"`` → ``(40, 24)``; ``None`` or ``"none"`` → ``None``."""
     if text is None or text.strip().lower() == "none":
         return None
-    parts = text.split(",")
     try:
-        pad_to = tuple(int(x) for x in parts)
-    except ValueError:
+        pad_to = tuple(int(x) for x in text.split(","))
+        check_pad_to(pad_to)  # type: ignore[arg-type]
+    except (ValueError, ConfigError):
+        # The user's text in the message, not the tuple it parsed to.
         raise ConfigError(f"--pad-to {text!r}: must be two positive integers, SRC,TGT") from None
-    check_pad_to(pad_to)  # type: ignore[arg-type]
     return pad_to  # type: ignore[return-value]
 
 
