@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from apt_model.data.pairs import SIZES, normalize_text  # noqa: E402
+from apt_model.errors import ConfigError  # noqa: E402
+from apt_model.verify import parse_pad_to  # noqa: E402
 from bench.hlbd_kinds import breakdown  # noqa: E402
 
 KIND_MODULES = ("geometry", "physics", "arithmetic")
@@ -186,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.dataset is not None and not args.dataset.is_file():
         p.error(f"--dataset: no such file: {args.dataset}")
+    try:
+        parse_pad_to(args.pad_to)  # `apt verify` would refuse it only after training
+    except ConfigError as exc:
+        p.error(str(exc))
     extra = [a for a in args.train_args if a != "--"]
     out = args.out / args.tag
     out.mkdir(parents=True, exist_ok=True)

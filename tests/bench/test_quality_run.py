@@ -107,6 +107,8 @@ def test_counts_the_other_val_problems_that_were_trained_on(tiny_run: tuple[Path
         (["--data-size", "huge"], "--data-size"),
         (["--also-val-size", "xl", "huge"], "--also-val-size"),
         (["--dataset", "no-such-file.json"], "--dataset: no such file"),
+        (["--pad-to", "40"], "--pad-to '40': must be two positive integers"),
+        (["--pad-to", "40,0"], "--pad-to"),
     ],
 )
 def test_bad_arguments_exit_2_before_any_work(
