@@ -1010,7 +1010,8 @@ if [[ $part == quality-adam ]]; then
   # embedding under weight decay 1.0 (its initial scale was the one lever that moved physics). Three per card,
   # accuracy only, the README recipe's 45 epochs; ADAM_RUNS ("GPU TAG flags…" per run, GPU 1 = g1) replaces the six,
   # ADAM_SPLITS (default val; "train,val" for both) the splits they verify. Twentieth session: QUALITY_PAD_TO=40,24
-  # verifies every split again in the training's fixed shape (quality_run.py --pad-to).
+  # verifies every split again in the training's fixed shape (quality_run.py --pad-to). Twenty-first session: ADAM_RUNS
+  # with --no-dbc-dac, --weight-decay 0.5 / 2.0, and --label-smoothing 0.05 --weight-decay 2.0 (BENCHMARKS.md).
   g1=$(second_gpu)
   z3p3="--t0 45 --epochs 45 $readme_recipe"
   runs=()
