@@ -1012,6 +1012,9 @@ if [[ $part == quality-adam ]]; then
   # ADAM_SPLITS (default val; "train,val" for both) the splits they verify. Twentieth session: QUALITY_PAD_TO=40,24
   # verifies every split again in the training's fixed shape (quality_run.py --pad-to). Twenty-first session: ADAM_RUNS
   # with --no-dbc-dac, --weight-decay 0.5 / 2.0, and --label-smoothing 0.05 --weight-decay 2.0 (BENCHMARKS.md).
+  # Twenty-second session: ADAM_RUNS with --label-smoothing 0.05 and --weight-decay 1.5 or 2.0, --t0 52 --epochs 52
+  # (later flags replace the recipe's) or --repeat zodiac=3,physics=5; ADAM_SPLITS=train,val. The README recipe since
+  # is these runs' "--label-smoothing 0.05 --weight-decay 1.5 --t0 52 --epochs 52" added to $z3p3 below.
   g1=$(second_gpu)
   z3p3="--t0 45 --epochs 45 $readme_recipe"
   runs=()

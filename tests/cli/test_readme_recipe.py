@@ -33,7 +33,8 @@ def test_readme_gpu_recipe_parses_into_the_configs_it_documents() -> None:
     assert backend.name == "playground"
     # The settings the README's table and text attribute to the recipe.
     assert request.model.embedding_init_std == 0.3 and request.model.dropout == 0
-    assert (request.train.batch_size, request.train.lr, request.train.weight_decay) == (128, 1e-3, 1.0)
-    assert (request.train.epochs, request.train.t0, request.train.warmup_steps) == (45, 45, 300)
+    assert (request.train.batch_size, request.train.lr, request.train.weight_decay) == (128, 1e-3, 1.5)
+    assert request.train.label_smoothing == 0.05
+    assert (request.train.epochs, request.train.t0, request.train.warmup_steps) == (52, 52, 300)
     assert request.data.repeat_counts() == {"zodiac": 3, "physics": 3}
     assert (request.data.max_src_len, request.data.max_tgt_len) == (40, 24)
