@@ -130,7 +130,8 @@
 #   PART=quality-epochs — the README recipe over 45 (GPU 0) and 52 epochs (GPU 1) at seeds 4-6, three per card,
 #                  accuracy only.
 #   PART=quality-avg — the README recipe at four seeds saving every epoch (two per card), then each run's final
-#                  weights against means of its last epochs' weights (bench/weight_average.py), paired.
+#                  weights against means of its last epochs' weights (bench/weight_average.py), paired. AVG_FLAGS,
+#                  AVG_SEEDS, AVG_PREFIX and AVG_NAME run it on another recipe (twenty-third session: the README's).
 #   PART=quality-swa — quality-avg with the cosine's floor at 2e-4 (--min-lr), for stochastic weight averaging.
 #   PART=quality-adam — AdamW's beta2 at 0.95 with lr 1e-3, 1.5e-3 and 2e-3 (lr 2e-3 diverged at beta2 0.999), and
 #                  weight decay on the token embedding; three per card, accuracy only (ADAM_RUNS replaces the runs).
@@ -979,13 +980,17 @@ if [[ $part == quality-avg || $part == quality-swa ]]; then
   # 3/5/10/15/20 epochs and exponential means, on the run's own val and on xl's (paired). quality-swa (after
   # quality-avg: the mean of the last 10-15 epochs gave +0.5 points overall, +0.6 physics): the same with the
   # cosine's floor at 2e-4 instead of 1e-5, so the last epochs move more and their mean has more to average (SWA).
+  # Twenty-third session: AVG_FLAGS (appended, so they replace the recipe's), AVG_SEEDS (four), AVG_PREFIX and
+  # AVG_NAME measure the same on another recipe: the README's since the twenty-second session.
   g1=$(second_gpu)
-  z3p3="--t0 45 --epochs 45 $readme_recipe --save-interval 1"
-  if [[ $part == quality-swa ]]; then name=quality_swa prefix=S z3p3="$z3p3 --min-lr 2e-4"; else name=quality_avg prefix=A; fi
-  tags=(${prefix}45s11 ${prefix}45s12 ${prefix}45s13 ${prefix}45s14)
+  z3p3="--t0 45 --epochs 45 $readme_recipe --save-interval 1 ${AVG_FLAGS:-}"
+  if [[ $part == quality-swa ]]; then name=quality_swa prefix=S45 z3p3="$z3p3 --min-lr 2e-4"; else name=quality_avg prefix=A45; fi
+  name=${AVG_NAME:-$name} prefix=${AVG_PREFIX:-$prefix}
+  seeds=(${AVG_SEEDS:-11 12 13 14})
+  tags=(${prefix}s${seeds[0]} ${prefix}s${seeds[1]} ${prefix}s${seeds[2]} ${prefix}s${seeds[3]})
   QUALITY_TIMEOUT=${QUALITY_TIMEOUT:-400} wide_runs $name "xxl --operand 99" -- \
-    "0 ${tags[0]} xxl val $z3p3 --seed 11" "0 ${tags[1]} xxl val $z3p3 --seed 12" \
-    "$g1 ${tags[2]} xxl val $z3p3 --seed 13" "$g1 ${tags[3]} xxl val $z3p3 --seed 14"
+    "0 ${tags[0]} xxl val $z3p3 --seed ${seeds[0]}" "0 ${tags[1]} xxl val $z3p3 --seed ${seeds[1]}" \
+    "$g1 ${tags[2]} xxl val $z3p3 --seed ${seeds[2]}" "$g1 ${tags[3]} xxl val $z3p3 --seed ${seeds[3]}"
   mkdir -p "$work/avg_$name"
   pids=()
   for i in "${!tags[@]}"; do
@@ -1015,6 +1020,7 @@ if [[ $part == quality-adam ]]; then
   # Twenty-second session: ADAM_RUNS with --label-smoothing 0.05 and --weight-decay 1.5 or 2.0, --t0 52 --epochs 52
   # (later flags replace the recipe's) or --repeat zodiac=3,physics=5; ADAM_SPLITS=train,val. The README recipe since
   # is these runs' "--label-smoothing 0.05 --weight-decay 1.5 --t0 52 --epochs 52" added to $z3p3 below.
+  # Twenty-third session: the same with --weight-decay 1.25 and 1.75, and the README recipe alone at seeds 19 and 20.
   g1=$(second_gpu)
   z3p3="--t0 45 --epochs 45 $readme_recipe"
   runs=()
