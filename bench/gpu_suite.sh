@@ -980,22 +980,25 @@ if [[ $part == quality-avg || $part == quality-swa ]]; then
   # 3/5/10/15/20 epochs and exponential means, on the run's own val and on xl's (paired). quality-swa (after
   # quality-avg: the mean of the last 10-15 epochs gave +0.5 points overall, +0.6 physics): the same with the
   # cosine's floor at 2e-4 instead of 1e-5, so the last epochs move more and their mean has more to average (SWA).
-  # Twenty-third session: AVG_FLAGS (appended, so they replace the recipe's), AVG_SEEDS (four), AVG_PREFIX and
+  # Twenty-third session: AVG_FLAGS (appended, so they replace the recipe's), AVG_SEEDS, AVG_PREFIX and
   # AVG_NAME measure the same on another recipe: the README's since the twenty-second session.
   g1=$(second_gpu)
   z3p3="--t0 45 --epochs 45 $readme_recipe --save-interval 1 ${AVG_FLAGS:-}"
   if [[ $part == quality-swa ]]; then name=quality_swa prefix=S45 z3p3="$z3p3 --min-lr 2e-4"; else name=quality_avg prefix=A45; fi
   name=${AVG_NAME:-$name} prefix=${AVG_PREFIX:-$prefix}
   seeds=(${AVG_SEEDS:-11 12 13 14})
-  tags=(${prefix}s${seeds[0]} ${prefix}s${seeds[1]} ${prefix}s${seeds[2]} ${prefix}s${seeds[3]})
-  QUALITY_TIMEOUT=${QUALITY_TIMEOUT:-400} wide_runs $name "xxl --operand 99" -- \
-    "0 ${tags[0]} xxl val $z3p3 --seed ${seeds[0]}" "0 ${tags[1]} xxl val $z3p3 --seed ${seeds[1]}" \
-    "$g1 ${tags[2]} xxl val $z3p3 --seed ${seeds[2]}" "$g1 ${tags[3]} xxl val $z3p3 --seed ${seeds[3]}"
+  # The first half of the seeds on GPU 0, the rest on GPU 1; each run's averaging on the card it trained on.
+  tags=() gpus=() runs=()
+  for i in "${!seeds[@]}"; do
+    tags+=("${prefix}s${seeds[$i]}") gpus+=($(( i < (${#seeds[@]} + 1) / 2 ? 0 : g1 )))
+    runs+=("${gpus[$i]} ${tags[$i]} xxl val $z3p3 --seed ${seeds[$i]}")
+  done
+  QUALITY_TIMEOUT=${QUALITY_TIMEOUT:-400} wide_runs $name "xxl --operand 99" -- "${runs[@]}"
   mkdir -p "$work/avg_$name"
   pids=()
   for i in "${!tags[@]}"; do
     tag=${tags[$i]} dir="$work/$name/$tag"
-    CUDA_VISIBLE_DEVICES=$(( i < 2 ? 0 : g1 )) timeout "${AVG_TIMEOUT:-150}" python3 bench/weight_average.py \
+    CUDA_VISIBLE_DEVICES=${gpus[$i]} timeout "${AVG_TIMEOUT:-150}" python3 bench/weight_average.py \
       --run "$dir/run" --dataset "xl=$dir/hardcore_xl.json" --dataset "own=$dir/hardcore.json" \
       ${AVG_VARIANTS:---last 1 3 5 10 15 20 --exp 0.8 0.9} --out "$work/avg_$name/$tag.json" \
       > "$work/avg_$name/$tag.log" 2>&1 &
