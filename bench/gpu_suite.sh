@@ -712,6 +712,9 @@ wide_runs() {
       gpu=$1 tag=$2 data="$work/hardcore_$3.json" splits=${4//,/ }
       shift 4
       [[ $splits == none ]] && splits=
+      # --reverse-digits is quality_run.py's (the answers' digit order, bench/reverse_digits.py), not apt train's.
+      local qflags=() targs=()
+      for a in "$@"; do if [[ $a == --reverse-digits ]]; then qflags+=("$a"); else targs+=("$a"); fi; done
       # A cold compile per run, unless QUALITY_WARM=1: then one cache per GPU, kept across calls of wide_runs (a
       # machine that has trained before, as scheduled retraining finds it).
       local cache="$work/cache/$name/$tag"
@@ -719,8 +722,8 @@ wide_runs() {
       TORCHINDUCTOR_CACHE_DIR="$cache/inductor" TRITON_CACHE_DIR="$cache/triton" \
       CUDA_VISIBLE_DEVICES=$gpu timeout "${QUALITY_TIMEOUT:-540}" python3 bench/quality_run.py --out "$work/$name" \
         --tag "$tag" --data-size xxl --dataset "$data" --splits $splits --also-val-size xl \
-        ${QUALITY_PAD_TO:+--pad-to $QUALITY_PAD_TO} -- --max-src-len 40 \
-        --max-tgt-len 24 --eval-every 10 --save-interval 1000 $b128 "$@" > "$work/${name}_$tag.log" 2>&1
+        ${QUALITY_PAD_TO:+--pad-to $QUALITY_PAD_TO} "${qflags[@]}" -- --max-src-len 40 \
+        --max-tgt-len 24 --eval-every 10 --save-interval 1000 $b128 "${targs[@]}" > "$work/${name}_$tag.log" 2>&1
       echo "$name $tag rc=$?" >> "$work/${name}_summary.txt"
     ) &
     pids+=($!)
@@ -1024,6 +1027,7 @@ if [[ $part == quality-adam ]]; then
   # (later flags replace the recipe's) or --repeat zodiac=3,physics=5; ADAM_SPLITS=train,val. The README recipe since
   # is these runs' "--label-smoothing 0.05 --weight-decay 1.5 --t0 52 --epochs 52" added to $z3p3 below.
   # Twenty-third session: the same with --weight-decay 1.25 and 1.75, and the README recipe alone at seeds 19 and 20.
+  # Twenty-fourth session: the README recipe with --reverse-digits (answers' digits least significant first).
   g1=$(second_gpu)
   z3p3="--t0 45 --epochs 45 $readme_recipe"
   runs=()

@@ -32,6 +32,7 @@ from apt_model.data.pairs import SIZES, normalize_text  # noqa: E402
 from apt_model.errors import ConfigError  # noqa: E402
 from apt_model.verify import parse_pad_to  # noqa: E402
 from bench.hlbd_kinds import breakdown  # noqa: E402
+from bench.reverse_digits import reverse_file  # noqa: E402
 
 KIND_MODULES = ("geometry", "physics", "arithmetic")
 # The training report's runtime entries that time the run (apt_model/training/report.py), kept in each result.
@@ -129,6 +130,7 @@ def cross_val(
     log: Path,
     device: str,
     pad_to: str | None = None,
+    reverse_digits: bool = False,
 ) -> None:
     """Verify the model on ``size``'s val split; record it as ``exact_val_<size>`` (``…_padded`` with ``pad_to``)
     with its per-kind breakdown and how many of those val inputs the training split held (0 under the shared
@@ -137,6 +139,8 @@ def cross_val(
     suffix = "_padded" if pad_to else ""
     if not other.is_file():
         generate_step(f"generate_{size}", size, other, report, out, log)
+        if reverse_digits:
+            reverse_file(other, other)
     ours = json.loads(data.read_text())
     ours_val = {normalize_text(t) for t in ours["metadata"]["splits"]["val"]}
     ours_train = {normalize_text(r["input"]) for rows in ours["data"].values() for r in rows} - ours_val
@@ -184,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         help="verify every split again with `apt verify --pad-to SRC,TGT` (reported as exact_*_padded): decoding "
         "in the fixed shape the GPU training padded every batch to",
     )
+    p.add_argument(
+        "--reverse-digits",
+        action="store_true",
+        help="train and verify on copies whose answers have their digit runs reversed (bench/reverse_digits.py): "
+        "exact match is unchanged by the bijection, so it measures only whether the model learns that order better",
+    )
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="extra `apt train` flags, after --")
     args = p.parse_args(argv)
     if args.dataset is not None and not args.dataset.is_file():
@@ -211,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         }
     else:
         generate_step("generate", args.data_size, data, report, out, log)
+    if args.reverse_digits:
+        reverse_file(data, data)
+        report["reverse_digits"] = True
     train = apt(
         "train", "--backend", "playground", "--preset", "playground", "--dataset", str(data),
         "--save-dir", str(run_dir), "--overwrite", "--no-tracking", "--no-progress", "--device", args.device, *extra,
@@ -249,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                     report["val_failures"] = vr["failures"]
             (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
         for size in args.also_val_size:
-            cross_val(size, data, run_dir, out, report, log, args.device, pad_to)
+            cross_val(size, data, run_dir, out, report, log, args.device, pad_to, args.reverse_digits)
             (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
         json.dumps(
