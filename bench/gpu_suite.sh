@@ -1027,7 +1027,8 @@ if [[ $part == quality-adam ]]; then
   # (later flags replace the recipe's) or --repeat zodiac=3,physics=5; ADAM_SPLITS=train,val. The README recipe since
   # is these runs' "--label-smoothing 0.05 --weight-decay 1.5 --t0 52 --epochs 52" added to $z3p3 below.
   # Twenty-third session: the same with --weight-decay 1.25 and 1.75, and the README recipe alone at seeds 19 and 20.
-  # Twenty-fourth session: the README recipe with --reverse-digits (answers' digits least significant first).
+  # Twenty-fourth session: the README recipe with --reverse-digits (answers' digits least significant first), and
+  # over 70 epochs (--t0 70 --epochs 70).
   g1=$(second_gpu)
   z3p3="--t0 45 --epochs 45 $readme_recipe"
   runs=()
