@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from apt_model.data.pairs import SIZES, normalize_text  # noqa: E402
-from apt_model.errors import ConfigError  # noqa: E402
+from apt_model.errors import ConfigError, DataError  # noqa: E402
 from apt_model.verify import parse_pad_to  # noqa: E402
 from bench.hlbd_kinds import breakdown  # noqa: E402
-from bench.reverse_digits import reverse_file  # noqa: E402
+from bench.reverse_digits import load_reversible, reverse_file  # noqa: E402
 
 KIND_MODULES = ("geometry", "physics", "arithmetic")
 # The training report's runtime entries that time the run (apt_model/training/report.py), kept in each result.
@@ -198,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.dataset is not None and not args.dataset.is_file():
         p.error(f"--dataset: no such file: {args.dataset}")
+    if args.reverse_digits and args.dataset is not None:
+        try:
+            load_reversible(args.dataset)  # reverse_file would refuse it only after the run folder is made
+        except DataError as exc:
+            p.error(f"--reverse-digits: {exc}")
     try:
         parse_pad_to(args.pad_to)  # `apt verify` would refuse it only after training
     except ConfigError as exc:

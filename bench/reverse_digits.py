@@ -24,7 +24,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from apt_model.data import hardcore  # noqa: E402
+from apt_model.data import hardcore, load_dataset  # noqa: E402
+from apt_model.errors import DataError  # noqa: E402
 from apt_model.io import atomic_write_text, dumps_json  # noqa: E402
 
 _DIGITS = re.compile(r"\d+")
@@ -48,13 +49,20 @@ def reverse_document(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def reverse_file(src: Path, dst: Path) -> None:
+def load_reversible(src: Path) -> dict[str, Any]:
+    """The document of ``src``: generated HLBD Hardcore data (the loader's own checks, then a split in the file)
+    whose answers are not reversed yet; DataError naming the problem otherwise."""
+    split_in_file = load_dataset(src).split_source == "file"
     doc = json.loads(src.read_text(encoding="utf-8"))
-    if "data" not in doc or "splits" not in doc.get("metadata", {}):
-        raise SystemExit(f"{src}: not a generated HLBD Hardcore file (no data or metadata.splits)")
-    if doc["metadata"].get("params", {}).get("reverse_digits"):
-        raise SystemExit(f"{src}: its answers are reversed already")
-    atomic_write_text(dst, dumps_json(reverse_document(doc)))
+    if not split_in_file or "data" not in doc or not isinstance(doc["metadata"].get("params"), dict):
+        raise DataError(f"{src}: not generated HLBD Hardcore data (needs data, metadata.splits and .params)")
+    if doc["metadata"]["params"].get("reverse_digits"):
+        raise DataError(f"{src}: its answers are reversed already")
+    return doc
+
+
+def reverse_file(src: Path, dst: Path) -> None:
+    atomic_write_text(dst, dumps_json(reverse_document(load_reversible(src))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
     args = p.parse_args(argv)
-    if not args.src.is_file():
-        p.error(f"no such file: {args.src}")
-    reverse_file(args.src, args.dst)
+    try:
+        reverse_file(args.src, args.dst)
+    except DataError as exc:
+        p.error(str(exc))
     return 0
 
 

@@ -10,6 +10,13 @@ import pytest
 
 from apt_model.data import generate, write_dataset
 from bench.quality_run import cross_val, main
+from bench.reverse_digits import main as reverse_main
+
+
+def tiny_argv(out: Path, tag: str, *flags: str) -> list[str]:
+    """quality_run.py's arguments for one epoch of the tiny preset on CPU, uncompiled, with ``flags`` before `--`."""
+    return ["--out", str(out), "--tag", tag, "--device", "cpu", *flags, "--", "--preset", "tiny", "--epochs", "1",
+            "--compile", "off"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -19,33 +26,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     out = tmp_path_factory.mktemp("quality")
     given = out / "given.json"
     write_dataset(generate("hardcore", size="small"), given)
-    argv = [
-        "--out",
-        str(out),
-        "--tag",
-        "t",
-        "--device",
-        "cpu",
-        "--dataset",
-        str(given),
-        "--splits",
-        "val",
-        "train",
-    ]
-    argv += [
-        "--also-val-size",
-        "default",
-        "small",
-        "--pad-to",
-        "40,24",
-        "--",
-        "--preset",
-        "tiny",
-        "--epochs",
-        "1",
-        "--compile",
-        "off",
-    ]
+    given_data = ["--dataset", str(given), "--splits", "val", "train"]
+    argv = tiny_argv(out, "t", *given_data, "--also-val-size", "default", "small", "--pad-to", "40,24")
     assert main(argv) == 0
     assert (out / "t" / "hardcore.json").read_bytes() == given.read_bytes()
     return out / "t", json.loads((out / "t" / "quality.json").read_text())
@@ -119,4 +101,28 @@ def test_bad_arguments_exit_2_before_any_work(
         main(["--out", str(out), "--device", "cpu", *argv])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_reverse_digits_trains_and_scores_other_sizes_on_reversed_answers(tmp_path: Path) -> None:
+    flags = ["--data-size", "small", "--splits", "val", "--also-val-size", "small", "--reverse-digits"]
+    assert main(tiny_argv(tmp_path, "r", *flags)) == 0
+    report = json.loads((tmp_path / "r" / "quality.json").read_text())
+    assert report["reverse_digits"] is True
+    for name in ("hardcore.json", "hardcore_small.json"):  # trained on, and scored on: both reversed
+        assert json.loads((tmp_path / "r" / name).read_text())["metadata"]["params"]["reverse_digits"] is True
+    assert report["exact_val_small"]["val_inputs_in_our_training_split"] == 0
+
+
+def test_reverse_digits_refuses_a_given_file_reversed_already_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    given, reversed_ = tmp_path / "given.json", tmp_path / "reversed.json"
+    write_dataset(generate("hardcore", size="small"), given)
+    assert reverse_main([str(given), str(reversed_)]) == 0
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(out), "--device", "cpu", "--dataset", str(reversed_), "--reverse-digits"])
+    assert exc.value.code == 2
+    assert "--reverse-digits: " in (err := capsys.readouterr().err) and "reversed already" in err
     assert not out.exists()

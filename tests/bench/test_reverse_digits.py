@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from apt_model.data import generate, load_dataset, write_dataset
-from bench.quality_run import main as quality_main
 from bench.reverse_digits import main, reverse_digit_runs, reverse_document
 
 
@@ -45,44 +44,40 @@ def test_the_copy_loads_cleanly_with_the_same_inputs_split_and_answers_read_back
     assert reverse_document(doc)["metadata"]["splits"] == doc["metadata"]["splits"]
 
 
-def test_refuses_a_file_reversed_already_and_leaves_it_alone(tmp_path: Path) -> None:
+def test_refuses_a_file_reversed_already_and_leaves_it_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src, dst = tmp_path / "hc.json", tmp_path / "rev.json"
     write_dataset(generate("hardcore", size="small"), src)
     main([str(src), str(dst)])
     written = dst.read_bytes()
-    with pytest.raises(SystemExit, match="reversed already"):
+    with pytest.raises(SystemExit) as exc:
         main([str(dst), str(dst)])
+    assert exc.value.code == 2
+    assert "its answers are reversed already" in capsys.readouterr().err
     assert dst.read_bytes() == written
 
 
-def test_quality_run_trains_and_scores_other_sizes_on_reversed_answers(tmp_path: Path) -> None:
-    argv = [
-        "--out",
-        str(tmp_path),
-        "--tag",
-        "r",
-        "--device",
-        "cpu",
-        "--data-size",
-        "small",
-        "--splits",
-        "val",
-    ]
-    argv += [
-        "--also-val-size",
-        "small",
-        "--reverse-digits",
-        "--",
-        "--preset",
-        "tiny",
-        "--epochs",
-        "1",
-        "--compile",
-        "off",
-    ]
-    assert quality_main(argv) == 0
-    report = json.loads((tmp_path / "r" / "quality.json").read_text())
-    assert report["reverse_digits"] is True
-    for name in ("hardcore.json", "hardcore_small.json"):  # trained on, and scored on: both reversed
-        assert json.loads((tmp_path / "r" / name).read_text())["metadata"]["params"]["reverse_digits"] is True
-    assert report["exact_val_small"]["val_inputs_in_our_training_split"] == 0
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("{not json", "hc.json"),
+        (
+            '{"data": {"arithmetic": [{"input": "1 + 1 = ?", "output": "2"}]}}',
+            "not generated HLBD Hardcore data",
+        ),
+    ],
+)
+def test_bad_files_exit_2_and_write_nothing(
+    content: str | None, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, dst = tmp_path / "hc.json", tmp_path / "rev.json"
+    if content is not None:
+        src.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        main([str(src), str(dst)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not dst.exists()
