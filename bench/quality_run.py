@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,14 @@ from apt_model.errors import ConfigError, DataError  # noqa: E402
 from apt_model.verify import parse_pad_to  # noqa: E402
 from bench.hlbd_kinds import breakdown  # noqa: E402
 from bench.reverse_digits import load_reversible, reverse_file  # noqa: E402
+from bench.worked_steps import final_scores, load_workable, worked_file  # noqa: E402
 
 KIND_MODULES = ("geometry", "physics", "arithmetic")
+# The answer rewrites a run can train and score on: flag → (check of a given file, rewrite of a file in place).
+ANSWER_REWRITES: dict[str, tuple[Callable[[Path], Any], Callable[[Path, Path], None]]] = {
+    "reverse_digits": (load_reversible, reverse_file),
+    "worked_steps": (load_workable, worked_file),
+}
 # The training report's runtime entries that time the run (apt_model/training/report.py), kept in each result.
 RUNTIME_TIMINGS = ("phase_seconds", "compile_seconds", "first_launch_seconds", "kernel_prewarm")
 
@@ -130,17 +137,18 @@ def cross_val(
     log: Path,
     device: str,
     pad_to: str | None = None,
-    reverse_digits: bool = False,
+    rewrite: str | None = None,
 ) -> None:
     """Verify the model on ``size``'s val split; record it as ``exact_val_<size>`` (``…_padded`` with ``pad_to``)
     with its per-kind breakdown and how many of those val inputs the training split held (0 under the shared
-    hold-out rule, or the score means nothing)."""
+    hold-out rule, or the score means nothing). ``rewrite``: the ANSWER_REWRITES entry the run trained on, applied
+    to that data too (worked steps: also scored by final answer, as ``final_val_<size>``)."""
     other = out / f"hardcore_{size}.json"
     suffix = "_padded" if pad_to else ""
     if not other.is_file():
         generate_step(f"generate_{size}", size, other, report, out, log)
-        if reverse_digits:
-            reverse_file(other, other)
+        if rewrite is not None:
+            ANSWER_REWRITES[rewrite][1](other, other)
     ours = json.loads(data.read_text())
     ours_val = {normalize_text(t) for t in ours["metadata"]["splits"]["val"]}
     ours_train = {normalize_text(r["input"]) for rows in ours["data"].values() for r in rows} - ours_val
@@ -152,6 +160,8 @@ def cross_val(
         "val_inputs_in_our_training_split": leaked,
         "by_kind": kinds_of(doc, vr),
     }
+    if rewrite == "worked_steps" and report[f"exact_val_{size}{suffix}"]["by_kind"] is not None:
+        report[f"final_val_{size}{suffix}"] = final_scores(doc, vr["failures"], ours)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,21 +198,31 @@ def main(argv: list[str] | None = None) -> int:
         help="verify every split again with `apt verify --pad-to SRC,TGT` (reported as exact_*_padded): decoding "
         "in the fixed shape the GPU training padded every batch to",
     )
-    p.add_argument(
+    rewrites = p.add_mutually_exclusive_group()
+    rewrites.add_argument(
         "--reverse-digits",
         action="store_true",
         help="train and verify on copies whose answers have their digit runs reversed (bench/reverse_digits.py): "
         "exact match is unchanged by the bijection, so it measures only whether the model learns that order better",
     )
+    rewrites.add_argument(
+        "--worked-steps",
+        action="store_true",
+        help="train and verify on copies whose products of two-digit multipliers are answered as partial products "
+        "and their sum (bench/worked_steps.py); val is also scored by final answer (final_val*)",
+    )
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="extra `apt train` flags, after --")
     args = p.parse_args(argv)
     if args.dataset is not None and not args.dataset.is_file():
         p.error(f"--dataset: no such file: {args.dataset}")
-    if args.reverse_digits and args.dataset is not None:
+    rewrite = next((name for name in ANSWER_REWRITES if getattr(args, name)), None)
+    if rewrite is not None and args.dataset is not None:
         try:
-            load_reversible(args.dataset)  # reverse_file would refuse it only after the run folder is made
+            ANSWER_REWRITES[rewrite][0](
+                args.dataset
+            )  # the rewrite would refuse it only after the run folder is made
         except DataError as exc:
-            p.error(f"--reverse-digits: {exc}")
+            p.error(f"--{rewrite.replace('_', '-')}: {exc}")
     try:
         parse_pad_to(args.pad_to)  # `apt verify` would refuse it only after training
     except ConfigError as exc:
@@ -226,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         }
     else:
         generate_step("generate", args.data_size, data, report, out, log)
-    if args.reverse_digits:
-        reverse_file(data, data)
-        report["reverse_digits"] = True
+    if rewrite is not None:
+        ANSWER_REWRITES[rewrite][1](data, data)
+        report[rewrite] = True
     train = apt(
         "train", "--backend", "playground", "--preset", "playground", "--dataset", str(data),
         "--save-dir", str(run_dir), "--overwrite", "--no-tracking", "--no-progress", "--device", args.device, *extra,
@@ -262,12 +282,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             report[f"exact_{split}{suffix}"] = exact_summary(vr)
             if split == "val":
-                report[f"val_by_kind{suffix}"] = kinds_of(json.loads(data.read_text()), vr)
+                doc = json.loads(data.read_text())
+                report[f"val_by_kind{suffix}"] = kinds_of(doc, vr)
+                if rewrite == "worked_steps" and report[f"val_by_kind{suffix}"] is not None:
+                    report[f"final_val{suffix}"] = final_scores(doc, vr["failures"], doc)
                 if pad_to is None:
                     report["val_failures"] = vr["failures"]
             (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
         for size in args.also_val_size:
-            cross_val(size, data, run_dir, out, report, log, args.device, pad_to, args.reverse_digits)
+            cross_val(size, data, run_dir, out, report, log, args.device, pad_to, rewrite)
             (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
         json.dumps(

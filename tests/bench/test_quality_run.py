@@ -126,3 +126,34 @@ def test_reverse_digits_refuses_a_given_file_reversed_already_before_any_work(
     assert exc.value.code == 2
     assert "--reverse-digits: " in (err := capsys.readouterr().err) and "reversed already" in err
     assert not out.exists()
+
+
+def test_worked_steps_trains_and_scores_on_worked_answers_also_by_final_answer(tmp_path: Path) -> None:
+    flags = ["--data-size", "small", "--splits", "val", "--also-val-size", "small", "--worked-steps"]
+    assert main(tiny_argv(tmp_path, "w", *flags)) == 0
+    report = json.loads((tmp_path / "w" / "quality.json").read_text())
+    assert report["worked_steps"] is True and "reverse_digits" not in report
+    for name in ("hardcore.json", "hardcore_small.json"):  # trained on, and scored on: both worked
+        assert json.loads((tmp_path / "w" / name).read_text())["metadata"]["params"]["worked_steps"] is True
+    for own, final in (("exact_val", "final_val"), ("exact_val_small", "final_val_small")):
+        assert report[final]["n"] == report[own]["n"]
+        assert report[own]["overall"] <= report[final]["overall"]  # a right last number is all final asks
+        assert {"arithmetic", "geometry", "physics"} <= set(report[final]["clean_by_kind"])
+
+
+def test_worked_steps_refuses_a_given_file_rewritten_already_and_both_rewrites_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    given, reversed_ = tmp_path / "given.json", tmp_path / "reversed.json"
+    write_dataset(generate("hardcore", size="small"), given)
+    assert reverse_main([str(given), str(reversed_)]) == 0
+    out = tmp_path / "out"
+    for argv, message in (
+        (["--dataset", str(reversed_), "--worked-steps"], "--worked-steps: "),
+        (["--dataset", str(given), "--worked-steps", "--reverse-digits"], "not allowed with argument"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["--out", str(out), "--device", "cpu", *argv])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()

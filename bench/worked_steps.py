@@ -1,0 +1,175 @@
+"""Write a copy of an HLBD Hardcore file whose products of two-digit multipliers are answered in worked steps.
+
+The earlier notes on issue 6 named a worked-steps answer as one of two ways to close physics, unmeasured: every miss
+left is a product of a held-out pair (work, distance, rectangle areas, ×), and written in one go the first digit of
+such a product needs every carry. Here the answer to ``a × b`` with ``b ≥ 10`` (b the second number as the question
+writes it) becomes the two partial products and their sum — ``37 × 14`` → ``148+370=518`` — so the model composes
+one-digit multiplications and one addition instead of recalling the product. Every other answer (quotients, facts,
+sums, products with a one-digit multiplier) stays as it is; inputs and the split too. The data spec fixes plain
+integer answers, so this is a measurement for a product decision, not a product format.
+
+Scores on such a copy: ``apt verify``'s exact match asks for every step (strict); ``final_scores`` also counts a
+worked answer whose last number is right. A worked answer shows the products of the multiplicand with each digit
+of the multiplier, so some held-out pairs' products (37 × 4 is a step of a training 37 × 14) appear in training
+targets; ``final_scores`` reports the held-out problems whose own product is not so shown (``clean``) on their own.
+
+    python bench/worked_steps.py hardcore.json hardcore_worked.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from apt_model.data import hardcore, load_dataset  # noqa: E402
+from apt_model.data.pairs import normalize_text  # noqa: E402
+from apt_model.errors import DataError  # noqa: E402
+from apt_model.io import atomic_write_text, dumps_json  # noqa: E402
+from bench.hlbd_kinds import breakdown, match  # noqa: E402
+
+# The kinds whose answer is the product of the two numbers the question shows (a square's area: its side twice).
+PRODUCT_KINDS: dict[str, frozenset[str]] = {
+    "arithmetic": frozenset({"×"}),
+    "physics": frozenset({"distance", "work"}),
+    "geometry": frozenset({"rect-area", "square-area"}),
+}
+
+
+def product_operands(module: str, text: str) -> tuple[int, int] | None:
+    """The multiplicand and multiplier of a product problem, in the question's order; None for other problems."""
+    kind, numbers = match(module, text)
+    if kind not in PRODUCT_KINDS.get(module, ()):
+        return None
+    values = list(numbers.values())  # the template's fields in the order the question writes them
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def worked_answer(a: int, b: int) -> str:
+    """``a × b`` as its partial products and their sum when ``b`` has two or more digits, else the plain product."""
+    if b < 10:
+        return str(a * b)
+    return f"{a * (b % 10)}+{a * (b - b % 10)}={a * b}"
+
+
+# What worked_answer writes for a multi-digit multiplier (a formula fact such as "W = Fs" also holds "=").
+WORKED = re.compile(r"\d+\+\d+=\d+")
+
+
+def final_answer(text: str) -> str:
+    """The last number of a worked answer (the whole text of any other answer)."""
+    return text.rsplit("=", 1)[-1] if WORKED.fullmatch(text) else text
+
+
+def worked_document(doc: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a Hardcore document with every product of a multi-digit multiplier answered in worked steps."""
+    out = copy.deepcopy(doc)
+    for module, rows in out["data"].items():
+        for row in rows:
+            operands = product_operands(module, normalize_text(row["input"]))
+            if operands is None:
+                continue
+            a, b = operands
+            if str(a * b) != str(row["output"]):
+                raise DataError(f"{module}: {row['input']!r} answers {row['output']!r}, not {a} × {b}")
+            row["output"] = worked_answer(a, b)
+    md = out["metadata"]
+    md.setdefault("params", {})["worked_steps"] = True
+    if isinstance(md.get("content_sha256"), str):
+        md["content_sha256"] = hardcore.content_sha256(out["data"], md["splits"]["val"])
+    return out
+
+
+def shown_pairs(doc: Mapping[str, Any]) -> set[frozenset[int]]:
+    """The unordered pairs whose product a worked answer of ``doc``'s training split shows as a step: multiplicand
+    times each digit of the multiplier (the tens step shows it times ten, the same fact)."""
+    val = {normalize_text(t) for t in doc["metadata"]["splits"]["val"]}
+    pairs: set[frozenset[int]] = set()
+    for module, rows in doc["data"].items():
+        for row in rows:
+            text = normalize_text(row["input"])
+            operands = None if text in val else product_operands(module, text)
+            if operands is None or operands[1] < 10:
+                continue
+            a, b = operands
+            pairs.update(frozenset((a, int(d))) for d in str(b))
+    return pairs
+
+
+def final_scores(
+    doc: Mapping[str, Any], failures: Iterable[Mapping[str, Any]], trained_on: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Val exact match of ``doc`` (a worked copy) counting a worked answer right when its last number is: overall,
+    per module, per kind, and per kind over the ``clean`` product problems — those whose own product no worked
+    training answer of ``trained_on`` shows as a step (every product of a two-digit multiplier is clean: a step
+    multiplies by one digit). ``failures``: a verification
+    report's complete list of wrong answers."""
+    shown = shown_pairs(trained_on)
+    wrong = {
+        (f["module"], normalize_text(f["input"]))
+        for f in failures
+        if not WORKED.fullmatch(f["expected"]) or final_answer(f["got"]) != final_answer(f["expected"])
+    }
+    val = {normalize_text(t) for t in doc["metadata"]["splits"]["val"]}
+    rows, clean = [], []
+    for module, records in doc["data"].items():
+        for r in records:
+            text = normalize_text(r["input"])
+            if text not in val:
+                continue
+            row = {"module": module, "input": text, "exact": (module, text) not in wrong}
+            rows.append(row)
+            operands = product_operands(module, text)
+            if operands is not None and frozenset(operands) not in shown:
+                clean.append(row)
+    modules: dict[str, list[bool]] = {}
+    for row in rows:
+        modules.setdefault(row["module"], []).append(row["exact"])
+    return {
+        "overall": round(sum(r["exact"] for r in rows) / len(rows), 6) if rows else None,
+        "n": len(rows),
+        "modules": {m: round(sum(v) / len(v), 6) for m, v in sorted(modules.items())},
+        "by_kind": breakdown(rows),
+        "clean_by_kind": breakdown(clean),
+    }
+
+
+def load_workable(src: Path) -> dict[str, Any]:
+    """The document of ``src``: generated HLBD Hardcore data (the loader's own checks, then a split in the file)
+    not in worked steps yet; DataError naming the problem otherwise."""
+    split_in_file = load_dataset(src).split_source == "file"
+    doc = json.loads(src.read_text(encoding="utf-8"))
+    if not split_in_file or "data" not in doc or not isinstance(doc["metadata"].get("params"), dict):
+        raise DataError(f"{src}: not generated HLBD Hardcore data (needs data, metadata.splits and .params)")
+    params = doc["metadata"]["params"]
+    if params.get("worked_steps") or params.get("reverse_digits"):
+        raise DataError(f"{src}: its answers are rewritten already")
+    return doc
+
+
+def worked_file(src: Path, dst: Path) -> None:
+    atomic_write_text(dst, dumps_json(worked_document(load_workable(src))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    args = p.parse_args(argv)
+    try:
+        worked_file(args.src, args.dst)
+    except DataError as exc:
+        p.error(str(exc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""bench/worked_steps.py: products of two-digit multipliers answered in steps, everything else kept; final-answer
+scores and the held-out products a step shows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from apt_model.data import generate, load_dataset, write_dataset
+from apt_model.errors import DataError
+from bench.reverse_digits import main as reverse_main
+from bench.worked_steps import (
+    WORKED,
+    final_answer,
+    final_scores,
+    main,
+    product_operands,
+    shown_pairs,
+    worked_answer,
+    worked_document,
+)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        (37, 14, "148+370=518"),
+        (37, 4, "148"),  # a one-digit multiplier: the plain product
+        (4, 37, "28+120=148"),  # the second number is the multiplier, whatever its size
+        (99, 99, "891+8910=9801"),
+        (5, 20, "0+100=100"),
+    ],
+)
+def test_worked_answer_is_the_partial_products_and_their_sum(a: int, b: int, expected: str) -> None:
+    assert worked_answer(a, b) == expected
+    assert int(final_answer(expected)) == a * b
+
+
+@pytest.mark.parametrize(
+    ("module", "text", "operands"),
+    [
+        ("arithmetic", "12 × 34 = ?", (12, 34)),
+        ("physics", "以27m/s的速度运动21秒，路程是多少米？", (27, 21)),
+        ("physics", "已知F = 37N，s = 14m，求W（J）", (37, 14)),
+        ("geometry", "长3宽12的长方形面积是多少？", (3, 12)),
+        ("geometry", "边长为48的正方形面积是多少？", (48, 48)),
+        ("arithmetic", "12 + 34 = ?", None),
+        ("geometry", "长3宽12的长方形周长是多少？", None),
+        ("physics", "路程100米，用时20秒，速度是多少米每秒？", None),  # a quotient
+        ("zodiac", "鼠后面是什么生肖？", None),
+    ],
+)
+def test_product_operands_in_the_questions_order(
+    module: str, text: str, operands: tuple[int, int] | None
+) -> None:
+    assert product_operands(module, text) == operands
+
+
+def _written_copy(tmp_path: Path, size: str = "small") -> tuple[Path, Path, dict[str, Any]]:
+    doc = generate("hardcore", size=size)
+    src, dst = tmp_path / "hc.json", tmp_path / "worked.json"
+    write_dataset(doc, src)
+    assert main([str(src), str(dst)]) == 0
+    return src, dst, doc
+
+
+def test_the_copy_rewrites_only_products_of_multi_digit_multipliers(tmp_path: Path) -> None:
+    src, dst, doc = _written_copy(tmp_path)
+    before, after = load_dataset(src), load_dataset(dst)
+    assert after.warnings == []  # content hash recomputed: no "edited after generation" warning
+    assert [(p.input, p.module, p.split) for p in after.pairs] == [
+        (p.input, p.module, p.split) for p in before.pairs
+    ]
+    changed = [(p, q) for p, q in zip(before.pairs, after.pairs, strict=True) if p.output != q.output]
+    assert {p.module for p, _ in changed} == {"arithmetic", "geometry", "physics"}
+    for p, q in changed:
+        a, b = product_operands(p.module, p.input)
+        assert b >= 10 and q.output == worked_answer(a, b) and final_answer(q.output) == p.output
+    rewritten = [q for _, q in changed]
+    assert [
+        q for q in after.pairs if WORKED.fullmatch(q.output)
+    ] == rewritten  # facts like "W = Fs" untouched
+    assert json.loads(dst.read_text())["metadata"]["params"]["worked_steps"] is True
+    assert doc == json.loads(src.read_text())  # the source document is not modified in place
+
+
+def test_a_product_answered_wrong_is_named(tmp_path: Path) -> None:
+    doc = generate("hardcore", size="small")
+    row = next(r for r in doc["data"]["arithmetic"] if product_operands("arithmetic", r["input"]))
+    row["output"] = str(int(row["output"]) + 1)
+    with pytest.raises(DataError, match=r"not \d+ × \d+"):
+        worked_document(doc)
+
+
+@pytest.mark.parametrize("rewriter", [main, reverse_main])
+def test_refuses_a_file_rewritten_already_and_leaves_it_alone(
+    rewriter: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, done = tmp_path / "hc.json", tmp_path / "done.json"
+    write_dataset(generate("hardcore", size="small"), src)
+    rewriter([str(src), str(done)])
+    written = done.read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        main([str(done), str(done)])
+    assert exc.value.code == 2
+    assert "its answers are rewritten already" in capsys.readouterr().err
+    assert done.read_bytes() == written
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("{not json", "hc.json"),
+        (
+            '{"data": {"arithmetic": [{"input": "1 + 1 = ?", "output": "2"}]}}',
+            "not generated HLBD Hardcore data",
+        ),
+    ],
+)
+def test_bad_files_exit_2_and_write_nothing(
+    content: str | None, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, dst = tmp_path / "hc.json", tmp_path / "worked.json"
+    if content is not None:
+        src.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        main([str(src), str(dst)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not dst.exists()
+
+
+def _doc(train: list[tuple[str, str]], val: list[tuple[str, str]]) -> dict[str, Any]:
+    rows = [{"input": t, "output": o} for t, o in train + val]
+    return {"data": {"arithmetic": rows}, "metadata": {"splits": {"val": [t for t, _ in val]}}}
+
+
+def test_shown_pairs_are_the_multiplicand_with_each_digit_of_training_multipliers() -> None:
+    doc = _doc([("37 × 14 = ?", "148+370=518"), ("6 × 7 = ?", "42")], [("25 × 13 = ?", "75+250=325")])
+    assert shown_pairs(doc) == {frozenset((37, 1)), frozenset((37, 4))}
+
+
+def test_final_scores_count_a_right_last_number_and_keep_shown_products_apart() -> None:
+    train = [("37 × 14 = ?", "148+370=518")]
+    val = [
+        ("4 × 37 = ?", "28+120=148"),  # 148 is a training step (37 × 4): not clean
+        ("25 × 13 = ?", "75+250=325"),  # clean, a wrong step but the right product
+        ("23 × 11 = ?", "23+230=253"),  # clean, wrong
+        ("3 + 4 = ?", "7"),  # not a product
+    ]
+    doc = _doc(train, val)
+    failures = [
+        {"module": "arithmetic", "input": "25 × 13 = ?", "expected": "75+250=325", "got": "75+205=325"},
+        {"module": "arithmetic", "input": "23 × 11 = ?", "expected": "23+230=253", "got": "23+230=263"},
+    ]
+    scores = final_scores(doc, failures, doc)
+    assert scores["n"] == 4 and scores["overall"] == 0.75 and scores["modules"] == {"arithmetic": 0.75}
+    assert scores["by_kind"]["arithmetic"]["×"] == {"n": 3, "exact": round(2 / 3, 6)}
+    assert scores["clean_by_kind"]["arithmetic"]["×"] == {"n": 2, "exact": 0.5}
+    # A plain answer must match whole, even when the model's text ends in it.
+    plain_miss = [{"module": "arithmetic", "input": "3 + 4 = ?", "expected": "7", "got": "1+6=7"}]
+    assert final_scores(doc, plain_miss, doc)["by_kind"]["arithmetic"]["+"] == {"n": 1, "exact": 0.0}
+    assert final_answer("W = Fs") == "W = Fs" and final_answer("1+6=7") == "7"
