@@ -712,11 +712,15 @@ wide_runs() {
       gpu=$1 tag=$2 data="$work/hardcore_$3.json" splits=${4//,/ }
       shift 4
       [[ $splits == none ]] && splits=
-      # --reverse-digits and --worked-steps are quality_run.py's (answer rewrites, bench/reverse_digits.py and
+      # --reverse-digits, --worked-steps and --aux-steps are quality_run.py's (answer rewrites, bench/reverse_digits.py and
       # bench/worked_steps.py), not apt train's.
       local qflags=() targs=()
       for a in "$@"; do
-        if [[ $a == --reverse-digits || $a == --worked-steps ]]; then qflags+=("$a"); else targs+=("$a"); fi
+        if [[ $a == --reverse-digits || $a == --worked-steps || $a == --aux-steps ]]; then
+          qflags+=("$a")
+        else
+          targs+=("$a")
+        fi
       done
       # A cold compile per run, unless QUALITY_WARM=1: then one cache per GPU, kept across calls of wide_runs (a
       # machine that has trained before, as scheduled retraining finds it).
@@ -1032,7 +1036,8 @@ if [[ $part == quality-adam ]]; then
   # Twenty-third session: the same with --weight-decay 1.25 and 1.75, and the README recipe alone at seeds 19 and 20.
   # Twenty-fourth session: the README recipe with --reverse-digits (answers' digits least significant first), and
   # over 70 epochs (--t0 70 --epochs 70). Twenty-fifth session: with --worked-steps (products of two-digit multipliers
-  # answered as partial products and their sum, bench/worked_steps.py).
+  # answered as partial products and their sum, bench/worked_steps.py) and --aux-steps (plain answers, plus a
+  # steps-marked twin of each such training product answered in steps).
   g1=$(second_gpu)
   z3p3="--t0 45 --epochs 45 $readme_recipe"
   runs=()

@@ -34,13 +34,15 @@ from apt_model.errors import ConfigError, DataError  # noqa: E402
 from apt_model.verify import parse_pad_to  # noqa: E402
 from bench.hlbd_kinds import breakdown  # noqa: E402
 from bench.reverse_digits import load_reversible, reverse_file  # noqa: E402
-from bench.worked_steps import final_scores, load_workable, worked_file  # noqa: E402
+from bench.worked_steps import aux_file, final_scores, load_workable, worked_file  # noqa: E402
 
 KIND_MODULES = ("geometry", "physics", "arithmetic")
-# The answer rewrites a run can train and score on: flag → (check of a given file, rewrite of a file in place).
+# The data rewrites a run can train on: flag → (check of a given file, rewrite of a file in place). Val is scored on
+# the same rewrite of every size's data (aux_steps leaves val rows as they are: the scores are the plain format's).
 ANSWER_REWRITES: dict[str, tuple[Callable[[Path], Any], Callable[[Path, Path], None]]] = {
     "reverse_digits": (load_reversible, reverse_file),
     "worked_steps": (load_workable, worked_file),
+    "aux_steps": (load_workable, aux_file),
 }
 # The training report's runtime entries that time the run (apt_model/training/report.py), kept in each result.
 RUNTIME_TIMINGS = ("phase_seconds", "compile_seconds", "first_launch_seconds", "kernel_prewarm")
@@ -210,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="train and verify on copies whose products of two-digit multipliers are answered as partial products "
         "and their sum (bench/worked_steps.py); val is also scored by final answer (final_val*)",
+    )
+    rewrites.add_argument(
+        "--aux-steps",
+        action="store_true",
+        help="train on the plain data plus a steps-marked twin, answered in steps, of each training product of a "
+        "two-digit multiplier (bench/worked_steps.py --aux); every score is on the plain answers",
     )
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="extra `apt train` flags, after --")
     args = p.parse_args(argv)

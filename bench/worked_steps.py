@@ -13,7 +13,12 @@ worked answer whose last number is right. A worked answer shows the products of 
 of the multiplier, so some held-out pairs' products (37 × 4 is a step of a training 37 × 14) appear in training
 targets; ``final_scores`` reports the held-out problems whose own product is not so shown (``clean``) on their own.
 
+With ``--aux`` every answer stays plain, and each training product of a two-digit multiplier gets a second row: its
+question with ``STEPS_MARKER`` appended, answered in steps (a side task; the val split, and so every score, is the
+spec's plain format): does learning the steps help the plain answer?
+
     python bench/worked_steps.py hardcore.json hardcore_worked.json
+    python bench/worked_steps.py --aux hardcore.json hardcore_aux.json
 """
 
 from __future__ import annotations
@@ -88,6 +93,46 @@ def worked_document(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Appended to a question to ask for its steps in the --aux side task (its characters join the tokenizer's vocabulary).
+STEPS_MARKER = "（写出步骤）"
+
+
+def aux_document(doc: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a Hardcore document with a steps-marked twin, answered in steps, of every training product of a
+    multi-digit multiplier; the original rows and the val split unchanged."""
+    out = copy.deepcopy(doc)
+    val = {normalize_text(t) for t in out["metadata"]["splits"]["val"]}
+    twins_per_module: dict[str, int] = {}
+    for module, rows in out["data"].items():
+        twins = []
+        for row in rows:
+            text = normalize_text(row["input"])
+            operands = None if text in val else product_operands(module, text)
+            if operands is None or operands[1] < 10:
+                continue
+            a, b = operands
+            if str(a * b) != str(row["output"]):
+                raise DataError(f"{module}: {row['input']!r} answers {row['output']!r}, not {a} × {b}")
+            twins.append({"input": row["input"] + STEPS_MARKER, "output": worked_answer(a, b)})
+        rows.extend(twins)
+        twins_per_module[module] = len(twins)
+    added = sum(twins_per_module.values())
+    md = out["metadata"]
+    md.setdefault("params", {})["aux_steps"] = True
+    # The counts the loader checks against the rows (a mismatch is its "edited after generation" warning).
+    if isinstance(md.get("total_samples"), int):
+        md["total_samples"] += added
+    if isinstance(md.get("split_counts"), dict) and isinstance(md["split_counts"].get("train"), int):
+        md["split_counts"]["train"] += added
+    for module, n in twins_per_module.items():
+        count = md.get("counts", {}).get(module)
+        if isinstance(count, dict):
+            count.update({k: count[k] + n for k in ("train", "total") if isinstance(count.get(k), int)})
+    if isinstance(md.get("content_sha256"), str):
+        md["content_sha256"] = hardcore.content_sha256(out["data"], md["splits"]["val"])
+    return out
+
+
 def shown_pairs(doc: Mapping[str, Any]) -> set[frozenset[int]]:
     """The unordered pairs whose product a worked answer of ``doc``'s training split shows as a step: multiplicand
     times each digit of the multiplier (the tens step shows it times ten, the same fact)."""
@@ -150,7 +195,7 @@ def load_workable(src: Path) -> dict[str, Any]:
     if not split_in_file or "data" not in doc or not isinstance(doc["metadata"].get("params"), dict):
         raise DataError(f"{src}: not generated HLBD Hardcore data (needs data, metadata.splits and .params)")
     params = doc["metadata"]["params"]
-    if params.get("worked_steps") or params.get("reverse_digits"):
+    if params.get("worked_steps") or params.get("reverse_digits") or params.get("aux_steps"):
         raise DataError(f"{src}: its answers are rewritten already")
     return doc
 
@@ -159,13 +204,20 @@ def worked_file(src: Path, dst: Path) -> None:
     atomic_write_text(dst, dumps_json(worked_document(load_workable(src))))
 
 
+def aux_file(src: Path, dst: Path) -> None:
+    atomic_write_text(dst, dumps_json(aux_document(load_workable(src))))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--aux", action="store_true", help="keep the answers; add steps-marked twins answered in steps"
+    )
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
     args = p.parse_args(argv)
     try:
-        worked_file(args.src, args.dst)
+        (aux_file if args.aux else worked_file)(args.src, args.dst)
     except DataError as exc:
         p.error(str(exc))
     return 0

@@ -151,9 +151,22 @@ def test_worked_steps_refuses_a_given_file_rewritten_already_and_both_rewrites_a
     for argv, message in (
         (["--dataset", str(reversed_), "--worked-steps"], "--worked-steps: "),
         (["--dataset", str(given), "--worked-steps", "--reverse-digits"], "not allowed with argument"),
+        (["--dataset", str(given), "--aux-steps", "--worked-steps"], "not allowed with argument"),
     ):
         with pytest.raises(SystemExit) as exc:
             main(["--out", str(out), "--device", "cpu", *argv])
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_aux_steps_trains_with_the_twins_and_scores_the_plain_answers(tmp_path: Path) -> None:
+    flags = ["--data-size", "small", "--splits", "val", "--also-val-size", "small", "--aux-steps"]
+    assert main(tiny_argv(tmp_path, "x", *flags)) == 0
+    report = json.loads((tmp_path / "x" / "quality.json").read_text())
+    assert report["aux_steps"] is True and "final_val" not in report
+    plain_val = generate("hardcore", size="small")["metadata"]["split_counts"]["val"]
+    assert report["exact_val"]["n"] == report["exact_val_small"]["n"] == plain_val
+    assert (
+        json.loads((tmp_path / "x" / "hardcore.json").read_text())["metadata"]["params"]["aux_steps"] is True
+    )

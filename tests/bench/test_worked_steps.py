@@ -13,7 +13,9 @@ from apt_model.data import generate, load_dataset, write_dataset
 from apt_model.errors import DataError
 from bench.reverse_digits import main as reverse_main
 from bench.worked_steps import (
+    STEPS_MARKER,
     WORKED,
+    aux_document,
     final_answer,
     final_scores,
     main,
@@ -165,3 +167,34 @@ def test_final_scores_count_a_right_last_number_and_keep_shown_products_apart() 
     plain_miss = [{"module": "arithmetic", "input": "3 + 4 = ?", "expected": "7", "got": "1+6=7"}]
     assert final_scores(doc, plain_miss, doc)["by_kind"]["arithmetic"]["+"] == {"n": 1, "exact": 0.0}
     assert final_answer("W = Fs") == "W = Fs" and final_answer("1+6=7") == "7"
+
+
+def test_aux_keeps_every_answer_and_adds_a_steps_twin_of_each_training_product(tmp_path: Path) -> None:
+    doc = generate("hardcore", size="small")
+    src, dst = tmp_path / "hc.json", tmp_path / "aux.json"
+    write_dataset(doc, src)
+    assert main(["--aux", str(src), str(dst)]) == 0
+    before, after = load_dataset(src), load_dataset(dst)
+    assert after.warnings == []
+    assert after.val == before.val  # the scores stay the plain format's
+    plain = {(p.module, p.input): p.output for p in before.pairs}
+    twins = [p for p in after.pairs if (p.module, p.input) not in plain]
+    assert all(plain[(p.module, p.input)] == p.output for p in after.pairs if (p.module, p.input) in plain)
+    expected = {
+        (p.module, p.input + STEPS_MARKER)
+        for p in before.train
+        if (ops := product_operands(p.module, p.input)) is not None and ops[1] >= 10
+    }
+    assert {(p.module, p.input) for p in twins} == expected and len(expected) > 20
+    for p in twins:
+        a, b = product_operands(p.module, p.input.removesuffix(STEPS_MARKER))
+        assert p.split == "train" and p.output == worked_answer(a, b)
+    md = json.loads(dst.read_text())["metadata"]
+    assert md["params"]["aux_steps"] is True
+    for module, count in md["counts"].items():
+        assert count["train"] == sum(p.module == module for p in after.train)
+        assert count["total"] == count["train"] + count["val"]
+    assert aux_document(doc)["metadata"]["splits"] == doc["metadata"]["splits"]
+    with pytest.raises(SystemExit) as exc:  # and a twinned file is not rewritten again
+        main([str(dst), str(tmp_path / "again.json")])
+    assert exc.value.code == 2
