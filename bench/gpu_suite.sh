@@ -712,15 +712,16 @@ wide_runs() {
       gpu=$1 tag=$2 data="$work/hardcore_$3.json" splits=${4//,/ }
       shift 4
       [[ $splits == none ]] && splits=
-      # --reverse-digits, --worked-steps and --aux-steps are quality_run.py's (answer rewrites, bench/reverse_digits.py and
-      # bench/worked_steps.py), not apt train's.
+      # --reverse-digits, --worked-steps (--worked-modules M,M) and --aux-steps are quality_run.py's (answer
+      # rewrites, bench/reverse_digits.py and bench/worked_steps.py), not apt train's.
       local qflags=() targs=()
-      for a in "$@"; do
-        if [[ $a == --reverse-digits || $a == --worked-steps || $a == --aux-steps ]]; then
-          qflags+=("$a")
-        else
-          targs+=("$a")
-        fi
+      while (( $# )); do
+        case $1 in
+          --reverse-digits | --worked-steps | --aux-steps) qflags+=("$1") ;;
+          --worked-modules) qflags+=("$1" "$2"); shift ;;
+          *) targs+=("$1") ;;
+        esac
+        shift
       done
       # A cold compile per run, unless QUALITY_WARM=1: then one cache per GPU, kept across calls of wide_runs (a
       # machine that has trained before, as scheduled retraining finds it).

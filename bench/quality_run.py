@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from apt_model.errors import ConfigError, DataError  # noqa: E402
 from apt_model.verify import parse_pad_to  # noqa: E402
 from bench.hlbd_kinds import breakdown  # noqa: E402
 from bench.reverse_digits import load_reversible, reverse_file  # noqa: E402
-from bench.worked_steps import aux_file, final_scores, load_workable, worked_file  # noqa: E402
+from bench.worked_steps import aux_file, final_scores, load_workable, parse_modules, worked_file  # noqa: E402
 
 KIND_MODULES = ("geometry", "physics", "arithmetic")
 # The data rewrites a run can train on: flag → (check of a given file, rewrite of a file in place). Val is scored on
@@ -44,6 +45,15 @@ ANSWER_REWRITES: dict[str, tuple[Callable[[Path], Any], Callable[[Path, Path], N
     "worked_steps": (load_workable, worked_file),
     "aux_steps": (load_workable, aux_file),
 }
+
+
+def rewrite_file(name: str, worked_modules: list[str] | None = None) -> Callable[[Path, Path], None]:
+    """The in-place rewrite of ANSWER_REWRITES[name], worked steps limited to ``worked_modules`` when given."""
+    if name == "worked_steps" and worked_modules is not None:
+        return partial(worked_file, modules=worked_modules)
+    return ANSWER_REWRITES[name][1]
+
+
 # The training report's runtime entries that time the run (apt_model/training/report.py), kept in each result.
 RUNTIME_TIMINGS = ("phase_seconds", "compile_seconds", "first_launch_seconds", "kernel_prewarm")
 
@@ -140,17 +150,19 @@ def cross_val(
     device: str,
     pad_to: str | None = None,
     rewrite: str | None = None,
+    worked_modules: list[str] | None = None,
 ) -> None:
     """Verify the model on ``size``'s val split; record it as ``exact_val_<size>`` (``…_padded`` with ``pad_to``)
     with its per-kind breakdown and how many of those val inputs the training split held (0 under the shared
     hold-out rule, or the score means nothing). ``rewrite``: the ANSWER_REWRITES entry the run trained on, applied
-    to that data too (worked steps: also scored by final answer, as ``final_val_<size>``)."""
+    to that data too (worked steps, in ``worked_modules`` or all: also scored by final answer, as
+    ``final_val_<size>``)."""
     other = out / f"hardcore_{size}.json"
     suffix = "_padded" if pad_to else ""
     if not other.is_file():
         generate_step(f"generate_{size}", size, other, report, out, log)
         if rewrite is not None:
-            ANSWER_REWRITES[rewrite][1](other, other)
+            rewrite_file(rewrite, worked_modules)(other, other)
     ours = json.loads(data.read_text())
     ours_val = {normalize_text(t) for t in ours["metadata"]["splits"]["val"]}
     ours_train = {normalize_text(r["input"]) for rows in ours["data"].values() for r in rows} - ours_val
@@ -213,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         help="train and verify on copies whose products of two-digit multipliers are answered as partial products "
         "and their sum (bench/worked_steps.py); val is also scored by final answer (final_val*)",
     )
+    p.add_argument(
+        "--worked-modules",
+        type=parse_modules,
+        default=None,
+        metavar="M,M",
+        help="with --worked-steps: only these modules' products in steps (e.g. physics,geometry: arithmetic's "
+        "answers stay plain integers, as the data spec has them)",
+    )
     rewrites.add_argument(
         "--aux-steps",
         action="store_true",
@@ -224,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset is not None and not args.dataset.is_file():
         p.error(f"--dataset: no such file: {args.dataset}")
     rewrite = next((name for name in ANSWER_REWRITES if getattr(args, name)), None)
+    if args.worked_modules is not None and rewrite != "worked_steps":
+        p.error("--worked-modules needs --worked-steps")
     if rewrite is not None and args.dataset is not None:
         try:
             ANSWER_REWRITES[rewrite][0](
@@ -255,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         generate_step("generate", args.data_size, data, report, out, log)
     if rewrite is not None:
-        ANSWER_REWRITES[rewrite][1](data, data)
-        report[rewrite] = True
+        rewrite_file(rewrite, args.worked_modules)(data, data)
+        report[rewrite] = args.worked_modules or True
     train = apt(
         "train", "--backend", "playground", "--preset", "playground", "--dataset", str(data),
         "--save-dir", str(run_dir), "--overwrite", "--no-tracking", "--no-progress", "--device", args.device, *extra,
@@ -298,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
                     report["val_failures"] = vr["failures"]
             (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
         for size in args.also_val_size:
-            cross_val(size, data, run_dir, out, report, log, args.device, pad_to, rewrite)
+            cross_val(
+                size, data, run_dir, out, report, log, args.device, pad_to, rewrite, args.worked_modules
+            )
             (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
         json.dumps(

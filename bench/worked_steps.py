@@ -18,6 +18,7 @@ question with ``STEPS_MARKER`` appended, answered in steps (a side task; the val
 spec's plain format): does learning the steps help the plain answer?
 
     python bench/worked_steps.py hardcore.json hardcore_worked.json
+    python bench/worked_steps.py --modules physics,geometry hardcore.json hardcore_worked.json  # × stays plain
     python bench/worked_steps.py --aux hardcore.json hardcore_aux.json
 """
 
@@ -74,10 +75,16 @@ def final_answer(text: str) -> str:
     return text.rsplit("=", 1)[-1] if WORKED.fullmatch(text) else text
 
 
-def worked_document(doc: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a Hardcore document with every product of a multi-digit multiplier answered in worked steps."""
+def worked_document(doc: dict[str, Any], modules: Iterable[str] | None = None) -> dict[str, Any]:
+    """A copy of a Hardcore document with every product of a multi-digit multiplier answered in worked steps; only
+    in ``modules`` (of PRODUCT_KINDS) when given — arithmetic's answers are plain integers by the data spec."""
+    chosen = sorted(PRODUCT_KINDS if modules is None else set(modules))
+    if not chosen or not set(chosen) <= set(PRODUCT_KINDS):
+        raise DataError(f"worked-steps modules must be some of {', '.join(PRODUCT_KINDS)}, not {chosen}")
     out = copy.deepcopy(doc)
     for module, rows in out["data"].items():
+        if module not in chosen:
+            continue
         for row in rows:
             operands = product_operands(module, normalize_text(row["input"]))
             if operands is None:
@@ -87,7 +94,7 @@ def worked_document(doc: dict[str, Any]) -> dict[str, Any]:
                 raise DataError(f"{module}: {row['input']!r} answers {row['output']!r}, not {a} × {b}")
             row["output"] = worked_answer(a, b)
     md = out["metadata"]
-    md.setdefault("params", {})["worked_steps"] = True
+    md.setdefault("params", {})["worked_steps"] = True if len(chosen) == len(PRODUCT_KINDS) else chosen
     if isinstance(md.get("content_sha256"), str):
         md["content_sha256"] = hardcore.content_sha256(out["data"], md["splits"]["val"])
     return out
@@ -187,6 +194,14 @@ def final_scores(
     }
 
 
+def parse_modules(text: str) -> list[str]:
+    """``--modules``' comma-separated list, checked against PRODUCT_KINDS (argparse's error on a bad one)."""
+    modules = [m.strip() for m in text.split(",") if m.strip()]
+    if not modules or not set(modules) <= set(PRODUCT_KINDS):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be some of {','.join(PRODUCT_KINDS)}")
+    return modules
+
+
 def load_workable(src: Path) -> dict[str, Any]:
     """The document of ``src``: generated HLBD Hardcore data (the loader's own checks, then a split in the file)
     not in worked steps yet; DataError naming the problem otherwise."""
@@ -200,8 +215,8 @@ def load_workable(src: Path) -> dict[str, Any]:
     return doc
 
 
-def worked_file(src: Path, dst: Path) -> None:
-    atomic_write_text(dst, dumps_json(worked_document(load_workable(src))))
+def worked_file(src: Path, dst: Path, modules: Iterable[str] | None = None) -> None:
+    atomic_write_text(dst, dumps_json(worked_document(load_workable(src), modules)))
 
 
 def aux_file(src: Path, dst: Path) -> None:
@@ -213,11 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--aux", action="store_true", help="keep the answers; add steps-marked twins answered in steps"
     )
+    p.add_argument(
+        "--modules",
+        type=parse_modules,
+        default=None,
+        help=f"comma-separated modules whose products get worked answers (default all: {','.join(PRODUCT_KINDS)})",
+    )
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
     args = p.parse_args(argv)
     try:
-        (aux_file if args.aux else worked_file)(args.src, args.dst)
+        if args.aux:
+            aux_file(args.src, args.dst)
+        else:
+            worked_file(args.src, args.dst, args.modules)
     except DataError as exc:
         p.error(str(exc))
     return 0

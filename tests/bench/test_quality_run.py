@@ -128,13 +128,30 @@ def test_reverse_digits_refuses_a_given_file_reversed_already_before_any_work(
     assert not out.exists()
 
 
-def test_worked_steps_trains_and_scores_on_worked_answers_also_by_final_answer(tmp_path: Path) -> None:
-    flags = ["--data-size", "small", "--splits", "val", "--also-val-size", "small", "--worked-steps"]
+@pytest.mark.parametrize(
+    ("modules", "recorded"), [([], True), (["--worked-modules", "physics,geometry"], ["geometry", "physics"])]
+)
+def test_worked_steps_trains_and_scores_on_worked_answers_also_by_final_answer(
+    modules: list[str], recorded: Any, tmp_path: Path
+) -> None:
+    flags = [
+        "--data-size",
+        "small",
+        "--splits",
+        "val",
+        "--also-val-size",
+        "small",
+        "--worked-steps",
+        *modules,
+    ]
     assert main(tiny_argv(tmp_path, "w", *flags)) == 0
     report = json.loads((tmp_path / "w" / "quality.json").read_text())
-    assert report["worked_steps"] is True and "reverse_digits" not in report
-    for name in ("hardcore.json", "hardcore_small.json"):  # trained on, and scored on: both worked
-        assert json.loads((tmp_path / "w" / name).read_text())["metadata"]["params"]["worked_steps"] is True
+    assert report["worked_steps"] == (modules[-1].split(",") if modules else True)
+    assert "reverse_digits" not in report
+    for name in ("hardcore.json", "hardcore_small.json"):  # trained on, and scored on: both worked alike
+        assert (
+            json.loads((tmp_path / "w" / name).read_text())["metadata"]["params"]["worked_steps"] == recorded
+        )
     for own, final in (("exact_val", "final_val"), ("exact_val_small", "final_val_small")):
         assert report[final]["n"] == report[own]["n"]
         assert report[own]["overall"] <= report[final]["overall"]  # a right last number is all final asks
@@ -152,6 +169,8 @@ def test_worked_steps_refuses_a_given_file_rewritten_already_and_both_rewrites_a
         (["--dataset", str(reversed_), "--worked-steps"], "--worked-steps: "),
         (["--dataset", str(given), "--worked-steps", "--reverse-digits"], "not allowed with argument"),
         (["--dataset", str(given), "--aux-steps", "--worked-steps"], "not allowed with argument"),
+        (["--dataset", str(given), "--worked-modules", "physics"], "--worked-modules needs --worked-steps"),
+        (["--dataset", str(given), "--worked-steps", "--worked-modules", "zodiac"], "--worked-modules"),
     ):
         with pytest.raises(SystemExit) as exc:
             main(["--out", str(out), "--device", "cpu", *argv])

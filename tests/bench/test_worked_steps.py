@@ -198,3 +198,29 @@ def test_aux_keeps_every_answer_and_adds_a_steps_twin_of_each_training_product(t
     with pytest.raises(SystemExit) as exc:  # and a twinned file is not rewritten again
         main([str(dst), str(tmp_path / "again.json")])
     assert exc.value.code == 2
+
+
+def test_modules_limit_the_rewrite_and_leave_arithmetic_plain(tmp_path: Path) -> None:
+    src, dst = tmp_path / "hc.json", tmp_path / "worked.json"
+    write_dataset(generate("hardcore", size="small"), src)
+    assert main(["--modules", "physics,geometry", str(src), str(dst)]) == 0
+    before, after = load_dataset(src), load_dataset(dst)
+    assert after.warnings == []
+    changed = {p.module for p, q in zip(before.pairs, after.pairs, strict=True) if p.output != q.output}
+    assert changed == {"physics", "geometry"}
+    assert json.loads(dst.read_text())["metadata"]["params"]["worked_steps"] == ["geometry", "physics"]
+    with pytest.raises(DataError, match="worked-steps modules"):
+        worked_document(generate("hardcore", size="small"), ["zodiac"])
+
+
+@pytest.mark.parametrize("modules", ["zodiac", "physics,nope", ","])
+def test_bad_modules_exit_2_and_write_nothing(
+    modules: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, dst = tmp_path / "hc.json", tmp_path / "worked.json"
+    write_dataset(generate("hardcore", size="small"), src)
+    with pytest.raises(SystemExit) as exc:
+        main(["--modules", modules, str(src), str(dst)])
+    assert exc.value.code == 2
+    assert "--modules" in capsys.readouterr().err
+    assert not dst.exists()
