@@ -247,10 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worked_modules is not None and rewrite != "worked_steps":
         p.error("--worked-modules needs --worked-steps")
     if rewrite is not None and args.dataset is not None:
-        try:
-            ANSWER_REWRITES[rewrite][0](
-                args.dataset
-            )  # the rewrite would refuse it only after the run folder is made
+        try:  # the rewrite itself would refuse the file only after the run folder is made
+            ANSWER_REWRITES[rewrite][0](args.dataset)
         except DataError as exc:
             p.error(f"--{rewrite.replace('_', '-')}: {exc}")
     try:

@@ -162,8 +162,7 @@ def final_scores(
     """Val exact match of ``doc`` (a worked copy) counting a worked answer right when its last number is: overall,
     per module, per kind, and per kind over the ``clean`` product problems — those whose own product no worked
     training answer of ``trained_on`` shows as a step (every product of a two-digit multiplier is clean: a step
-    multiplies by one digit). ``failures``: a verification
-    report's complete list of wrong answers."""
+    multiplies by one digit). ``failures``: a verification report's complete list of wrong answers."""
     shown = shown_pairs(trained_on)
     wrong = {
         (f["module"], normalize_text(f["input"]))
