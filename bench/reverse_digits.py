@@ -49,13 +49,20 @@ def reverse_document(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_reversible(src: Path) -> dict[str, Any]:
-    """The document of ``src``: generated HLBD Hardcore data (the loader's own checks, then a split in the file)
-    whose answers are not reversed yet; DataError naming the problem otherwise."""
+def load_generated(src: Path) -> dict[str, Any]:
+    """The document of ``src`` if it is generated HLBD Hardcore data (the loader's own checks, then a split in the
+    file and generator params): what the answer rewrites of bench/ start from; DataError naming the problem
+    otherwise."""
     split_in_file = load_dataset(src).split_source == "file"
     doc = json.loads(src.read_text(encoding="utf-8"))
     if not split_in_file or "data" not in doc or not isinstance(doc["metadata"].get("params"), dict):
         raise DataError(f"{src}: not generated HLBD Hardcore data (needs data, metadata.splits and .params)")
+    return doc
+
+
+def load_reversible(src: Path) -> dict[str, Any]:
+    """``load_generated``'s document of ``src``, refused (DataError) if its answers are reversed already."""
+    doc = load_generated(src)
     if doc["metadata"]["params"].get("reverse_digits"):
         raise DataError(f"{src}: its answers are reversed already")
     return doc

@@ -26,21 +26,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from apt_model.data import hardcore, load_dataset  # noqa: E402
+from apt_model.data import hardcore  # noqa: E402
 from apt_model.data.pairs import normalize_text  # noqa: E402
 from apt_model.errors import DataError  # noqa: E402
 from apt_model.io import atomic_write_text, dumps_json  # noqa: E402
 from bench.hlbd_kinds import breakdown, match  # noqa: E402
+from bench.reverse_digits import load_generated  # noqa: E402
 
 # The kinds whose answer is the product of the two numbers the question shows (a square's area: its side twice).
 PRODUCT_KINDS: dict[str, frozenset[str]] = {
@@ -70,6 +70,25 @@ def worked_answer(a: int, b: int) -> str:
 WORKED = re.compile(r"\d+\+\d+=\d+")
 
 
+def checked_product(module: str, row: Mapping[str, Any], operands: tuple[int, int]) -> None:
+    """DataError naming ``row`` unless its answer is the product of ``operands`` (a file edited by hand)."""
+    a, b = operands
+    if str(a * b) != str(row["output"]):
+        raise DataError(f"{module}: {row['input']!r} answers {row['output']!r}, not {a} × {b}")
+
+
+def training_steps_products(doc: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any], tuple[int, int]]]:
+    """(module, row, operands) of every training product of ``doc`` with a multi-digit multiplier: the rows a
+    worked answer writes in steps."""
+    val = {normalize_text(t) for t in doc["metadata"]["splits"]["val"]}
+    for module, rows in doc["data"].items():
+        for row in rows:
+            text = normalize_text(row["input"])
+            operands = None if text in val else product_operands(module, text)
+            if operands is not None and operands[1] >= 10:
+                yield module, row, operands
+
+
 def final_answer(text: str) -> str:
     """The last number of a worked answer (the whole text of any other answer)."""
     return text.rsplit("=", 1)[-1] if WORKED.fullmatch(text) else text
@@ -87,12 +106,9 @@ def worked_document(doc: dict[str, Any], modules: Iterable[str] | None = None) -
             continue
         for row in rows:
             operands = product_operands(module, normalize_text(row["input"]))
-            if operands is None:
-                continue
-            a, b = operands
-            if str(a * b) != str(row["output"]):
-                raise DataError(f"{module}: {row['input']!r} answers {row['output']!r}, not {a} × {b}")
-            row["output"] = worked_answer(a, b)
+            if operands is not None:
+                checked_product(module, row, operands)
+                row["output"] = worked_answer(*operands)
     md = out["metadata"]
     md.setdefault("params", {})["worked_steps"] = True if len(chosen) == len(PRODUCT_KINDS) else chosen
     if isinstance(md.get("content_sha256"), str):
@@ -108,22 +124,15 @@ def aux_document(doc: dict[str, Any]) -> dict[str, Any]:
     """A copy of a Hardcore document with a steps-marked twin, answered in steps, of every training product of a
     multi-digit multiplier; the original rows and the val split unchanged."""
     out = copy.deepcopy(doc)
-    val = {normalize_text(t) for t in out["metadata"]["splits"]["val"]}
-    twins_per_module: dict[str, int] = {}
-    for module, rows in out["data"].items():
-        twins = []
-        for row in rows:
-            text = normalize_text(row["input"])
-            operands = None if text in val else product_operands(module, text)
-            if operands is None or operands[1] < 10:
-                continue
-            a, b = operands
-            if str(a * b) != str(row["output"]):
-                raise DataError(f"{module}: {row['input']!r} answers {row['output']!r}, not {a} × {b}")
-            twins.append({"input": row["input"] + STEPS_MARKER, "output": worked_answer(a, b)})
-        rows.extend(twins)
-        twins_per_module[module] = len(twins)
-    added = sum(twins_per_module.values())
+    twins: dict[str, list[dict[str, str]]] = {}
+    for module, row, operands in training_steps_products(out):
+        checked_product(module, row, operands)
+        twins.setdefault(module, []).append(
+            {"input": row["input"] + STEPS_MARKER, "output": worked_answer(*operands)}
+        )
+    for module, rows in twins.items():
+        out["data"][module].extend(rows)
+    added = sum(map(len, twins.values()))
     md = out["metadata"]
     md.setdefault("params", {})["aux_steps"] = True
     # The counts the loader checks against the rows (a mismatch is its "edited after generation" warning).
@@ -131,10 +140,12 @@ def aux_document(doc: dict[str, Any]) -> dict[str, Any]:
         md["total_samples"] += added
     if isinstance(md.get("split_counts"), dict) and isinstance(md["split_counts"].get("train"), int):
         md["split_counts"]["train"] += added
-    for module, n in twins_per_module.items():
+    for module, rows in twins.items():
         count = md.get("counts", {}).get(module)
         if isinstance(count, dict):
-            count.update({k: count[k] + n for k in ("train", "total") if isinstance(count.get(k), int)})
+            count.update(
+                {k: count[k] + len(rows) for k in ("train", "total") if isinstance(count.get(k), int)}
+            )
     if isinstance(md.get("content_sha256"), str):
         md["content_sha256"] = hardcore.content_sha256(out["data"], md["splits"]["val"])
     return out
@@ -143,17 +154,7 @@ def aux_document(doc: dict[str, Any]) -> dict[str, Any]:
 def shown_pairs(doc: Mapping[str, Any]) -> set[frozenset[int]]:
     """The unordered pairs whose product a worked answer of ``doc``'s training split shows as a step: multiplicand
     times each digit of the multiplier (the tens step shows it times ten, the same fact)."""
-    val = {normalize_text(t) for t in doc["metadata"]["splits"]["val"]}
-    pairs: set[frozenset[int]] = set()
-    for module, rows in doc["data"].items():
-        for row in rows:
-            text = normalize_text(row["input"])
-            operands = None if text in val else product_operands(module, text)
-            if operands is None or operands[1] < 10:
-                continue
-            a, b = operands
-            pairs.update(frozenset((a, int(d))) for d in str(b))
-    return pairs
+    return {frozenset((a, int(d))) for _, _, (a, b) in training_steps_products(doc) for d in str(b)}
 
 
 def final_scores(
@@ -202,12 +203,8 @@ def parse_modules(text: str) -> list[str]:
 
 
 def load_workable(src: Path) -> dict[str, Any]:
-    """The document of ``src``: generated HLBD Hardcore data (the loader's own checks, then a split in the file)
-    not in worked steps yet; DataError naming the problem otherwise."""
-    split_in_file = load_dataset(src).split_source == "file"
-    doc = json.loads(src.read_text(encoding="utf-8"))
-    if not split_in_file or "data" not in doc or not isinstance(doc["metadata"].get("params"), dict):
-        raise DataError(f"{src}: not generated HLBD Hardcore data (needs data, metadata.splits and .params)")
+    """``load_generated``'s document of ``src``, refused (DataError) if any answer rewrite of bench/ made it."""
+    doc = load_generated(src)
     params = doc["metadata"]["params"]
     if params.get("worked_steps") or params.get("reverse_digits") or params.get("aux_steps"):
         raise DataError(f"{src}: its answers are rewritten already")
