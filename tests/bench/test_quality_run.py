@@ -19,6 +19,15 @@ def tiny_argv(out: Path, tag: str, *flags: str) -> list[str]:
             "--compile", "off"]  # fmt: skip
 
 
+def assert_refused(argv: list[str], message: str, out: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """quality_run.py with ``argv`` (on CPU, into ``out``) exits 2 naming ``message``, before making ``out``."""
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(out), "--device", "cpu", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """One epoch of the tiny preset on a given file of the small data, on CPU, also scored on the default and small
@@ -96,12 +105,7 @@ def test_counts_the_other_val_problems_that_were_trained_on(tiny_run: tuple[Path
 def test_bad_arguments_exit_2_before_any_work(
     argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exc:
-        main(["--out", str(out), "--device", "cpu", *argv])
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not out.exists()
+    assert_refused(argv, message, tmp_path / "out", capsys)
 
 
 def test_reverse_digits_trains_and_scores_other_sizes_on_reversed_answers(tmp_path: Path) -> None:
@@ -120,12 +124,10 @@ def test_reverse_digits_refuses_a_given_file_reversed_already_before_any_work(
     given, reversed_ = tmp_path / "given.json", tmp_path / "reversed.json"
     write_dataset(generate("hardcore", size="small"), given)
     assert reverse_main([str(given), str(reversed_)]) == 0
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exc:
-        main(["--out", str(out), "--device", "cpu", "--dataset", str(reversed_), "--reverse-digits"])
-    assert exc.value.code == 2
-    assert "--reverse-digits: " in (err := capsys.readouterr().err) and "reversed already" in err
-    assert not out.exists()
+    argv = ["--dataset", str(reversed_), "--reverse-digits"]
+    assert_refused(
+        argv, f"--reverse-digits: {reversed_}: its answers are reversed already", tmp_path / "out", capsys
+    )
 
 
 @pytest.mark.parametrize(
@@ -164,7 +166,6 @@ def test_worked_steps_refuses_a_given_file_rewritten_already_and_both_rewrites_a
     given, reversed_ = tmp_path / "given.json", tmp_path / "reversed.json"
     write_dataset(generate("hardcore", size="small"), given)
     assert reverse_main([str(given), str(reversed_)]) == 0
-    out = tmp_path / "out"
     for argv, message in (
         (["--dataset", str(reversed_), "--worked-steps"], "--worked-steps: "),
         (["--dataset", str(given), "--worked-steps", "--reverse-digits"], "not allowed with argument"),
@@ -172,11 +173,7 @@ def test_worked_steps_refuses_a_given_file_rewritten_already_and_both_rewrites_a
         (["--dataset", str(given), "--worked-modules", "physics"], "--worked-modules needs --worked-steps"),
         (["--dataset", str(given), "--worked-steps", "--worked-modules", "zodiac"], "--worked-modules"),
     ):
-        with pytest.raises(SystemExit) as exc:
-            main(["--out", str(out), "--device", "cpu", *argv])
-        assert exc.value.code == 2
-        assert message in capsys.readouterr().err
-        assert not out.exists()
+        assert_refused(argv, message, tmp_path / "out", capsys)
 
 
 def test_aux_steps_trains_with_the_twins_and_scores_the_plain_answers(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from apt_model.data import generate, load_dataset, write_dataset
 from bench.reverse_digits import main, reverse_digit_runs, reverse_document
+from tests.bench.rewrite_cases import BAD_FILES, assert_refuses_bad_file
 
 
 @pytest.mark.parametrize(
@@ -58,26 +59,8 @@ def test_refuses_a_file_reversed_already_and_leaves_it_alone(
     assert dst.read_bytes() == written
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (None, "no such file"),
-        ("{not json", "hc.json"),
-        (
-            '{"data": {"arithmetic": [{"input": "1 + 1 = ?", "output": "2"}]}}',
-            "not generated HLBD Hardcore data",
-        ),
-    ],
-)
+@pytest.mark.parametrize(("content", "message"), BAD_FILES)
 def test_bad_files_exit_2_and_write_nothing(
     content: str | None, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    src, dst = tmp_path / "hc.json", tmp_path / "rev.json"
-    if content is not None:
-        src.write_text(content)
-    with pytest.raises(SystemExit) as exc:
-        main([str(src), str(dst)])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
-    assert not dst.exists()
+    assert_refuses_bad_file(main, content, message, tmp_path, capsys)

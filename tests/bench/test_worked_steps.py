@@ -24,6 +24,7 @@ from bench.worked_steps import (
     worked_answer,
     worked_document,
 )
+from tests.bench.rewrite_cases import BAD_FILES, assert_refuses_bad_file
 
 
 @pytest.mark.parametrize(
@@ -112,28 +113,11 @@ def test_refuses_a_file_rewritten_already_and_leaves_it_alone(
     assert done.read_bytes() == written
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (None, "no such file"),
-        ("{not json", "hc.json"),
-        (
-            '{"data": {"arithmetic": [{"input": "1 + 1 = ?", "output": "2"}]}}',
-            "not generated HLBD Hardcore data",
-        ),
-    ],
-)
+@pytest.mark.parametrize(("content", "message"), BAD_FILES)
 def test_bad_files_exit_2_and_write_nothing(
     content: str | None, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    src, dst = tmp_path / "hc.json", tmp_path / "worked.json"
-    if content is not None:
-        src.write_text(content)
-    with pytest.raises(SystemExit) as exc:
-        main([str(src), str(dst)])
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not dst.exists()
+    assert_refuses_bad_file(main, content, message, tmp_path, capsys)
 
 
 def _doc(train: list[tuple[str, str]], val: list[tuple[str, str]]) -> dict[str, Any]:
