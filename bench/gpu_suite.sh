@@ -1038,7 +1038,8 @@ if [[ $part == quality-adam ]]; then
   # Twenty-fourth session: the README recipe with --reverse-digits (answers' digits least significant first), and
   # over 70 epochs (--t0 70 --epochs 70). Twenty-fifth session: with --worked-steps (products of two-digit multipliers
   # answered as partial products and their sum, bench/worked_steps.py) and --aux-steps (plain answers, plus a
-  # steps-marked twin of each such training product answered in steps).
+  # steps-marked twin of each such training product answered in steps). Twenty-sixth session: --worked-steps
+  # --worked-modules physics,geometry (arithmetic plain), and with --aux-steps too (arithmetic's products twinned).
   g1=$(second_gpu)
   z3p3="--t0 45 --epochs 45 $readme_recipe"
   runs=()

@@ -44,14 +44,35 @@ ANSWER_REWRITES: dict[str, tuple[Callable[[Path], Any], Callable[[Path, Path], N
     "reverse_digits": (load_reversible, reverse_file),
     "worked_steps": (load_workable, worked_file),
     "aux_steps": (load_workable, aux_file),
+    # --worked-steps --worked-modules M,M --aux-steps: M's products in steps, twins for the other modules' products.
+    "mixed_steps": (load_workable, aux_file),
 }
+# The rewrites whose val answers hold steps, scored by final answer too.
+WORKED_REWRITES = ("worked_steps", "mixed_steps")
 
 
 def rewrite_file(name: str, worked_modules: list[str] | None = None) -> Callable[[Path, Path], None]:
     """The in-place rewrite of ANSWER_REWRITES[name], worked steps limited to ``worked_modules`` when given."""
-    if name == "worked_steps" and worked_modules is not None:
-        return partial(worked_file, modules=worked_modules)
+    if name in WORKED_REWRITES and worked_modules is not None:
+        return partial(ANSWER_REWRITES[name][1], modules=worked_modules)
     return ANSWER_REWRITES[name][1]
+
+
+def chosen_rewrite(args: argparse.Namespace) -> str | None:
+    """The ANSWER_REWRITES entry the flags ask for; ValueError naming the flags that do not go together."""
+    if args.reverse_digits and (args.worked_steps or args.aux_steps):
+        raise ValueError("--reverse-digits goes with neither --worked-steps nor --aux-steps")
+    if args.worked_modules is not None and not args.worked_steps:
+        raise ValueError("--worked-modules needs --worked-steps")
+    if args.worked_steps and args.aux_steps:
+        if args.worked_modules is None:
+            raise ValueError(
+                "--worked-steps with --aux-steps needs --worked-modules: the twins go to the others"
+            )
+        return "mixed_steps"
+    return next(
+        (name for name in ("reverse_digits", "worked_steps", "aux_steps") if getattr(args, name)), None
+    )
 
 
 # The training report's runtime entries that time the run (apt_model/training/report.py), kept in each result.
@@ -174,7 +195,7 @@ def cross_val(
         "val_inputs_in_our_training_split": leaked,
         "by_kind": kinds_of(doc, vr),
     }
-    if rewrite == "worked_steps" and report[f"exact_val_{size}{suffix}"]["by_kind"] is not None:
+    if rewrite in WORKED_REWRITES and report[f"exact_val_{size}{suffix}"]["by_kind"] is not None:
         report[f"final_val_{size}{suffix}"] = final_scores(doc, vr["failures"], ours)
 
 
@@ -212,14 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         help="verify every split again with `apt verify --pad-to SRC,TGT` (reported as exact_*_padded): decoding "
         "in the fixed shape the GPU training padded every batch to",
     )
-    rewrites = p.add_mutually_exclusive_group()
-    rewrites.add_argument(
+    p.add_argument(
         "--reverse-digits",
         action="store_true",
         help="train and verify on copies whose answers have their digit runs reversed (bench/reverse_digits.py): "
         "exact match is unchanged by the bijection, so it measures only whether the model learns that order better",
     )
-    rewrites.add_argument(
+    p.add_argument(
         "--worked-steps",
         action="store_true",
         help="train and verify on copies whose products of two-digit multipliers are answered as partial products "
@@ -233,24 +253,27 @@ def main(argv: list[str] | None = None) -> int:
         help="with --worked-steps: only these modules' products in steps (e.g. physics,geometry: arithmetic's "
         "answers stay plain integers, as the data spec has them)",
     )
-    rewrites.add_argument(
+    p.add_argument(
         "--aux-steps",
         action="store_true",
         help="train on the plain data plus a steps-marked twin, answered in steps, of each training product of a "
-        "two-digit multiplier (bench/worked_steps.py --aux); every score is on the plain answers",
+        "two-digit multiplier (bench/worked_steps.py --aux); every score is on the plain answers. With "
+        "--worked-steps --worked-modules M,M: M's products answered in steps, twins for the other modules'",
     )
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="extra `apt train` flags, after --")
     args = p.parse_args(argv)
     if args.dataset is not None and not args.dataset.is_file():
         p.error(f"--dataset: no such file: {args.dataset}")
-    rewrite = next((name for name in ANSWER_REWRITES if getattr(args, name)), None)
-    if args.worked_modules is not None and rewrite != "worked_steps":
-        p.error("--worked-modules needs --worked-steps")
+    try:
+        rewrite = chosen_rewrite(args)
+    except ValueError as exc:
+        p.error(str(exc))
     if rewrite is not None and args.dataset is not None:
         try:  # the rewrite itself would refuse the file only after the run folder is made
             ANSWER_REWRITES[rewrite][0](args.dataset)
         except DataError as exc:
-            p.error(f"--{rewrite.replace('_', '-')}: {exc}")
+            flag = "--worked-steps" if rewrite == "mixed_steps" else f"--{rewrite.replace('_', '-')}"
+            p.error(f"{flag}: {exc}")
     try:
         parse_pad_to(args.pad_to)  # `apt verify` would refuse it only after training
     except ConfigError as exc:
@@ -312,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             if split == "val":
                 doc = json.loads(data.read_text())
                 report[f"val_by_kind{suffix}"] = kinds_of(doc, vr)
-                if rewrite == "worked_steps" and report[f"val_by_kind{suffix}"] is not None:
+                if rewrite in WORKED_REWRITES and report[f"val_by_kind{suffix}"] is not None:
                     report[f"final_val{suffix}"] = final_scores(doc, vr["failures"], doc)
                 if pad_to is None:
                     report["val_failures"] = vr["failures"]

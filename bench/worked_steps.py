@@ -15,11 +15,14 @@ targets; ``final_scores`` reports the held-out problems whose own product is not
 
 With ``--aux`` every answer stays plain, and each training product of a two-digit multiplier gets a second row: its
 question with ``STEPS_MARKER`` appended, answered in steps (a side task; the val split, and so every score, is the
-spec's plain format): does learning the steps help the plain answer?
+spec's plain format): does learning the steps help the plain answer? ``--aux --modules physics,geometry`` mixes
+the two: those modules' products answered in steps, and twins for the other modules' (arithmetic's answers stay
+plain, its × practised in steps beside them).
 
     python bench/worked_steps.py hardcore.json hardcore_worked.json
     python bench/worked_steps.py --modules physics,geometry hardcore.json hardcore_worked.json  # × stays plain
     python bench/worked_steps.py --aux hardcore.json hardcore_aux.json
+    python bench/worked_steps.py --aux --modules physics,geometry hardcore.json hardcore_mixed.json
 """
 
 from __future__ import annotations
@@ -77,11 +80,15 @@ def checked_product(module: str, row: Mapping[str, Any], operands: tuple[int, in
         raise DataError(f"{module}: {row['input']!r} answers {row['output']!r}, not {a} × {b}")
 
 
-def training_steps_products(doc: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any], tuple[int, int]]]:
-    """(module, row, operands) of every training product of ``doc`` with a multi-digit multiplier: the rows a
-    worked answer writes in steps."""
+def training_steps_products(
+    doc: Mapping[str, Any], modules: Iterable[str] | None = None
+) -> Iterator[tuple[str, dict[str, Any], tuple[int, int]]]:
+    """(module, row, operands) of every training product of ``doc`` (in ``modules`` when given) with a multi-digit
+    multiplier: the rows a worked answer writes in steps."""
     val = {normalize_text(t) for t in doc["metadata"]["splits"]["val"]}
     for module, rows in doc["data"].items():
+        if modules is not None and module not in modules:
+            continue
         for row in rows:
             text = normalize_text(row["input"])
             operands = None if text in val else product_operands(module, text)
@@ -94,12 +101,18 @@ def final_answer(text: str) -> str:
     return text.rsplit("=", 1)[-1] if WORKED.fullmatch(text) else text
 
 
-def worked_document(doc: dict[str, Any], modules: Iterable[str] | None = None) -> dict[str, Any]:
-    """A copy of a Hardcore document with every product of a multi-digit multiplier answered in worked steps; only
-    in ``modules`` (of PRODUCT_KINDS) when given — arithmetic's answers are plain integers by the data spec."""
+def chosen_modules(modules: Iterable[str] | None) -> list[str]:
+    """``modules`` sorted (all of PRODUCT_KINDS when None); DataError unless they are some of PRODUCT_KINDS."""
     chosen = sorted(PRODUCT_KINDS if modules is None else set(modules))
     if not chosen or not set(chosen) <= set(PRODUCT_KINDS):
         raise DataError(f"worked-steps modules must be some of {', '.join(PRODUCT_KINDS)}, not {chosen}")
+    return chosen
+
+
+def worked_document(doc: dict[str, Any], modules: Iterable[str] | None = None) -> dict[str, Any]:
+    """A copy of a Hardcore document with every product of a multi-digit multiplier answered in worked steps; only
+    in ``modules`` (of PRODUCT_KINDS) when given — arithmetic's answers are plain integers by the data spec."""
+    chosen = chosen_modules(modules)
     out = copy.deepcopy(doc)
     for module, rows in out["data"].items():
         if module not in chosen:
@@ -120,12 +133,13 @@ def worked_document(doc: dict[str, Any], modules: Iterable[str] | None = None) -
 STEPS_MARKER = "（写出步骤）"
 
 
-def aux_document(doc: dict[str, Any]) -> dict[str, Any]:
+def aux_document(doc: dict[str, Any], modules: Iterable[str] | None = None) -> dict[str, Any]:
     """A copy of a Hardcore document with a steps-marked twin, answered in steps, of every training product of a
-    multi-digit multiplier; the original rows and the val split unchanged."""
+    multi-digit multiplier (in ``modules`` when given); the original rows and the val split unchanged."""
+    chosen = chosen_modules(modules)
     out = copy.deepcopy(doc)
     twins: dict[str, list[dict[str, str]]] = {}
-    for module, row, operands in training_steps_products(out):
+    for module, row, operands in training_steps_products(out, chosen):
         checked_product(module, row, operands)
         twins.setdefault(module, []).append(
             {"input": row["input"] + STEPS_MARKER, "output": worked_answer(*operands)}
@@ -134,7 +148,7 @@ def aux_document(doc: dict[str, Any]) -> dict[str, Any]:
         out["data"][module].extend(rows)
     added = sum(map(len, twins.values()))
     md = out["metadata"]
-    md.setdefault("params", {})["aux_steps"] = True
+    md.setdefault("params", {})["aux_steps"] = True if len(chosen) == len(PRODUCT_KINDS) else chosen
     # The counts the loader checks against the rows (a mismatch is its "edited after generation" warning).
     if isinstance(md.get("total_samples"), int):
         md["total_samples"] += added
@@ -149,6 +163,18 @@ def aux_document(doc: dict[str, Any]) -> dict[str, Any]:
     if isinstance(md.get("content_sha256"), str):
         md["content_sha256"] = hardcore.content_sha256(out["data"], md["splits"]["val"])
     return out
+
+
+def mixed_document(doc: dict[str, Any], modules: Iterable[str]) -> dict[str, Any]:
+    """``modules``' products answered in worked steps, and a steps-marked twin of each training product of the
+    other modules of PRODUCT_KINDS (whose answers stay plain)."""
+    worked = chosen_modules(modules)
+    rest = sorted(set(PRODUCT_KINDS) - set(worked))
+    if not rest:
+        raise DataError(
+            "steps twins beside worked answers need a module left plain: --modules names them all"
+        )
+    return aux_document(worked_document(doc, worked), rest)
 
 
 def shown_pairs(doc: Mapping[str, Any]) -> set[frozenset[int]]:
@@ -215,8 +241,11 @@ def worked_file(src: Path, dst: Path, modules: Iterable[str] | None = None) -> N
     atomic_write_text(dst, dumps_json(worked_document(load_workable(src), modules)))
 
 
-def aux_file(src: Path, dst: Path) -> None:
-    atomic_write_text(dst, dumps_json(aux_document(load_workable(src))))
+def aux_file(src: Path, dst: Path, modules: Iterable[str] | None = None) -> None:
+    """Twins of every module's products; with ``modules``, those answered in steps and twins for the rest
+    (mixed_document)."""
+    doc = load_workable(src)
+    atomic_write_text(dst, dumps_json(aux_document(doc) if modules is None else mixed_document(doc, modules)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,14 +257,15 @@ def main(argv: list[str] | None = None) -> int:
         "--modules",
         type=parse_modules,
         default=None,
-        help=f"comma-separated modules whose products get worked answers (default all: {','.join(PRODUCT_KINDS)})",
+        help=f"comma-separated modules whose products get worked answers (default all: {','.join(PRODUCT_KINDS)}); "
+        "with --aux the other modules' products get the twins",
     )
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
     args = p.parse_args(argv)
     try:
         if args.aux:
-            aux_file(args.src, args.dst)
+            aux_file(args.src, args.dst, args.modules)
         else:
             worked_file(args.src, args.dst, args.modules)
     except DataError as exc:

@@ -168,12 +168,41 @@ def test_worked_steps_refuses_a_given_file_rewritten_already_and_both_rewrites_a
     assert reverse_main([str(given), str(reversed_)]) == 0
     for argv, message in (
         (["--dataset", str(reversed_), "--worked-steps"], "--worked-steps: "),
-        (["--dataset", str(given), "--worked-steps", "--reverse-digits"], "not allowed with argument"),
-        (["--dataset", str(given), "--aux-steps", "--worked-steps"], "not allowed with argument"),
+        (
+            ["--dataset", str(given), "--worked-steps", "--reverse-digits"],
+            "--reverse-digits goes with neither",
+        ),
+        (["--dataset", str(given), "--aux-steps", "--reverse-digits"], "--reverse-digits goes with neither"),
+        (["--dataset", str(given), "--aux-steps", "--worked-steps"], "needs --worked-modules"),
+        (
+            ["--dataset", str(reversed_), "--aux-steps", "--worked-steps", "--worked-modules", "physics"],
+            "--worked-steps: ",
+        ),
         (["--dataset", str(given), "--worked-modules", "physics"], "--worked-modules needs --worked-steps"),
         (["--dataset", str(given), "--worked-steps", "--worked-modules", "zodiac"], "--worked-modules"),
     ):
         assert_refused(argv, message, tmp_path / "out", capsys)
+
+
+def test_worked_modules_with_aux_steps_twins_the_other_modules_and_scores_by_final_answer(
+    tmp_path: Path,
+) -> None:
+    flags = ["--data-size", "small", "--splits", "val", "--also-val-size", "small"]
+    flags += ["--worked-steps", "--worked-modules", "physics,geometry", "--aux-steps"]
+    assert main(tiny_argv(tmp_path, "m", *flags)) == 0
+    report = json.loads((tmp_path / "m" / "quality.json").read_text())
+    assert report["mixed_steps"] == ["physics", "geometry"]
+    assert "worked_steps" not in report and "aux_steps" not in report
+    plain_val = generate("hardcore", size="small")["metadata"]["split_counts"]["val"]
+    assert (
+        report["exact_val"]["n"]
+        == report["exact_val_small"]["n"]
+        == report["final_val_small"]["n"]
+        == plain_val
+    )
+    for name in ("hardcore.json", "hardcore_small.json"):  # trained on, and scored on: both rewritten alike
+        params = json.loads((tmp_path / "m" / name).read_text())["metadata"]["params"]
+        assert params["worked_steps"] == ["geometry", "physics"] and params["aux_steps"] == ["arithmetic"]
 
 
 def test_aux_steps_trains_with_the_twins_and_scores_the_plain_answers(tmp_path: Path) -> None:

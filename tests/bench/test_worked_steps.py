@@ -19,6 +19,7 @@ from bench.worked_steps import (
     final_answer,
     final_scores,
     main,
+    mixed_document,
     product_operands,
     shown_pairs,
     worked_answer,
@@ -195,6 +196,38 @@ def test_modules_limit_the_rewrite_and_leave_arithmetic_plain(tmp_path: Path) ->
     assert json.loads(dst.read_text())["metadata"]["params"]["worked_steps"] == ["geometry", "physics"]
     with pytest.raises(DataError, match="worked-steps modules"):
         worked_document(generate("hardcore", size="small"), ["zodiac"])
+
+
+def test_aux_with_modules_answers_those_in_steps_and_twins_the_others(tmp_path: Path) -> None:
+    src, dst = tmp_path / "hc.json", tmp_path / "mixed.json"
+    write_dataset(generate("hardcore", size="small"), src)
+    assert main(["--aux", "--modules", "physics,geometry", str(src), str(dst)]) == 0
+    before, after = load_dataset(src), load_dataset(dst)
+    assert after.warnings == []
+    assert [(p.module, p.input) for p in after.val] == [(p.module, p.input) for p in before.val]
+    plain = {(p.module, p.input): p for p in before.pairs}
+    kept = [p for p in after.pairs if (p.module, p.input) in plain]
+    changed = {p.module for p in kept if p.output != plain[(p.module, p.input)].output}
+    assert changed == {"physics", "geometry"}  # arithmetic's own answers stay plain
+    twins = [p for p in after.pairs if (p.module, p.input) not in plain]
+    assert twins and {p.module for p in twins} == {"arithmetic"}
+    assert all(WORKED.fullmatch(p.output) and p.input.endswith(STEPS_MARKER) for p in twins)
+    params = json.loads(dst.read_text())["metadata"]["params"]
+    assert params["worked_steps"] == ["geometry", "physics"] and params["aux_steps"] == ["arithmetic"]
+
+
+def test_twins_beside_worked_answers_need_a_module_left_plain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(DataError, match="a module left plain"):
+        mixed_document(generate("hardcore", size="small"), ["arithmetic", "geometry", "physics"])
+    src, dst = tmp_path / "hc.json", tmp_path / "mixed.json"
+    write_dataset(generate("hardcore", size="small"), src)
+    with pytest.raises(SystemExit) as exc:
+        main(["--aux", "--modules", "arithmetic,physics,geometry", str(src), str(dst)])
+    assert exc.value.code == 2
+    assert "a module left plain" in capsys.readouterr().err
+    assert not dst.exists()
 
 
 @pytest.mark.parametrize("modules", ["zodiac", "physics,nope", ","])
