@@ -35,7 +35,14 @@ from apt_model.errors import ConfigError, DataError  # noqa: E402
 from apt_model.verify import parse_pad_to  # noqa: E402
 from bench.hlbd_kinds import breakdown  # noqa: E402
 from bench.reverse_digits import load_reversible, reverse_file  # noqa: E402
-from bench.worked_steps import aux_file, final_scores, load_workable, parse_modules, worked_file  # noqa: E402
+from bench.worked_steps import (  # noqa: E402
+    aux_file,
+    final_scores,
+    load_workable,
+    parse_modules,
+    score_without_twins,
+    worked_file,
+)
 
 KIND_MODULES = ("geometry", "physics", "arithmetic")
 # The data rewrites a run can train on: flag → (check of a given file, rewrite of a file in place). Val is scored on
@@ -49,6 +56,8 @@ ANSWER_REWRITES: dict[str, tuple[Callable[[Path], Any], Callable[[Path, Path], N
 }
 # The rewrites whose val answers hold steps, scored by final answer too.
 WORKED_REWRITES = ("worked_steps", "mixed_steps")
+# The rewrites that add steps-marked twins to the training split, scored also without them (exact_train_without_twins).
+TWIN_REWRITES = ("aux_steps", "mixed_steps")
 
 
 def rewrite_file(name: str, worked_modules: list[str] | None = None) -> Callable[[Path, Path], None]:
@@ -132,14 +141,15 @@ def verify_step(
     out: Path,
     log: Path,
     pad_to: str | None = None,
+    every_failure: bool = False,
 ) -> dict[str, Any]:
-    """`apt verify` of the model on ``dataset``'s ``split`` (val: every wrong answer listed), as step ``name``;
-    returns the verification report. ``pad_to``: `apt verify --pad-to`."""
+    """`apt verify` of the model on ``dataset``'s ``split`` (val, or ``every_failure``: every wrong answer listed),
+    as step ``name``; returns the verification report. ``pad_to``: `apt verify --pad-to`."""
     vdir = out / name
     verify = apt(
         "verify", "--model", str(run_dir), "--dataset", str(dataset), "--split", split,
         "--device", device, "--batch-size", "512", "--out", str(vdir),
-        *(["--failures", "100000"] if split == "val" else []),
+        *(["--failures", "100000"] if split == "val" or every_failure else []),
         *(["--pad-to", pad_to] if pad_to else []),
     )  # fmt: skip
     run_step(name, verify, report, out, log)
@@ -328,10 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     for pad_to in (None, args.pad_to) if args.pad_to else (None,):
         suffix = "_padded" if pad_to else ""
         for split in args.splits:
+            twins = split == "train" and rewrite in TWIN_REWRITES
             vr = verify_step(
-                f"verify_{split}{suffix}", run_dir, data, split, args.device, report, out, log, pad_to
+                f"verify_{split}{suffix}", run_dir, data, split, args.device, report, out, log, pad_to, twins
             )
             report[f"exact_{split}{suffix}"] = exact_summary(vr)
+            if twins:
+                report[f"exact_train_without_twins{suffix}"] = score_without_twins(
+                    json.loads(data.read_text()), vr["failures"]
+                )
             if split == "val":
                 doc = json.loads(data.read_text())
                 report[f"val_by_kind{suffix}"] = kinds_of(doc, vr)

@@ -177,6 +177,28 @@ def mixed_document(doc: dict[str, Any], modules: Iterable[str]) -> dict[str, Any
     return aux_document(worked_document(doc, worked), rest)
 
 
+def score_without_twins(doc: Mapping[str, Any], failures: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Train exact match of ``doc`` over its own rows, the steps-marked twins left out: the HLBD training split the
+    quality line is about. ``failures``: a verification report's complete list of wrong training answers."""
+    val = {normalize_text(t) for t in doc["metadata"]["splits"]["val"]}
+    n: dict[str, int] = {}
+    for module, rows in doc["data"].items():
+        for row in rows:
+            text = normalize_text(row["input"])
+            if text not in val and not text.endswith(STEPS_MARKER):
+                n[module] = n.get(module, 0) + 1
+    wrong: dict[str, int] = {}
+    for f in failures:
+        if not normalize_text(f["input"]).endswith(STEPS_MARKER):
+            wrong[f["module"]] = wrong.get(f["module"], 0) + 1
+    total = sum(n.values())
+    return {
+        "overall": round(1 - sum(wrong.values()) / total, 6) if total else None,
+        "n": total,
+        "modules": {m: round(1 - wrong.get(m, 0) / k, 6) for m, k in sorted(n.items())},
+    }
+
+
 def shown_pairs(doc: Mapping[str, Any]) -> set[frozenset[int]]:
     """The unordered pairs whose product a worked answer of ``doc``'s training split shows as a step: multiplicand
     times each digit of the multiplier (the tens step shows it times ten, the same fact)."""

@@ -11,6 +11,7 @@ import pytest
 from apt_model.data import generate, write_dataset
 from bench.quality_run import cross_val, main
 from bench.reverse_digits import main as reverse_main
+from bench.worked_steps import STEPS_MARKER
 
 
 def tiny_argv(out: Path, tag: str, *flags: str) -> list[str]:
@@ -187,7 +188,7 @@ def test_worked_steps_refuses_a_given_file_rewritten_already_and_both_rewrites_a
 def test_worked_modules_with_aux_steps_twins_the_other_modules_and_scores_by_final_answer(
     tmp_path: Path,
 ) -> None:
-    flags = ["--data-size", "small", "--splits", "val", "--also-val-size", "small"]
+    flags = ["--data-size", "small", "--splits", "train", "val", "--also-val-size", "small"]
     flags += ["--worked-steps", "--worked-modules", "physics,geometry", "--aux-steps"]
     assert main(tiny_argv(tmp_path, "m", *flags)) == 0
     report = json.loads((tmp_path / "m" / "quality.json").read_text())
@@ -203,6 +204,12 @@ def test_worked_modules_with_aux_steps_twins_the_other_modules_and_scores_by_fin
     for name in ("hardcore.json", "hardcore_small.json"):  # trained on, and scored on: both rewritten alike
         params = json.loads((tmp_path / "m" / name).read_text())["metadata"]["params"]
         assert params["worked_steps"] == ["geometry", "physics"] and params["aux_steps"] == ["arithmetic"]
+    # Train is scored with the twins and, for the quality line, on HLBD's own training rows alone.
+    doc = json.loads((tmp_path / "m" / "hardcore.json").read_text())
+    twins = sum(r["input"].endswith(STEPS_MARKER) for rows in doc["data"].values() for r in rows)
+    own = report["exact_train_without_twins"]
+    assert twins > 0 and own["n"] == report["exact_train"]["n"] - twins
+    assert own["modules"]["zodiac"] == report["exact_train"]["modules"]["zodiac"]  # no twins there
 
 
 def test_aux_steps_trains_with_the_twins_and_scores_the_plain_answers(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from bench.worked_steps import (
     main,
     mixed_document,
     product_operands,
+    score_without_twins,
     shown_pairs,
     worked_answer,
     worked_document,
@@ -214,6 +215,26 @@ def test_aux_with_modules_answers_those_in_steps_and_twins_the_others(tmp_path: 
     assert all(WORKED.fullmatch(p.output) and p.input.endswith(STEPS_MARKER) for p in twins)
     params = json.loads(dst.read_text())["metadata"]["params"]
     assert params["worked_steps"] == ["geometry", "physics"] and params["aux_steps"] == ["arithmetic"]
+
+
+def test_score_without_twins_counts_only_hlbds_own_training_rows() -> None:
+    doc = aux_document(generate("hardcore", size="small"))
+    twin = next(r for r in doc["data"]["arithmetic"] if r["input"].endswith(STEPS_MARKER))
+    own = next(r for r in doc["data"]["arithmetic"] if not r["input"].endswith(STEPS_MARKER))
+    failures = [
+        {"module": "arithmetic", "input": twin["input"], "expected": twin["output"], "got": "0"},
+        {"module": "arithmetic", "input": own["input"], "expected": own["output"], "got": "0"},
+    ]
+    score = score_without_twins(doc, failures)
+    val = set(doc["metadata"]["splits"]["val"])
+    n = sum(
+        r["input"] not in val and not r["input"].endswith(STEPS_MARKER) for r in doc["data"]["arithmetic"]
+    )
+    assert score["modules"]["arithmetic"] == round(1 - 1 / n, 6)  # the twin's miss is not counted
+    assert score["modules"]["zodiac"] == 1.0
+    assert score["n"] == sum(len(r) for r in doc["data"].values()) - len(val) - sum(
+        r["input"].endswith(STEPS_MARKER) for rows in doc["data"].values() for r in rows
+    )
 
 
 def test_twins_beside_worked_answers_need_a_module_left_plain(
