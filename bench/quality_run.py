@@ -34,7 +34,7 @@ from apt_model.data.pairs import SIZES, normalize_text  # noqa: E402
 from apt_model.errors import ConfigError, DataError  # noqa: E402
 from apt_model.verify import parse_pad_to  # noqa: E402
 from bench.hlbd_kinds import breakdown  # noqa: E402
-from bench.reverse_digits import load_reversible, reverse_file  # noqa: E402
+from bench.reverse_digits import load_reversible, reverse_file, val_inputs  # noqa: E402
 from bench.worked_steps import (  # noqa: E402
     aux_file,
     final_scores,
@@ -114,7 +114,7 @@ def run_step(name: str, argv: list[str], report: dict[str, Any], out: Path, log:
 def val_by_kind(dataset: dict[str, Any], failures: list[dict[str, Any]]) -> dict[str, dict[str, dict]]:
     """Val exact match per module and problem kind: every val row of ``dataset`` (a Hardcore document) is right
     unless ``failures`` (a verification report's complete list of wrong answers) names it."""
-    val = {normalize_text(t) for t in dataset["metadata"]["splits"]["val"]}
+    val = val_inputs(dataset)
     wrong = {(f["module"], f["input"]) for f in failures}
     rows = [
         {"module": m, "input": t, "exact": (m, t) not in wrong}
@@ -195,7 +195,7 @@ def cross_val(
         if rewrite is not None:
             rewrite_file(rewrite, worked_modules)(other, other)
     ours = json.loads(data.read_text())
-    ours_val = {normalize_text(t) for t in ours["metadata"]["splits"]["val"]}
+    ours_val = val_inputs(ours)
     ours_train = {normalize_text(r["input"]) for rows in ours["data"].values() for r in rows} - ours_val
     doc = json.loads(other.read_text())
     leaked = sum(1 for t in doc["metadata"]["splits"]["val"] if normalize_text(t) in ours_train)
@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         for e in epochs
     ]
     # Unpadded first; with --pad-to every verification again in that shape, under names ending in _padded.
+    doc = json.loads(data.read_text())  # as trained on: its rows and split, the same for every verification
     for pad_to in (None, args.pad_to) if args.pad_to else (None,):
         suffix = "_padded" if pad_to else ""
         for split in args.splits:
@@ -344,11 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             report[f"exact_{split}{suffix}"] = exact_summary(vr)
             if twins:
-                report[f"exact_train_without_twins{suffix}"] = score_without_twins(
-                    json.loads(data.read_text()), vr["failures"]
-                )
+                report[f"exact_train_without_twins{suffix}"] = score_without_twins(doc, vr["failures"])
             if split == "val":
-                doc = json.loads(data.read_text())
                 report[f"val_by_kind{suffix}"] = kinds_of(doc, vr)
                 if rewrite in WORKED_REWRITES and report[f"val_by_kind{suffix}"] is not None:
                     report[f"final_val{suffix}"] = final_scores(doc, vr["failures"], doc)

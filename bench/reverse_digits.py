@@ -18,6 +18,7 @@ import copy
 import json
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from apt_model.data import hardcore, load_dataset  # noqa: E402
+from apt_model.data.pairs import normalize_text  # noqa: E402
 from apt_model.errors import DataError  # noqa: E402
 from apt_model.io import atomic_write_text, dumps_json  # noqa: E402
 
@@ -42,11 +44,22 @@ def reverse_document(doc: dict[str, Any]) -> dict[str, Any]:
     for rows in out["data"].values():
         for row in rows:
             row["output"] = reverse_digit_runs(str(row["output"]))
-    md = out["metadata"]
-    md.setdefault("params", {})["reverse_digits"] = True
-    if isinstance(md.get("content_sha256"), str):
-        md["content_sha256"] = hardcore.content_sha256(out["data"], md["splits"]["val"])
+    out["metadata"].setdefault("params", {})["reverse_digits"] = True
+    refresh_content_hash(out)
     return out
+
+
+def refresh_content_hash(doc: dict[str, Any]) -> None:
+    """Recompute ``doc``'s ``metadata.content_sha256`` (where it has one) after a rewrite of its data, so the
+    loader accepts the copy without an "edited after generation" warning."""
+    md = doc["metadata"]
+    if isinstance(md.get("content_sha256"), str):
+        md["content_sha256"] = hardcore.content_sha256(doc["data"], md["splits"]["val"])
+
+
+def val_inputs(doc: Mapping[str, Any]) -> set[str]:
+    """The normalised inputs ``doc``'s ``metadata.splits.val`` holds out."""
+    return {normalize_text(t) for t in doc["metadata"]["splits"]["val"]}
 
 
 def load_generated(src: Path) -> dict[str, Any]:

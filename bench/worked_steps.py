@@ -31,6 +31,7 @@ import argparse
 import copy
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from apt_model.data import hardcore  # noqa: E402
 from apt_model.data.pairs import normalize_text  # noqa: E402
 from apt_model.errors import DataError  # noqa: E402
 from apt_model.io import atomic_write_text, dumps_json  # noqa: E402
 from bench.hlbd_kinds import breakdown, match  # noqa: E402
-from bench.reverse_digits import load_generated  # noqa: E402
+from bench.reverse_digits import load_generated, refresh_content_hash, val_inputs  # noqa: E402
 
 # The kinds whose answer is the product of the two numbers the question shows (a square's area: its side twice).
 PRODUCT_KINDS: dict[str, frozenset[str]] = {
@@ -85,7 +85,7 @@ def training_steps_products(
 ) -> Iterator[tuple[str, dict[str, Any], tuple[int, int]]]:
     """(module, row, operands) of every training product of ``doc`` (in ``modules`` when given) with a multi-digit
     multiplier: the rows a worked answer writes in steps."""
-    val = {normalize_text(t) for t in doc["metadata"]["splits"]["val"]}
+    val = val_inputs(doc)
     for module, rows in doc["data"].items():
         if modules is not None and module not in modules:
             continue
@@ -124,8 +124,7 @@ def worked_document(doc: dict[str, Any], modules: Iterable[str] | None = None) -
                 row["output"] = worked_answer(*operands)
     md = out["metadata"]
     md.setdefault("params", {})["worked_steps"] = True if len(chosen) == len(PRODUCT_KINDS) else chosen
-    if isinstance(md.get("content_sha256"), str):
-        md["content_sha256"] = hardcore.content_sha256(out["data"], md["splits"]["val"])
+    refresh_content_hash(out)
     return out
 
 
@@ -160,8 +159,7 @@ def aux_document(doc: dict[str, Any], modules: Iterable[str] | None = None) -> d
             count.update(
                 {k: count[k] + len(rows) for k in ("train", "total") if isinstance(count.get(k), int)}
             )
-    if isinstance(md.get("content_sha256"), str):
-        md["content_sha256"] = hardcore.content_sha256(out["data"], md["splits"]["val"])
+    refresh_content_hash(out)
     return out
 
 
@@ -180,18 +178,15 @@ def mixed_document(doc: dict[str, Any], modules: Iterable[str]) -> dict[str, Any
 def score_without_twins(doc: Mapping[str, Any], failures: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Train exact match of ``doc`` over its own rows, the steps-marked twins left out: the HLBD training split the
     quality line is about. ``failures``: a verification report's complete list of wrong training answers."""
-    val = {normalize_text(t) for t in doc["metadata"]["splits"]["val"]}
-    n: dict[str, int] = {}
-    for module, rows in doc["data"].items():
-        for row in rows:
-            text = normalize_text(row["input"])
-            if text not in val and not text.endswith(STEPS_MARKER):
-                n[module] = n.get(module, 0) + 1
-    wrong: dict[str, int] = {}
-    for f in failures:
-        if not normalize_text(f["input"]).endswith(STEPS_MARKER):
-            wrong[f["module"]] = wrong.get(f["module"], 0) + 1
-    total = sum(n.values())
+    val = val_inputs(doc)
+    n = Counter(
+        module
+        for module, rows in doc["data"].items()
+        for row in rows
+        if (text := normalize_text(row["input"])) not in val and not text.endswith(STEPS_MARKER)
+    )
+    wrong = Counter(f["module"] for f in failures if not normalize_text(f["input"]).endswith(STEPS_MARKER))
+    total = n.total()
     return {
         "overall": round(1 - sum(wrong.values()) / total, 6) if total else None,
         "n": total,
@@ -218,7 +213,7 @@ def final_scores(
         for f in failures
         if not WORKED.fullmatch(f["expected"]) or final_answer(f["got"]) != final_answer(f["expected"])
     }
-    val = {normalize_text(t) for t in doc["metadata"]["splits"]["val"]}
+    val = val_inputs(doc)
     rows, clean = [], []
     for module, records in doc["data"].items():
         for r in records:
