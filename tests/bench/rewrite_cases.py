@@ -1,4 +1,5 @@
-"""The bad input files every answer rewrite of bench/ (reverse_digits, worked_steps) must refuse the same way."""
+"""The bad input files, and the files rewritten already, that every answer rewrite of bench/ (reverse_digits,
+worked_steps) must refuse the same way."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from apt_model.data import generate, write_dataset
 
 # (file content or None for no file, what the one-line error names)
 BAD_FILES = [
@@ -32,3 +35,23 @@ def assert_refuses_bad_file(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not dst.exists()
+
+
+def assert_refuses_rewritten_file(
+    rewrite_first: Callable[[list[str]], int],
+    main: Callable[[list[str]], int],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``main(done, done)`` on ``rewrite_first``'s copy of a generated file exits 2 with ``message`` and leaves the
+    copy byte for byte as it was."""
+    src, done = tmp_path / "hc.json", tmp_path / "done.json"
+    write_dataset(generate("hardcore", size="small"), src)
+    assert rewrite_first([str(src), str(done)]) == 0
+    written = done.read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        main([str(done), str(done)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert done.read_bytes() == written

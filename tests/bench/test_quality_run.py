@@ -119,12 +119,19 @@ def test_reverse_digits_trains_and_scores_other_sizes_on_reversed_answers(tmp_pa
     assert report["exact_val_small"]["val_inputs_in_our_training_split"] == 0
 
 
-def test_reverse_digits_refuses_a_given_file_reversed_already_before_any_work(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture
+def given_and_reversed(tmp_path: Path) -> tuple[Path, Path]:
+    """A given file of the small data, and its copy with reversed digits (a file rewritten already)."""
     given, reversed_ = tmp_path / "given.json", tmp_path / "reversed.json"
     write_dataset(generate("hardcore", size="small"), given)
     assert reverse_main([str(given), str(reversed_)]) == 0
+    return given, reversed_
+
+
+def test_reverse_digits_refuses_a_given_file_reversed_already_before_any_work(
+    given_and_reversed: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, reversed_ = given_and_reversed
     argv = ["--dataset", str(reversed_), "--reverse-digits"]
     assert_refused(
         argv, f"--reverse-digits: {reversed_}: its answers are reversed already", tmp_path / "out", capsys
@@ -162,11 +169,9 @@ def test_worked_steps_trains_and_scores_on_worked_answers_also_by_final_answer(
 
 
 def test_worked_steps_refuses_a_given_file_rewritten_already_and_both_rewrites_at_once(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    given_and_reversed: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    given, reversed_ = tmp_path / "given.json", tmp_path / "reversed.json"
-    write_dataset(generate("hardcore", size="small"), given)
-    assert reverse_main([str(given), str(reversed_)]) == 0
+    given, reversed_ = given_and_reversed
     for argv, message in (
         (["--dataset", str(reversed_), "--worked-steps"], "--worked-steps: "),
         (

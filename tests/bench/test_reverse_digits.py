@@ -9,7 +9,7 @@ import pytest
 
 from apt_model.data import generate, load_dataset, write_dataset
 from bench.reverse_digits import main, reverse_digit_runs, reverse_document
-from tests.bench.rewrite_cases import BAD_FILES, assert_refuses_bad_file
+from tests.bench.rewrite_cases import BAD_FILES, assert_refuses_bad_file, assert_refuses_rewritten_file
 
 
 @pytest.mark.parametrize(
@@ -48,15 +48,7 @@ def test_the_copy_loads_cleanly_with_the_same_inputs_split_and_answers_read_back
 def test_refuses_a_file_reversed_already_and_leaves_it_alone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    src, dst = tmp_path / "hc.json", tmp_path / "rev.json"
-    write_dataset(generate("hardcore", size="small"), src)
-    main([str(src), str(dst)])
-    written = dst.read_bytes()
-    with pytest.raises(SystemExit) as exc:
-        main([str(dst), str(dst)])
-    assert exc.value.code == 2
-    assert "its answers are reversed already" in capsys.readouterr().err
-    assert dst.read_bytes() == written
+    assert_refuses_rewritten_file(main, main, "its answers are reversed already", tmp_path, capsys)
 
 
 @pytest.mark.parametrize(("content", "message"), BAD_FILES)

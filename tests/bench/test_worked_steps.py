@@ -26,7 +26,7 @@ from bench.worked_steps import (
     worked_answer,
     worked_document,
 )
-from tests.bench.rewrite_cases import BAD_FILES, assert_refuses_bad_file
+from tests.bench.rewrite_cases import BAD_FILES, assert_refuses_bad_file, assert_refuses_rewritten_file
 
 
 @pytest.mark.parametrize(
@@ -104,15 +104,7 @@ def test_a_product_answered_wrong_is_named(tmp_path: Path) -> None:
 def test_refuses_a_file_rewritten_already_and_leaves_it_alone(
     rewriter: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    src, done = tmp_path / "hc.json", tmp_path / "done.json"
-    write_dataset(generate("hardcore", size="small"), src)
-    rewriter([str(src), str(done)])
-    written = done.read_bytes()
-    with pytest.raises(SystemExit) as exc:
-        main([str(done), str(done)])
-    assert exc.value.code == 2
-    assert "its answers are rewritten already" in capsys.readouterr().err
-    assert done.read_bytes() == written
+    assert_refuses_rewritten_file(rewriter, main, "its answers are rewritten already", tmp_path, capsys)
 
 
 @pytest.mark.parametrize(("content", "message"), BAD_FILES)
