@@ -275,6 +275,12 @@ class TrainConfig(_Config):
     # Dropout (ModelConfig.dropout) only in the first N epochs, then off; 0: in every epoch. Dropout slows fitting the
     # training set; switched off for the last epochs, the run fits it (BENCHMARKS.md, sixteenth session's quality runs).
     dropout_epochs: int = 0
+    # The worked-steps curriculum (training/curriculum.py): HLBD's products of a two-digit multiplier trained on worked
+    # steps (37 × 14 → 148+370=518) for worked_steps_epochs epochs, the steps removed over the next worked_steps_ramp,
+    # the plain answers after; both 0: off. The data and every score stay plain. It took physics' unseen products from
+    # the plain recipe's 87.7% to … (BENCHMARKS.md, twenty-seventh session).
+    worked_steps_epochs: int = 0
+    worked_steps_ramp: int = 0
     seed: int = 42
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     save_interval: int = 25
@@ -292,6 +298,11 @@ class TrainConfig(_Config):
     def dropout_on(self, epoch: int) -> bool:
         """Whether dropout applies in the epoch with 0-based index ``epoch``."""
         return self.dropout_epochs == 0 or epoch < self.dropout_epochs
+
+    @property
+    def worked_steps(self) -> bool:
+        """Whether the worked-steps curriculum is on."""
+        return self.worked_steps_epochs > 0 or self.worked_steps_ramp > 0
 
     def __post_init__(self) -> None:
         if isinstance(self.dbc_dac, Mapping):
@@ -315,6 +326,14 @@ class TrainConfig(_Config):
         self._check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         self._check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         self._check(self.dropout_epochs >= 0, "dropout_epochs", "must be >= 0 (0: dropout in every epoch)")
+        self._check(self.worked_steps_epochs >= 0, "worked_steps_epochs", "must be >= 0 (0 with ramp 0: off)")
+        self._check(self.worked_steps_ramp >= 0, "worked_steps_ramp", "must be >= 0 (0 with epochs 0: off)")
+        self._check(
+            not self.worked_steps or self.worked_steps_epochs + self.worked_steps_ramp < self.epochs,
+            "worked_steps_epochs",
+            f"plus worked_steps_ramp={self.worked_steps_ramp} must be below epochs={self.epochs}, so that the last "
+            "epochs train the plain answers",
+        )
         self._check(
             self.precision in ("auto", "fp32", "bf16", "fp16"),
             "precision",

@@ -713,14 +713,12 @@ wide_runs() {
       shift 4
       [[ $splits == none ]] && splits=
       # --reverse-digits, --worked-steps (--worked-modules M,M) and --aux-steps are quality_run.py's (answer
-      # rewrites, bench/reverse_digits.py and bench/worked_steps.py), not apt train's; so is --internalize FULL,RAMP
-      # (bench/internalize.py: steps for the first epochs, removed over the next, plain answers after).
+      # rewrites, bench/reverse_digits.py and bench/worked_steps.py), not apt train's.
       local qflags=() targs=()
       while (( $# )); do
         case $1 in
           --reverse-digits | --worked-steps | --aux-steps) qflags+=("$1") ;;
           --worked-modules) qflags+=("$1" "$2"); shift ;;
-          --internalize) qflags+=("$1" "$2"); shift ;;
           *) targs+=("$1") ;;
         esac
         shift
@@ -1042,7 +1040,8 @@ if [[ $part == quality-adam ]]; then
   # answered as partial products and their sum, bench/worked_steps.py) and --aux-steps (plain answers, plus a
   # steps-marked twin of each such training product answered in steps). Twenty-sixth session: --worked-steps
   # --worked-modules physics,geometry (arithmetic plain), and with --aux-steps too (arithmetic's products twinned).
-  # Twenty-seventh session: --internalize FULL,RAMP (plain data; steps internalized over the epochs).
+  # Twenty-seventh session: apt train's --worked-steps-epochs F --worked-steps-ramp R (the plain data; products
+  # trained on worked steps, then the steps removed; first measured through a bench driver, commit d9c848c).
   g1=$(second_gpu)
   z3p3="--t0 45 --epochs 45 $readme_recipe"
   runs=()

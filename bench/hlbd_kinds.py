@@ -12,7 +12,6 @@ physics and arithmetic are one kind, named after the module.
 from __future__ import annotations
 
 import re
-import string
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,23 +20,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apt_model.data import hardcore as hc
+from apt_model.data.steps import template_pattern
 
 FACT = "fact"
 UNKNOWN = "unknown"  # an input of a classified module that no template produces (e.g. a reference file)
 
 
-def _compile(template: str, free: str = r"\d+") -> re.Pattern[str]:
-    parts = []
-    for literal, field, _, _ in string.Formatter().parse(template):
-        parts.append(re.escape(literal))
-        if field is not None:
-            parts.append(f"(?P<{field}>{free})")
-    return re.compile("".join(parts))
-
-
 def _patterns(kinds: Mapping[str, Iterable[str]], facts: Iterable[str]) -> list[tuple[str, re.Pattern[str]]]:
-    computed = [(kind, _compile(t)) for kind, templates in kinds.items() for t in templates]
-    return computed + [(FACT, _compile(t, ".+")) for t in facts]
+    computed = [(kind, template_pattern(t)) for kind, templates in kinds.items() for t in templates]
+    return computed + [(FACT, template_pattern(t, ".+")) for t in facts]
 
 
 _PATTERNS: dict[str, list[tuple[str, re.Pattern[str]]]] = {

@@ -34,7 +34,6 @@ from apt_model.data.pairs import SIZES, normalize_text  # noqa: E402
 from apt_model.errors import ConfigError, DataError  # noqa: E402
 from apt_model.verify import parse_pad_to  # noqa: E402
 from bench.hlbd_kinds import breakdown  # noqa: E402
-from bench.internalize import STAGES_FILE  # noqa: E402
 from bench.reverse_digits import load_reversible, reverse_file, val_inputs  # noqa: E402
 from bench.worked_steps import (  # noqa: E402
     aux_file,
@@ -70,8 +69,6 @@ def rewrite_file(name: str, worked_modules: list[str] | None = None) -> Callable
 
 def chosen_rewrite(args: argparse.Namespace) -> str | None:
     """The ANSWER_REWRITES entry the flags ask for; ValueError naming the flags that do not go together."""
-    if args.internalize is not None and (args.reverse_digits or args.worked_steps or args.aux_steps):
-        raise ValueError("--internalize trains on the plain data: it goes with no answer rewrite")
     if args.reverse_digits and (args.worked_steps or args.aux_steps):
         raise ValueError("--reverse-digits goes with neither --worked-steps nor --aux-steps")
     if args.worked_modules is not None and not args.worked_steps:
@@ -93,17 +90,6 @@ RUNTIME_TIMINGS = ("phase_seconds", "compile_seconds", "first_launch_seconds", "
 
 def apt(*args: str) -> list[str]:
     return [sys.executable, "-m", "apt_model.cli", *args]
-
-
-def parse_internalize(text: str) -> tuple[int, int]:
-    """``FULL,RAMP`` (epochs) for bench/internalize.py."""
-    try:
-        full, ramp = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected FULL,RAMP epochs, e.g. 16,20 (got {text!r})") from None
-    if full < 0 or ramp < 0:
-        raise argparse.ArgumentTypeError(f"FULL and RAMP must be >= 0 (got {text!r})")
-    return full, ramp
 
 
 def run_step(name: str, argv: list[str], report: dict[str, Any], out: Path, log: Path) -> None:
@@ -284,14 +270,6 @@ def main(argv: list[str] | None = None) -> int:
         "two-digit multiplier (bench/worked_steps.py --aux); every score is on the plain answers. With "
         "--worked-steps --worked-modules M,M: M's products answered in steps, twins for the other modules'",
     )
-    p.add_argument(
-        "--internalize",
-        type=parse_internalize,
-        default=None,
-        metavar="FULL,RAMP",
-        help="train through bench/internalize.py: products of two-digit multipliers trained on worked steps for "
-        "FULL epochs, the steps removed over the next RAMP, plain answers after; data and scores stay plain",
-    )
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="extra `apt train` flags, after --")
     args = p.parse_args(argv)
     if args.dataset is not None and not args.dataset.is_file():
@@ -332,27 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     if rewrite is not None:
         rewrite_file(rewrite, args.worked_modules)(data, data)
         report[rewrite] = args.worked_modules or True
-    command = apt
-    if args.internalize is not None:
-        full, ramp = args.internalize
-        report["internalize"] = {"full": full, "ramp": ramp}
-        driver = [
-            sys.executable,
-            str(REPO / "bench" / "internalize.py"),
-            "--full",
-            str(full),
-            "--ramp",
-            str(ramp),
-        ]
-        command = partial(lambda *a: [*driver, "--", *a])
-    train = command(
+    train = apt(
         "train", "--backend", "playground", "--preset", "playground", "--dataset", str(data),
         "--save-dir", str(run_dir), "--overwrite", "--no-tracking", "--no-progress", "--device", args.device, *extra,
     )  # fmt: skip
     run_step("train", train, report, out, log)
     exp = json.loads((run_dir / "experiment_report.json").read_text())
-    if args.internalize is not None:
-        report["internalize"]["stages"] = json.loads((run_dir / STAGES_FILE).read_text())["stages"]
     runtime = exp.get("runtime") or {}
     epochs = exp.get("epochs") or exp.get("history") or []
     report["train_report"] = {

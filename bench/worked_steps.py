@@ -40,34 +40,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from apt_model.data.pairs import normalize_text  # noqa: E402
+from apt_model.data.steps import PRODUCT_TEMPLATES, product_operands, worked_answer  # noqa: E402
 from apt_model.errors import DataError  # noqa: E402
 from apt_model.io import atomic_write_text, dumps_json  # noqa: E402
-from bench.hlbd_kinds import breakdown, match  # noqa: E402
+from bench.hlbd_kinds import breakdown  # noqa: E402
 from bench.reverse_digits import load_generated, refresh_content_hash, val_inputs  # noqa: E402
-
-# The kinds whose answer is the product of the two numbers the question shows (a square's area: its side twice).
-PRODUCT_KINDS: dict[str, frozenset[str]] = {
-    "arithmetic": frozenset({"×"}),
-    "physics": frozenset({"distance", "work"}),
-    "geometry": frozenset({"rect-area", "square-area"}),
-}
-
-
-def product_operands(module: str, text: str) -> tuple[int, int] | None:
-    """The multiplicand and multiplier of a product problem, in the question's order; None for other problems."""
-    kind, numbers = match(module, text)
-    if kind not in PRODUCT_KINDS.get(module, ()):
-        return None
-    values = list(numbers.values())  # the template's fields in the order the question writes them
-    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
-
-
-def worked_answer(a: int, b: int) -> str:
-    """``a × b`` as its partial products and their sum when ``b`` has two or more digits, else the plain product."""
-    if b < 10:
-        return str(a * b)
-    return f"{a * (b % 10)}+{a * (b - b % 10)}={a * b}"
-
 
 # What worked_answer writes for a multi-digit multiplier (a formula fact such as "W = Fs" also holds "=").
 WORKED = re.compile(r"\d+\+\d+=\d+")
@@ -102,16 +79,16 @@ def final_answer(text: str) -> str:
 
 
 def chosen_modules(modules: Iterable[str] | None) -> list[str]:
-    """``modules`` sorted (all of PRODUCT_KINDS when None); DataError unless they are some of PRODUCT_KINDS."""
-    chosen = sorted(PRODUCT_KINDS if modules is None else set(modules))
-    if not chosen or not set(chosen) <= set(PRODUCT_KINDS):
-        raise DataError(f"worked-steps modules must be some of {', '.join(PRODUCT_KINDS)}, not {chosen}")
+    """``modules`` sorted (all of PRODUCT_TEMPLATES when None); DataError unless they are some of PRODUCT_TEMPLATES."""
+    chosen = sorted(PRODUCT_TEMPLATES if modules is None else set(modules))
+    if not chosen or not set(chosen) <= set(PRODUCT_TEMPLATES):
+        raise DataError(f"worked-steps modules must be some of {', '.join(PRODUCT_TEMPLATES)}, not {chosen}")
     return chosen
 
 
 def worked_document(doc: dict[str, Any], modules: Iterable[str] | None = None) -> dict[str, Any]:
     """A copy of a Hardcore document with every product of a multi-digit multiplier answered in worked steps; only
-    in ``modules`` (of PRODUCT_KINDS) when given — arithmetic's answers are plain integers by the data spec."""
+    in ``modules`` (of PRODUCT_TEMPLATES) when given — arithmetic's answers are plain integers by the data spec."""
     chosen = chosen_modules(modules)
     out = copy.deepcopy(doc)
     for module, rows in out["data"].items():
@@ -123,7 +100,7 @@ def worked_document(doc: dict[str, Any], modules: Iterable[str] | None = None) -
                 checked_product(module, row, operands)
                 row["output"] = worked_answer(*operands)
     md = out["metadata"]
-    md.setdefault("params", {})["worked_steps"] = True if len(chosen) == len(PRODUCT_KINDS) else chosen
+    md.setdefault("params", {})["worked_steps"] = True if len(chosen) == len(PRODUCT_TEMPLATES) else chosen
     refresh_content_hash(out)
     return out
 
@@ -147,7 +124,7 @@ def aux_document(doc: dict[str, Any], modules: Iterable[str] | None = None) -> d
         out["data"][module].extend(rows)
     added = sum(map(len, twins.values()))
     md = out["metadata"]
-    md.setdefault("params", {})["aux_steps"] = True if len(chosen) == len(PRODUCT_KINDS) else chosen
+    md.setdefault("params", {})["aux_steps"] = True if len(chosen) == len(PRODUCT_TEMPLATES) else chosen
     # The counts the loader checks against the rows (a mismatch is its "edited after generation" warning).
     if isinstance(md.get("total_samples"), int):
         md["total_samples"] += added
@@ -165,9 +142,9 @@ def aux_document(doc: dict[str, Any], modules: Iterable[str] | None = None) -> d
 
 def mixed_document(doc: dict[str, Any], modules: Iterable[str]) -> dict[str, Any]:
     """``modules``' products answered in worked steps, and a steps-marked twin of each training product of the
-    other modules of PRODUCT_KINDS (whose answers stay plain)."""
+    other modules of PRODUCT_TEMPLATES (whose answers stay plain)."""
     worked = chosen_modules(modules)
-    rest = sorted(set(PRODUCT_KINDS) - set(worked))
+    rest = sorted(set(PRODUCT_TEMPLATES) - set(worked))
     if not rest:
         raise DataError(
             "steps twins beside worked answers need a module left plain: --modules names them all"
@@ -238,10 +215,10 @@ def final_scores(
 
 
 def parse_modules(text: str) -> list[str]:
-    """``--modules``' comma-separated list, checked against PRODUCT_KINDS (argparse's error on a bad one)."""
+    """``--modules``' comma-separated list, checked against PRODUCT_TEMPLATES (argparse's error on a bad one)."""
     modules = [m.strip() for m in text.split(",") if m.strip()]
-    if not modules or not set(modules) <= set(PRODUCT_KINDS):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be some of {','.join(PRODUCT_KINDS)}")
+    if not modules or not set(modules) <= set(PRODUCT_TEMPLATES):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be some of {','.join(PRODUCT_TEMPLATES)}")
     return modules
 
 
@@ -274,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "--modules",
         type=parse_modules,
         default=None,
-        help=f"comma-separated modules whose products get worked answers (default all: {','.join(PRODUCT_KINDS)}); "
+        help=f"comma-separated modules whose products get worked answers (default all: {','.join(PRODUCT_TEMPLATES)}); "
         "with --aux the other modules' products get the twins",
     )
     p.add_argument("src", type=Path)

@@ -367,6 +367,7 @@ class Worker:
                 "world_size": self.world,
                 "zero_stage": self.zero_stage,
                 "offload": bool(self.meta.get("offload")),
+                "worked_steps": prep.steps.describe() if prep.steps is not None else None,
                 "train_batch_size": self.micro * self.accum * self.world,
                 "micro_batch_size": self.micro,
                 "rank0_cpus": getattr(self, "bound_cpus", None),  # None: not pinned (--bind-cores off)
@@ -497,6 +498,8 @@ class Worker:
         t0 = time.perf_counter()
         if self.cfg.dropout_epochs:
             set_dropout_on(self.engine.module, self.cfg.dropout_on(self.epoch))
+        if self.prep.steps is not None:
+            self.prep.steps.apply(self.batcher, self.epoch)  # every rank alike: a pure function of the epoch
         plan = self.batcher.epoch_indices(self.epoch, group=self.world)
         examples = self.batcher.examples
         tokens = [sum(len(examples[i].out) + 1 for i in rows) for rows in plan]

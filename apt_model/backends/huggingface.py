@@ -994,6 +994,7 @@ class _Reporter:
                 "n_parameters": sum(p.numel() for p in self.trainer.model.parameters()),
                 "world_size": self.trainer.args.world_size,
                 "deepspeed": str(run.s.deepspeed) if run.s.deepspeed else None,
+                "worked_steps": prep.steps.describe() if prep.steps is not None else None,
                 "resumed_from": [],
             },
         )
@@ -1077,6 +1078,11 @@ class _Reporter:
 
             # state.epoch counts the epochs done (fractional after a mid-epoch resume): its floor is this one's index.
             set_dropout_on(self.trainer.model, self.cfg.dropout_on(int(state.epoch or 0)))
+        steps = self.run.prep.steps
+        if steps is not None:
+            # Before the epoch's first batch is collated: the sampler hands out row indices, and the collator cuts
+            # each batch from the batcher's table when the Trainer asks for it.
+            steps.apply(self.trainer.apt_batcher, int(state.epoch or 0))
         return control
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:

@@ -55,6 +55,8 @@ TRAIN_FLAGS = {
     "decay_embeddings": "decay_embeddings",
     "warmup_steps": "warmup_steps",
     "dropout_epochs": "dropout_epochs",
+    "worked_steps_epochs": "worked_steps_epochs",
+    "worked_steps_ramp": "worked_steps_ramp",
     "t0": "t0",
     "t_mult": "t_mult",
     "seed": "seed",
@@ -137,6 +139,19 @@ def register(subparsers: Any) -> None:
         type=int,
         default=None,
         help="dropout only in the first N epochs, then off (default 0: in every epoch)",
+    )
+    t.add_argument(
+        "--worked-steps-epochs",
+        type=int,
+        default=None,
+        help="train HLBD's products of a two-digit multiplier on worked steps (37 × 14 → 148+370=518) for the "
+        "first N epochs; the data and the scores stay plain (default 0: off)",
+    )
+    t.add_argument(
+        "--worked-steps-ramp",
+        type=int,
+        default=None,
+        help="then remove the steps evenly over the next N epochs; plain answers after (default 0)",
     )
     t.add_argument("--t0", type=int, default=None, help="cosine restart period T_0 in epochs")
     t.add_argument("--t-mult", type=int, default=None)

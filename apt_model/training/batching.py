@@ -211,6 +211,14 @@ class Batcher:
             raise ValueError("batch_size must be >= 1")
         self._table: _PaddedTable | None = None
 
+    def replace_examples(self, examples: Sequence[Example]) -> None:
+        """The same rows with other targets (the worked-steps curriculum): as many rows, so the epoch plans and the
+        number of steps stay; the padded table is built again on the next batch."""
+        if len(examples) != len(self.examples):
+            raise ValueError(f"replace_examples: {len(examples)} rows for a batcher of {len(self.examples)}")
+        self.examples = list(examples)
+        self._table = None
+
     def __len__(self) -> int:
         return -(-len(self.examples) // self.batch_size)
 
@@ -238,8 +246,8 @@ class Batcher:
 
         Padding row by row in Python took 0.7-0.8 s per epoch of the xl data on the H200 machine's CPU, about half
         of a quality run's epoch, with the GPU idle meanwhile; cutting each batch out of one padded table is a few
-        index-selects (``bench/collate.py``). The table is built on first use, so ``examples`` must not change
-        after that."""
+        index-selects (``bench/collate.py``). The table is built on first use; ``examples`` change only through
+        :meth:`replace_examples`, which drops it."""
         if not indices:
             raise ValueError("a batch needs at least one row")
         if self._table is None:

@@ -62,6 +62,7 @@ from apt_model.io import atomic_write_json, remove_stale_temps, sha256_file
 from apt_model.model.dropout import enable_dropout_schedule, set_dropout_on
 from apt_model.training import prewarm
 from apt_model.training.batching import PAD_MODES, Batch, Batcher, build_tokenizer, encode_pairs
+from apt_model.training.curriculum import StepsCurriculum
 from apt_model.training.fastpath import PendingStep, TrainStep, compile_seconds
 from apt_model.training.report import REPORT_FILE, ExperimentReport, json_float
 from apt_model.training.schedule import WarmRestartSchedule, build_optimizer
@@ -104,6 +105,7 @@ class Prepared:
     transform_kernel: str  # what runs the autopoietic transform: triton | torch
     resume_state: dict[str, Any] | None = None
     start_epoch: int = 0
+    steps: StepsCurriculum | None = None  # the worked-steps curriculum, when TrainConfig asks for it
     seconds: float = 0.0  # what prepare() took (reading, tokenizing and encoding the data)
 
 
@@ -304,6 +306,11 @@ def prepare(request: TrainRequest) -> Prepared:
         )
     train_pairs = [p for p in dataset.train for _ in range(repeat.get(p.module, 1))]
     enc = dict(max_src_len=request.data.max_src_len, max_tgt_len=request.data.max_tgt_len)
+    steps = None
+    if request.train.worked_steps:
+        steps = StepsCurriculum(
+            request.train.worked_steps_epochs, request.train.worked_steps_ramp, train_pairs, tokenizer, **enc
+        )
     return Prepared(
         dataset=dataset,
         dataset_sha256=dataset_sha,
@@ -319,6 +326,7 @@ def prepare(request: TrainRequest) -> Prepared:
         transform_kernel=transform_kernel,
         resume_state=resume_state,
         start_epoch=start_epoch,
+        steps=steps,
         seconds=time.perf_counter() - started,
     )
 
@@ -602,6 +610,7 @@ class _Trainer:
                 "pad_mode": prep.pad_mode,
                 "steps_per_epoch": self.steps_per_epoch,
                 "n_parameters": sum(p.numel() for p in self.params),
+                "worked_steps": prep.steps.describe() if prep.steps is not None else None,
             },
         )
         resume_run_id = None
@@ -720,6 +729,8 @@ class _Trainer:
     def _train_epoch(self, progress: Progress) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
+        if self.prep.steps is not None:
+            self.prep.steps.apply(self.train_batcher, self.epoch)
         batches = self.train_batcher.epoch(self.epoch)
         windows = [batches[i : i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
         if cfg.dropout_epochs:

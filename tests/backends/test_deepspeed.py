@@ -497,19 +497,27 @@ def test_zero1_and_zero3_train_save_and_export(
 
 
 @pytest.mark.slow
-def test_world_size_1_matches_playground_with_dbc_dac_and_a_dropout_schedule(
+def test_world_size_1_matches_playground_with_dbc_dac_and_dropout_and_worked_steps_schedules(
     dataset: Path, env: Path
 ) -> None:
     """ZeRO-1 at world size 1 vs the Playground, same seed, fp32 CPU, DBC-DAC applied on every step, dropout 0.3
-    in the first epoch."""
+    in the first epoch, and products trained on worked steps in the first epoch."""
+    doc = json.loads(dataset.read_text(encoding="utf-8"))
+    doc["data"]["arithmetic"] += [
+        {"input": f"{a} × {b} = ?", "output": str(a * b)} for a in range(11, 17) for b in (12, 13)
+    ]
+    dataset = env / "hlbd_small_products.json"
+    dataset.write_text(json.dumps(doc, ensure_ascii=False), "utf-8")
     dbc = DBCDACConfig(every_n_steps=1, min_numel=256)
-    # Dropout in epoch 1 only: the losses match only if the worker draws the same masks and then turns dropout off
-    # when the Playground does (test_loop shows the Playground's epoch 2 runs without it).
-    train = _train(dbc_dac=dbc, dropout_epochs=1)
+    # Dropout and worked steps in epoch 1 only: the losses match only if the worker draws the same masks and trains
+    # the same targets, then turns dropout off and trains the plain answers when the Playground does (test_loop
+    # shows the Playground's epoch 2 runs without dropout, on the plain targets).
+    steps = dict(dropout_epochs=1, worked_steps_epochs=1)
+    train = _train(dbc_dac=dbc, **steps)
     play = get_backend("playground").train(
         _request(dataset, env / "parity_play", train, dropout=0.3, device="cpu", pad="bucket", progress=False)
     )
-    plain_train = _train(dropout_epochs=1)
+    plain_train = _train(**steps)
     plain = get_backend("playground").train(
         _request(
             dataset,
@@ -525,6 +533,9 @@ def test_world_size_1_matches_playground_with_dbc_dac_and_a_dropout_schedule(
     a, b = _report(play)["batch_losses"], _report(ds)["batch_losses"]
     assert [s for s, _ in a] == [s for s, _ in b] and len(a) > 4
     assert [x for _, x in b] == pytest.approx([x for _, x in a], abs=1e-3)
+    assert (
+        0 < _report(ds)["runtime"]["worked_steps"]["rows"] <= 12
+    )  # the added products of the training split
     # DBC-DAC matters on these steps, so the match above shows DeepSpeed's update used the stabilised gradient.
     c = _report(plain)["batch_losses"]
     assert max(abs(x - y) for (_, x), (_, y) in zip(a, c, strict=True)) > 1e-3

@@ -227,31 +227,3 @@ def test_aux_steps_trains_with_the_twins_and_scores_the_plain_answers(tmp_path: 
     assert (
         json.loads((tmp_path / "x" / "hardcore.json").read_text())["metadata"]["params"]["aux_steps"] is True
     )
-
-
-def test_internalize_trains_through_the_driver_on_the_plain_data_and_records_its_stages(
-    tmp_path: Path,
-) -> None:
-    argv = ["--out", str(tmp_path), "--tag", "i", "--device", "cpu", "--data-size", "small", "--splits", "val",
-            "--internalize", "1,1", "--", "--preset", "tiny", "--epochs", "3", "--compile", "off"]  # fmt: skip
-    assert main(argv) == 0
-    report = json.loads((tmp_path / "i" / "quality.json").read_text())
-    assert report["steps"][1]["argv"][:4] == ["--full", "1", "--ramp", "1"]
-    assert [s["fraction"] for s in report["internalize"]["stages"]] == [0.0, 0.5, 1.0]
-    trained_on = json.loads((tmp_path / "i" / "hardcore.json").read_text())
-    assert "worked_steps" not in trained_on["metadata"]["params"]  # the data file stays plain
-    assert report["exact_val"]["n"] == trained_on["metadata"]["split_counts"]["val"]
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--internalize", "4"], "expected FULL,RAMP epochs"),
-        (["--internalize", "4,-1"], "must be >= 0"),
-        (["--internalize", "4,4", "--aux-steps"], "--internalize trains on the plain data"),
-    ],
-)
-def test_internalize_refuses_bad_schedules_and_rewrites_before_any_work(
-    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert_refused(argv, message, tmp_path / "out", capsys)

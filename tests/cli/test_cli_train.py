@@ -112,6 +112,12 @@ def test_bad_arguments_exit_2_with_one_line_and_touch_nothing(trained, tmp_path,
         ([*base, "--transform-kernel", "fused"], "invalid choice"),
         ([*base, "--repeat", "zodiac"], "DataConfig.repeat: each item must be MODULE=K"),
         ([*fresh, "--repeat", "nosuch=2"], "has no module 'nosuch' (its modules: "),
+        ([*fresh, "--worked-steps-ramp", "-1"], "TrainConfig.worked_steps_ramp: must be >= 0"),
+        (
+            [*fresh, "--epochs", "3", "--worked-steps-epochs", "2", "--worked-steps-ramp", "1"],
+            "plus worked_steps_ramp=1 must be below epochs=3",
+        ),
+        ([*fresh, "--worked-steps-epochs", "1"], "has no product of a two-digit multiplier"),
         ([*base, "--cuda-graphs", "all"], "invalid choice"),
         (
             [*base, "--backend", "deepspeed", "--cuda-graphs", "off"],

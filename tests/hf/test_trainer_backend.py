@@ -137,6 +137,31 @@ def test_dropout_epochs_turn_dropout_off_in_the_trainer(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_worked_steps_curriculum_matches_playground_epoch_by_epoch(tmp_path: Path) -> None:
+    """Worked steps in epoch 1, half removed in epoch 2, plain in epoch 3: the Trainer's steps are the Playground's
+    over all three epochs (each epoch's targets reach the Trainer before its first batch), and not a plain run's."""
+    ds = tmp_path / "products.json"
+    rows = [{"input": f"{a} × {b} = ?", "output": str(a * b)} for a in range(11, 17) for b in range(12, 16)]
+    rows += [{"input": f"{a} + {b} = ?", "output": str(a + b)} for a in range(10, 14) for b in (5, 7)]  # "+"
+    ds.write_text(json.dumps({"metadata": {"name": "t"}, "data": {"arithmetic": rows}}), encoding="utf-8")
+    curriculum = {"epochs": 3, "worked_steps_epochs": 1, "worked_steps_ramp": 1}
+    losses = {}
+    for name, backend, train in (
+        ("pg", "playground", curriculum),
+        ("hf", "huggingface", curriculum),
+        ("plain", "playground", {"epochs": 3}),
+    ):
+        req = dataclasses.replace(
+            _request(ds, tmp_path / name, train=train), data=DataConfig(max_src_len=16, max_tgt_len=16)
+        )
+        losses[name] = _report(get_backend(backend).train(req))["batch_losses"]
+    pg, hf = losses["pg"], losses["hf"]
+    assert [s for s, _ in pg] == [s for s, _ in hf] and len(pg) == 9  # 3 steps an epoch
+    assert [x for _, x in hf] == pytest.approx([x for _, x in pg], abs=1e-3)
+    assert max(abs(x - y) for (_, x), (_, y) in zip(pg, losses["plain"], strict=True)) > 1e-2
+
+
+@pytest.mark.slow
 def test_both_backends_load_through_auto_classes(runs: dict[str, Any], tmp_path: Path) -> None:
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 

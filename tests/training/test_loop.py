@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,61 @@ def test_dropout_epochs_turns_dropout_off_after_n_epochs_and_on_resume(tmp_path:
     resumed_req.resume = Path(always.out_dir) / "checkpoint_epoch_1.pt"
     resumed = loop.run_training(resumed_req)
     assert read_report(resumed.report)["batch_losses"][per_epoch:] == s[per_epoch:]
+
+
+def products_request(tmp_path: Path, out: str, **train: Any) -> TrainRequest:
+    """``request`` on a file of two-digit products and sums (targets up to 11 characters in steps)."""
+    dataset = tmp_path / "hlbd.json"
+    if not dataset.exists():
+        rows = [
+            {"input": f"{a} × {b} = ?", "output": str(a * b)} for a in range(11, 20) for b in range(11, 17)
+        ]
+        rows += [
+            {"input": f"{a} + {b} = ?", "output": str(a + b)} for a in range(10, 16) for b in range(3, 9)
+        ]
+        doc = {"metadata": {"name": "HLBD Hardcore Dataset", "version": "1.0"}, "data": {"arithmetic": rows}}
+        dataset.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    req = request(tmp_path, out, **train)
+    req.data = DataConfig(max_src_len=24, max_tgt_len=16)
+    return req
+
+
+def test_worked_steps_curriculum_trains_each_epochs_targets_and_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fractions 0, 0.5, 1 over three epochs: epoch 1 trains the worked steps (unlike a plain run), the last the
+    plain answers; a run resumed from the epoch-1 checkpoint trains epochs 2 and 3 exactly as the uninterrupted run."""
+    real_epoch = Batcher.epoch
+    seen: list[list[tuple[int, ...]]] = []  # the training rows' targets as each epoch's batches are cut
+
+    def recording_epoch(self: Batcher, epoch: int) -> list[Any]:
+        seen.append([e.out for e in self.examples])
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(Batcher, "epoch", recording_epoch)
+    curriculum = dict(epochs=3, deterministic=True, worked_steps_epochs=1, worked_steps_ramp=1)
+    staged = loop.run_training(products_request(tmp_path, "staged", **curriculum))
+    plain = loop.run_training(products_request(tmp_path, "plain", epochs=3, deterministic=True))
+    rep = read_report(staged.report)
+    tok = load_model(staged.final_model).tokenizer
+    runtime = rep["runtime"]["worked_steps"]
+    assert 0 < runtime["rows"] <= 9 * 6  # the × rows of the training split
+    texts = [[tok.decode(list(out)) for out in epoch] for epoch in seen[:3]]
+    # Epoch 1: whole worked answers; epoch 2: the first partial product and "+" removed; epoch 3: plain.
+    assert sum(bool(re.fullmatch(r"\d+\+\d+=\d+", t)) for t in texts[0]) == runtime["rows"]
+    assert sum(bool(re.fullmatch(r"\d+=\d+", t)) for t in texts[1]) == runtime["rows"]
+    assert all(re.fullmatch(r"\d+", t) for t in texts[2])
+    assert seen[3:] == [seen[2]] * 3  # the plain run: plain targets every epoch
+    assert runtime["plain_from_epoch"] == 3
+    per_epoch = rep["runtime"]["steps_per_epoch"]
+    s, p = rep["batch_losses"], read_report(plain.report)["batch_losses"]
+    assert s[:per_epoch] != p[:per_epoch]
+
+    resumed_req = products_request(tmp_path, "resumed", **curriculum)
+    resumed_req.resume = Path(staged.out_dir) / "checkpoint_epoch_1.pt"
+    resumed = loop.run_training(resumed_req)
+    assert read_report(resumed.report)["batch_losses"][per_epoch:] == s[per_epoch:]
+    assert seen[-2:] == seen[1:3]  # the resumed run's epochs 2 and 3 cut from the same targets
 
 
 def test_run_outputs_and_report(tmp_path: Path) -> None:

@@ -1,0 +1,114 @@
+"""The worked-steps curriculum: products trained on worked steps first, the steps then taken away epoch by epoch.
+
+``TrainConfig.worked_steps_epochs = F`` and ``worked_steps_ramp = R`` (both 0: off). For each training row that is a
+product of a two-digit multiplier (``apt_model/data/steps.py``) the target is
+
+* epochs ``[0, F)``: the whole worked answer, ``148+370=518``;
+* the next ``R`` epochs: the worked answer less the first ``⌊f · len(prefix)⌋`` characters of its steps prefix
+  ``148+370=``, with ``f = (e − F + 1) / (R + 1)`` rising evenly;
+* every later epoch: the plain answer, as the data file has it.
+
+The data file, the validation split and every score stay the spec's plain answers, and the last epochs train on
+them alone, so the model that is saved writes plain answers. This is stepwise internalisation of a chain of
+thought (Deng et al., 2024). On HLBD Hardcore it lifts the products of unseen pairs that plain training leaves at
+50-56% (physics' work and distance most of all; BENCHMARKS.md, twenty-seventh session).
+
+The rows, their order and the padded shapes never change; only the targets do, so compiled graphs are reused and
+a resumed run trains each epoch on the same targets as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from apt_model.data.steps import staged_output, steps_prefix
+from apt_model.errors import ConfigError, DataError
+
+
+class StepsCurriculum:
+    """The staged targets of one run's training rows (``pairs``: the rows ``apt train`` encodes, in its order)."""
+
+    def __init__(
+        self,
+        full_epochs: int,
+        ramp_epochs: int,
+        pairs: Sequence[Any],
+        tokenizer: Any,
+        *,
+        max_src_len: int,
+        max_tgt_len: int,
+    ) -> None:
+        self.full_epochs = full_epochs
+        self.ramp_epochs = ramp_epochs
+        self.pairs = list(pairs)
+        self.tokenizer = tokenizer
+        self.lengths = {"max_src_len": max_src_len, "max_tgt_len": max_tgt_len}
+        self.prefixes = [steps_prefix(p.module, p.input, p.output) for p in self.pairs]
+        self.rows = sum(x is not None for x in self.prefixes)
+        if self.rows == 0:
+            raise ConfigError(
+                "TrainConfig.worked_steps_epochs/worked_steps_ramp: the training split has no product of a "
+                "two-digit multiplier to write in steps (HLBD Hardcore's ×, distance, work and area questions)"
+            )
+        for prefix in {x for x in self.prefixes if x is not None}:
+            if tokenizer.unk_id in tokenizer.encode(prefix):
+                raise DataError(
+                    f"worked steps: the data's vocabulary lacks a character of {prefix!r} (its digits, '+', '=')"
+                )
+        longest = max(len(tokenizer.encode(x + p.output)) for x, p in self._stepped())
+        if longest > max_tgt_len - 1:
+            raise ConfigError(
+                f"worked steps: the longest worked answer is {longest} tokens; DataConfig.max_tgt_len={max_tgt_len} "
+                f"leaves {max_tgt_len - 1} besides EOS (raise it to {longest + 1})"
+            )
+        self._current: float | None = None
+
+    def _stepped(self) -> list[tuple[str, Any]]:
+        return [(x, p) for x, p in zip(self.prefixes, self.pairs, strict=True) if x is not None]
+
+    def fraction(self, epoch: int) -> float:
+        """The share of the steps prefix removed from the targets of 0-based ``epoch`` (1.0: plain answers)."""
+        if epoch < self.full_epochs:
+            return 0.0
+        if epoch >= self.full_epochs + self.ramp_epochs:
+            return 1.0
+        return (epoch - self.full_epochs + 1) / (self.ramp_epochs + 1)
+
+    def outputs(self, fraction: float) -> list[str]:
+        """Every training row's target text at ``fraction``."""
+        return [staged_output(x, p.output, fraction) for x, p in zip(self.prefixes, self.pairs, strict=True)]
+
+    def examples(self, fraction: float) -> list[Any]:
+        """Every training row encoded as ``apt train`` encodes it, with its target at ``fraction``."""
+        from apt_model.data.pairs import Pair
+        from apt_model.training.batching import encode_pairs
+
+        staged = [
+            Pair(p.input, out, p.module, p.split)
+            for p, out in zip(self.pairs, self.outputs(fraction), strict=True)
+        ]
+        return encode_pairs(staged, self.tokenizer, **self.lengths)
+
+    def apply(self, batcher: Any, epoch: int) -> bool:
+        """Give ``batcher`` the targets of ``epoch`` when they differ from what it holds; whether it changed."""
+        fraction = self.fraction(epoch)
+        if fraction == self._current:
+            return False
+        batcher.replace_examples(self.examples(fraction))
+        self._current = fraction
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        """What the report keeps: the schedule, how many rows it stages, and their mean target length per stage."""
+        stepped = self._stepped()
+        return {
+            "worked_steps_epochs": self.full_epochs,
+            "worked_steps_ramp": self.ramp_epochs,
+            "rows": self.rows,
+            "plain_from_epoch": self.full_epochs + self.ramp_epochs + 1,
+            "mean_target_chars": {
+                "steps": round(sum(len(x) + len(p.output) for x, p in stepped) / self.rows, 3),
+                "plain": round(sum(len(p.output) for _, p in stepped) / self.rows, 3),
+            },
+        }
