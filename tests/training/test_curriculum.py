@@ -38,6 +38,15 @@ def test_only_products_of_a_two_digit_multiplier_are_staged() -> None:
     assert c.outputs(0.5) == ["370=518", "148", "鼠"]
     assert c.outputs(1.0) == ["518", "148", "鼠"]
     assert c.examples(1.0) == encode_pairs(PAIRS, c.tokenizer, **LENGTHS)  # plain: apt train's own encoding
+    for fraction in (0.0, 0.2, 0.5, 0.9):  # the sliced ids are the staged texts' encodings
+        assert c.examples(fraction) == encode_pairs(
+            [
+                Pair(p.input, out, p.module, p.split)
+                for p, out in zip(PAIRS, c.outputs(fraction), strict=True)
+            ],
+            c.tokenizer,
+            **LENGTHS,
+        )
     assert c.describe() == {
         "worked_steps_epochs": 2,
         "worked_steps_ramp": 3,
@@ -60,6 +69,10 @@ def test_apply_gives_the_batcher_each_stage_once() -> None:
     assert not plain_batch.tgt_out.equal(steps_batch.tgt_out)
     with pytest.raises(ValueError, match="2 rows for a batcher of 3"):
         batcher.replace_examples(batcher.examples[:2])
+    slow = curriculum(0, 7)  # fractions 1/8, 2/8, …: "148+370=" loses a character an epoch
+    assert [slow.apply(batcher, epoch) for epoch in range(3)] == [True, True, True]
+    slower = curriculum(0, 20)  # 1/21, 2/21: no whole character yet, so the table stays
+    assert [slower.apply(batcher, epoch) for epoch in range(4)] == [True, False, True, False]
 
 
 def test_refuses_what_it_cannot_train() -> None:
