@@ -120,20 +120,40 @@ class _PaddedTable:
 
     @classmethod
     def build(cls, examples: Sequence[Example], pad_id: int, bos_id: int, eos_id: int) -> _PaddedTable:
-        def padded(rows: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
-            # One tensor of all ids, scattered into the rows by a length mask (row-major, the order of `flat`): a
-            # tensor per row cost ~0.6 s for the xl data. The extra last row is the filler, all padding.
-            lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-            width = int(lengths.max()) if rows else 0
-            table = torch.full((len(rows) + 1, width), pad_id, dtype=torch.long)
-            flat = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)
-            table[:-1][torch.arange(width) < lengths[:, None]] = flat
-            return table, lengths
-
-        src, src_lens = padded([e.src for e in examples])
-        tgt_in, tgt_lens = padded([(bos_id, *e.out) for e in examples])
-        tgt_out, _ = padded([(*e.out, eos_id) for e in examples])
+        src, src_lens = _padded([e.src for e in examples], pad_id)
+        tgt_in, tgt_lens = _padded([(bos_id, *e.out) for e in examples], pad_id)
+        tgt_out, _ = _padded([(*e.out, eos_id) for e in examples], pad_id)
         return cls(src, tgt_in, tgt_out, src_lens, tgt_lens - 1)
+
+    def update_targets(
+        self, rows: Sequence[int], outs: Sequence[tuple[int, ...]], pad_id: int, bos_id: int, eos_id: int
+    ) -> bool:
+        """Re-pad the targets of ``rows`` in place (their sources are unchanged): a few thousand short rows instead
+        of the whole table, whose sources are most of its ids. False, changing nothing, when a target is wider
+        than the table."""
+        width = self.tgt_in.shape[1]
+        if any(len(o) + 1 > width for o in outs):
+            return False
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        self.tgt_in[idx] = _padded([(bos_id, *o) for o in outs], pad_id, width, filler=False)[0]
+        self.tgt_out[idx] = _padded([(*o, eos_id) for o in outs], pad_id, width, filler=False)[0]
+        self.out_lens[idx] = torch.tensor([len(o) for o in outs], dtype=torch.long)
+        return True
+
+
+def _padded(
+    rows: Sequence[tuple[int, ...]], pad_id: int, width: int | None = None, *, filler: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` padded to ``width`` (their longest when None), plus one all-padding filler row at the end."""
+    # One tensor of all ids, scattered into the rows by a length mask (row-major, the order of `flat`): a tensor per
+    # row cost ~0.6 s for the xl data.
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    if width is None:
+        width = int(lengths.max()) if rows else 0
+    table = torch.full((len(rows) + int(filler), width), pad_id, dtype=torch.long)
+    flat = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)
+    table[: len(rows)][torch.arange(width) < lengths[:, None]] = flat
+    return table, lengths
 
 
 def _take(table: torch.Tensor, idx: torch.Tensor, width: int, pad_id: int) -> torch.Tensor:
@@ -211,13 +231,19 @@ class Batcher:
             raise ValueError("batch_size must be >= 1")
         self._table: _PaddedTable | None = None
 
-    def replace_examples(self, examples: Sequence[Example]) -> None:
+    def replace_examples(self, examples: Sequence[Example], changed: Sequence[int] | None = None) -> None:
         """The same rows with other targets (the worked-steps curriculum): as many rows, so the epoch plans and the
-        number of steps stay; the padded table is built again on the next batch."""
+        number of steps stay. With ``changed`` (the rows whose target differs; their sources must not) the padded
+        table is updated in place; otherwise it is built again on the next batch."""
         if len(examples) != len(self.examples):
             raise ValueError(f"replace_examples: {len(examples)} rows for a batcher of {len(self.examples)}")
         self.examples = list(examples)
-        self._table = None
+        if self._table is None:
+            return
+        if changed is None or not self._table.update_targets(
+            changed, [self.examples[i].out for i in changed], self.pad_id, self.bos_id, self.eos_id
+        ):
+            self._table = None
 
     def __len__(self) -> int:
         return -(-len(self.examples) // self.batch_size)

@@ -85,3 +85,31 @@ def test_refuses_what_it_cannot_train() -> None:
     no_plus = build_tokenizer(PAIRS)  # the data has no "+" anywhere
     with pytest.raises(DataError, match="lacks a character of '148\\+370='"):
         StepsCurriculum(1, 1, PAIRS, no_plus, **LENGTHS)
+
+
+def test_the_table_updated_in_place_is_the_table_built_afresh() -> None:
+    pairs = [
+        Pair(f"{a} × {b} = ?", str(a * b), "arithmetic", "train") for a in (7, 37, 99) for b in (3, 14, 98)
+    ]
+    pairs.append(Pair("猪后面是什么生肖？", "鼠", "zodiac", "train"))
+    c = curriculum(1, 9, pairs)
+    common = dict(pad_id=0, bos_id=2, eos_id=3, pad_mode="fixed", **LENGTHS)
+    batcher = Batcher(encode_pairs(pairs, c.tokenizer, **LENGTHS), 4, **common)
+    everything = list(range(len(pairs)))
+    for epoch in range(11):
+        c.apply(batcher, epoch)
+        batcher.collate_indices(everything)  # the table exists from here on: later stages update it in place
+        fresh = Batcher(batcher.examples, 4, **common).collate_indices(everything)
+        got = batcher.collate_indices(everything)
+        assert got.tgt_in.equal(fresh.tgt_in) and got.tgt_out.equal(fresh.tgt_out), epoch
+        assert got.src.equal(fresh.src) and got.n_tokens == fresh.n_tokens
+
+
+def test_a_target_wider_than_the_table_rebuilds_it() -> None:
+    c = curriculum(1, 1)
+    batcher = Batcher(encode_pairs(PAIRS, c.tokenizer, **LENGTHS), 2, pad_id=0, bos_id=2, eos_id=3, **LENGTHS)
+    c.apply(batcher, 2)  # plain targets, then a table only as wide as they are
+    batcher.collate_indices([0, 1, 2])
+    steps = c.examples(0.0)
+    batcher.replace_examples(steps, changed=[0])  # 11 ids do not fit: built again, not cut short
+    assert c.tokenizer.decode(batcher.collate_indices([0]).tgt_out[0].tolist()) == "148+370=518"
