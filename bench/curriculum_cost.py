@@ -10,7 +10,7 @@ ones (BENCHMARKS.md, twenty-seventh session). Compared here over a whole run's e
 * ``rebuild``: the curriculum's targets, the table rebuilt at every change;
 * ``in_place``: what ``apply`` does: only the targets that changed re-padded in the table.
 
-Usage: python bench/curriculum_cost.py [--epochs 52] [--full 8] [--ramp 30] [--out results.json]
+Usage: python bench/curriculum_cost.py [--size xxl] [--epochs 52] [--full 8] [--ramp 30] [--out results.json]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from apt_model.data import generate_hardcore, load_dataset, write_dataset  # noqa: E402
+from apt_model.data import SIZES, generate_hardcore, load_dataset, write_dataset  # noqa: E402
 from apt_model.io import atomic_write_text  # noqa: E402
 from apt_model.training.batching import Batcher, build_tokenizer, encode_pairs  # noqa: E402
 from apt_model.training.curriculum import StepsCurriculum  # noqa: E402
@@ -74,6 +74,7 @@ def run(kind: str, pairs: list, tok: object, epochs: int, full: int, ramp: int) 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="xxl", choices=SIZES, help="the generated data (xxl: the quality runs')")
     p.add_argument("--epochs", type=int, default=52)
     p.add_argument("--full", type=int, default=8)
     p.add_argument("--ramp", type=int, default=30)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--full and --ramp must be >= 0 and end before --epochs")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "hardcore.json"
-        write_dataset(generate_hardcore(42, "xxl"), path)
+        write_dataset(generate_hardcore(42, args.size), path)
         dataset = load_dataset(path)
     tok = build_tokenizer(dataset.pairs)
     pairs = [p for p in dataset.train for _ in range(REPEAT.get(p.module, 1))]
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         r["added_s"] = round(r["total_s"] - plain, 3)
     result = {
         "machine": platform.processor() or platform.machine(),
+        "size": args.size,
         "epochs": args.epochs,
         "full": args.full,
         "ramp": args.ramp,
