@@ -273,7 +273,7 @@ class Batcher:
         Padding row by row in Python took 0.7-0.8 s per epoch of the xl data on the H200 machine's CPU, about half
         of a quality run's epoch, with the GPU idle meanwhile; cutting each batch out of one padded table is a few
         index-selects (``bench/collate.py``). The table is built on first use; ``examples`` change only through
-        :meth:`replace_examples`, which drops it."""
+        :meth:`replace_examples`, which updates or drops it."""
         if not indices:
             raise ValueError("a batch needs at least one row")
         if self._table is None:

@@ -10,8 +10,8 @@ product of a two-digit multiplier (``apt_model/data/steps.py``) the target is
 
 The data file, the validation split and every score stay the spec's plain answers, and the last epochs train on
 them alone, so the model that is saved writes plain answers. This is stepwise internalisation of a chain of
-thought (Deng et al., 2024). On HLBD Hardcore it lifts the products of unseen pairs that plain training leaves at
-50-56% (physics' work and distance most of all; BENCHMARKS.md, twenty-seventh session).
+thought (Deng et al., 2024). On HLBD Hardcore it lifts the products of unseen pairs, of which plain training gets
+about half right (physics' work and distance most of all; BENCHMARKS.md, twenty-seventh session).
 
 The rows, their order and the padded shapes never change; only the targets do, so compiled graphs are reused and
 a resumed run trains each epoch on the same targets as an uninterrupted one.
@@ -74,6 +74,7 @@ class StepsCurriculum:
                 if len(ids) != len(prefix) + len(self._plain[i].out):
                     raise DataError(f"worked steps: {prefix!r} is not one token per character")
                 self._worked[i] = (self._plain[i].src, ids, len(prefix))
+        self._batcher: Any = None  # the batcher ``apply`` last gave targets to, and the cuts it holds
         self._current: tuple[int, ...] | None = None
 
     def _stepped(self) -> list[tuple[str, Any]]:
@@ -109,6 +110,8 @@ class StepsCurriculum:
         """Give ``batcher`` the targets of ``epoch`` when they differ from what it holds; whether it changed. Most
         epochs of a long ramp remove no further character and keep the batcher's padded table; the others re-pad
         only the targets that changed (a rebuilt table cost ~0.35 s of idle GPU an epoch on the H200 host)."""
+        if batcher is not self._batcher:  # another run's batcher holds whatever it was built with
+            self._batcher, self._current = batcher, None
         fraction = self.fraction(epoch)
         cuts = self._cuts(fraction)
         if cuts == self._current:

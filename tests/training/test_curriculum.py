@@ -113,3 +113,13 @@ def test_a_target_wider_than_the_table_rebuilds_it() -> None:
     steps = c.examples(0.0)
     batcher.replace_examples(steps, changed=[0])  # 11 ids do not fit: built again, not cut short
     assert c.tokenizer.decode(batcher.collate_indices([0]).tgt_out[0].tolist()) == "148+370=518"
+
+
+def test_a_new_batcher_gets_the_epochs_targets_whatever_the_last_one_held() -> None:
+    c = curriculum(1, 1)
+    common = dict(pad_id=0, bos_id=2, eos_id=3, **LENGTHS)
+    first = Batcher(encode_pairs(PAIRS, c.tokenizer, **LENGTHS), 2, **common)
+    assert c.apply(first, 0)  # a run stopped in epoch 1, on the worked answers
+    second = Batcher(encode_pairs(PAIRS, c.tokenizer, **LENGTHS), 2, **common)  # plain, as prepare() encodes
+    assert c.apply(second, 0)
+    assert c.tokenizer.decode(list(second.examples[0].out)) == "148+370=518"
