@@ -35,26 +35,20 @@ REPEAT = {"zodiac": 3, "physics": 3}  # the README recipe's --repeat
 LENGTHS = {"max_src_len": 40, "max_tgt_len": 24}
 
 
-class _Rebuild(StepsCurriculum):
-    """``apply`` as first built: the whole table rebuilt at every change of targets."""
+class _RebuildingBatcher(Batcher):
+    """A batcher that rebuilds its whole padded table at every change of targets, as the curriculum first did."""
 
-    def apply(self, batcher: Batcher, epoch: int) -> bool:
-        cuts = self._cuts(self.fraction(epoch))
-        if cuts == self._current:
-            return False
-        batcher.replace_examples(self.examples(self.fraction(epoch)))
-        self._current = cuts
-        return True
+    def replace_examples(self, examples: list, changed: list[int] | None = None) -> None:
+        super().replace_examples(examples)
 
 
 def run(kind: str, pairs: list, tok: object, epochs: int, full: int, ramp: int) -> dict:
-    batcher = Batcher(encode_pairs(pairs, tok, **LENGTHS), 128, tok.pad_id, tok.bos_id, tok.eos_id, 40, 24,
-                      pad_mode="fixed")  # fmt: skip
-    curriculum = (
-        None
-        if kind == "plain"
-        else {"rebuild": _Rebuild, "in_place": StepsCurriculum}[kind](full, ramp, pairs, tok, **LENGTHS)
-    )
+    examples = encode_pairs(pairs, tok, **LENGTHS)
+    batcher_class = _RebuildingBatcher if kind == "rebuild" else Batcher
+    batcher = batcher_class(examples, 128, tok.pad_id, tok.bos_id, tok.eos_id, 40, 24, pad_mode="fixed")
+    curriculum = None
+    if kind != "plain":
+        curriculum = StepsCurriculum(full, ramp, pairs, examples, tok, max_tgt_len=LENGTHS["max_tgt_len"])
     per_epoch, changes = [], 0
     for epoch in range(epochs):
         t = time.perf_counter()

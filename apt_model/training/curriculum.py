@@ -24,27 +24,27 @@ from typing import Any
 
 from apt_model.data.steps import staged_output, steps_prefix
 from apt_model.errors import ConfigError, DataError
-from apt_model.training.batching import Example, encode_pairs
+from apt_model.training.batching import Example
 
 
 class StepsCurriculum:
-    """The staged targets of one run's training rows (``pairs``: the rows ``apt train`` encodes, in its order)."""
+    """The staged targets of one run's training rows (``pairs``: the rows ``apt train`` trains, in its order)."""
 
     def __init__(
         self,
         full_epochs: int,
         ramp_epochs: int,
         pairs: Sequence[Any],
+        examples: Sequence[Example],
         tokenizer: Any,
         *,
-        max_src_len: int,
         max_tgt_len: int,
     ) -> None:
+        """``examples``: ``pairs`` encoded as ``apt train`` encodes them (``encode_pairs``), the plain targets."""
         self.full_epochs = full_epochs
         self.ramp_epochs = ramp_epochs
         self.pairs = list(pairs)
         self.tokenizer = tokenizer
-        self.lengths = {"max_src_len": max_src_len, "max_tgt_len": max_tgt_len}
         self.prefixes = [steps_prefix(p.module, p.input, p.output) for p in self.pairs]
         self.rows = sum(x is not None for x in self.prefixes)
         if self.rows == 0:
@@ -52,28 +52,28 @@ class StepsCurriculum:
                 "TrainConfig.worked_steps_epochs/worked_steps_ramp: the training split has no product of a "
                 "two-digit multiplier to write in steps (HLBD Hardcore's ×, distance, work and area questions)"
             )
-        for prefix in {x for x in self.prefixes if x is not None}:
-            if tokenizer.unk_id in tokenizer.encode(prefix):
-                raise DataError(
-                    f"worked steps: the data's vocabulary lacks a character of {prefix!r} (its digits, '+', '=')"
-                )
-        longest = max(len(tokenizer.encode(x + p.output)) for x, p in self._stepped())
+        # Staging is slicing: each character of a steps prefix (digits, "+", "=") is one token, so removing k
+        # characters removes the first k ids of the worked answer's. Re-encoding every row each epoch of the ramp
+        # cost ~0.3 s of idle GPU per epoch.
+        self._plain = list(examples)
+        self._worked: dict[int, tuple[tuple[int, ...], tuple[int, ...], int]] = {}
+        for i, (prefix, pair) in enumerate(zip(self.prefixes, self.pairs, strict=True)):
+            if prefix is not None:
+                ids = tuple(tokenizer.encode(prefix + pair.output))
+                if tokenizer.unk_id in ids:
+                    raise DataError(
+                        f"worked steps: the data's vocabulary lacks a character of {prefix!r} (its digits, '+', '=')"
+                    )
+                self._worked[i] = (self._plain[i].src, ids, len(prefix))
+        longest = max(len(ids) for _, ids, _ in self._worked.values())
         if longest > max_tgt_len - 1:
             raise ConfigError(
                 f"worked steps: the longest worked answer is {longest} tokens; DataConfig.max_tgt_len={max_tgt_len} "
                 f"leaves {max_tgt_len - 1} besides EOS (raise it to {longest + 1})"
             )
-        # Staging is slicing: each character of a steps prefix (digits, "+", "=") is one token, so removing k
-        # characters removes the first k ids of the worked answer's. Re-encoding every row each epoch of the ramp
-        # cost ~0.3 s of idle GPU per epoch.
-        self._plain = encode_pairs(self.pairs, tokenizer, **self.lengths)
-        self._worked: dict[int, tuple[Any, tuple[int, ...], int]] = {}
-        for i, (prefix, pair) in enumerate(zip(self.prefixes, self.pairs, strict=True)):
-            if prefix is not None:
-                ids = tuple(tokenizer.encode(prefix + pair.output))
-                if len(ids) != len(prefix) + len(self._plain[i].out):
-                    raise DataError(f"worked steps: {prefix!r} is not one token per character")
-                self._worked[i] = (self._plain[i].src, ids, len(prefix))
+        for i, (_, ids, n) in self._worked.items():
+            if ids[n:] != self._plain[i].out:
+                raise DataError(f"worked steps: {self.prefixes[i]!r} is not one token per character")
         self._batcher: Any = None  # the batcher ``apply`` last gave targets to, and the cuts it holds
         self._current: tuple[int, ...] | None = None
 

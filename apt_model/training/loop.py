@@ -306,17 +306,23 @@ def prepare(request: TrainRequest) -> Prepared:
         )
     train_pairs = [p for p in dataset.train for _ in range(repeat.get(p.module, 1))]
     enc = dict(max_src_len=request.data.max_src_len, max_tgt_len=request.data.max_tgt_len)
+    train_examples = encode_pairs(train_pairs, tokenizer, **enc)
     steps = None
     if request.train.worked_steps:
         steps = StepsCurriculum(
-            request.train.worked_steps_epochs, request.train.worked_steps_ramp, train_pairs, tokenizer, **enc
+            request.train.worked_steps_epochs,
+            request.train.worked_steps_ramp,
+            train_pairs,
+            train_examples,
+            tokenizer,
+            max_tgt_len=request.data.max_tgt_len,
         )
     return Prepared(
         dataset=dataset,
         dataset_sha256=dataset_sha,
         tokenizer=tokenizer,
         model_config=model_config,
-        train_examples=encode_pairs(train_pairs, tokenizer, **enc),
+        train_examples=train_examples,
         val_examples=encode_pairs(dataset.val, tokenizer, **enc),
         device=device,
         precision=precision,

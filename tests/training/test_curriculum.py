@@ -22,7 +22,11 @@ def _tokenizer(pairs: list[Pair]) -> object:
 
 
 def curriculum(full: int = 2, ramp: int = 3, pairs: list[Pair] = PAIRS, **lengths: int) -> StepsCurriculum:
-    return StepsCurriculum(full, ramp, pairs, _tokenizer(pairs), **{**LENGTHS, **lengths})
+    tok = _tokenizer(pairs)
+    limits = {**LENGTHS, **lengths}
+    return StepsCurriculum(
+        full, ramp, pairs, encode_pairs(pairs, tok, **limits), tok, max_tgt_len=limits["max_tgt_len"]
+    )
 
 
 def test_fraction_keeps_the_steps_then_removes_them_evenly_then_stays_plain() -> None:
@@ -84,7 +88,7 @@ def test_refuses_what_it_cannot_train() -> None:
         curriculum(max_tgt_len=8)
     no_plus = build_tokenizer(PAIRS)  # the data has no "+" anywhere
     with pytest.raises(DataError, match="lacks a character of '148\\+370='"):
-        StepsCurriculum(1, 1, PAIRS, no_plus, **LENGTHS)
+        StepsCurriculum(1, 1, PAIRS, encode_pairs(PAIRS, no_plus, **LENGTHS), no_plus, max_tgt_len=16)
 
 
 def test_the_table_updated_in_place_is_the_table_built_afresh() -> None:
